@@ -1,0 +1,5 @@
+"""``python -m repae``."""
+
+from repae.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""The ``repae`` command line. One module per command group; this module only assembles them."""
+
+from __future__ import annotations
+
+import typer
+
+from repae.cli import components, plugins, recipe, run
+
+app = typer.Typer(
+    name="repae",
+    help="Train latent diffusion transformers with representation alignment (REPA-E, REPA, vanilla) from recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from repae import __version__
+
+        typer.echo(f"repae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """repae: recipes and plugins for REPA-E, REPA and vanilla latent diffusion."""
+
+
+app.command("list")(components.list_components)
+app.command("show")(components.show_component)
+app.command("plugins")(plugins.list_plugins)
+app.add_typer(recipe.app, name="recipe")
+app.command("run")(run.run)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

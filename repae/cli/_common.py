@@ -1,0 +1,62 @@
+"""Shared pieces of the CLI: consoles, plugin loading, turning user errors into exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from repae.errors import RecipeError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+def stdout() -> Console:
+    return Console(soft_wrap=False, highlight=False)
+
+
+def stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def load_host(*, warn: bool = True):
+    """Load plugins (honouring REPAE_PLUGINS / REPAE_DISABLE_PLUGINS / REPAE_STRICT_PLUGINS); warn about failures."""
+    from repae.plugins import load_plugins
+
+    host = load_plugins()
+    if warn and host.failures:
+        err = stderr()
+        for failure in host.failures:
+            err.print(f"[yellow]warning:[/] {failure}", markup=True, highlight=False)
+        err.print("[dim](run `repae plugins` for details; REPAE_STRICT_PLUGINS=1 makes this an error)[/]")
+    return host
+
+
+def print_user_error(exc: UserError) -> None:
+    err = stderr()
+    if isinstance(exc, RecipeError):
+        err.print(f"[bold red]error:[/] {exc.title}: {len(exc.problems)} problem(s)")
+        for problem in exc.problems:
+            err.print("  - " + str(problem), markup=False)
+    else:
+        err.print("[bold red]error:[/] ", end="")
+        err.print(str(exc), markup=False)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a :class:`UserError` as a message (no traceback) and exit with code 2."""
+    try:
+        yield
+    except UserError as exc:
+        print_user_error(exc)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

@@ -1,0 +1,108 @@
+"""``repae list`` and ``repae show``: discover and inspect registered components."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from repae.cli._common import load_host, print_json, stdout, user_errors
+from repae.config import describe_config
+from repae.errors import UserError, did_you_mean
+from repae.registry import KINDS
+
+
+def _check_kind(kind: str | None) -> None:
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"unknown kind '{kind}'.{did_you_mean(kind, KINDS)} Kinds: {', '.join(KINDS)}")
+
+
+def list_components(
+    kind: Optional[str] = typer.Argument(None, help=f"Only this kind: {', '.join(KINDS)}.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {kind, name, summary, plugin}."),
+) -> None:
+    """List registered components: kind, name, summary and the plugin that provides them."""
+    with user_errors():
+        _check_kind(kind)
+        host = load_host()
+        entries = host.registry.entries(kind)
+        if as_json:
+            print_json(
+                [
+                    {
+                        "kind": e.kind,
+                        "name": e.name,
+                        "summary": e.summary,
+                        "plugin": e.plugin.name,
+                        "distribution": e.plugin.distribution,
+                        "version": e.plugin.version,
+                        "presets": list(e.presets),
+                    }
+                    for e in entries
+                ]
+            )
+            return
+        table = Table(show_lines=False, header_style="bold")
+        for column in ("kind", "name", "summary", "plugin"):
+            table.add_column(column, overflow="fold")
+        for e in entries:
+            table.add_row(e.kind, e.name, e.summary, e.plugin.label)
+        console = stdout()
+        if entries:
+            console.print(table)
+        else:
+            what = f"{kind} components" if kind else "components"
+            console.print(f"No {what} registered. Run `repae plugins` to see which plugins loaded.")
+
+
+def show_component(
+    name: str = typer.Argument(..., help="Component name, e.g. sit."),
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", help="Disambiguate when several kinds use the name."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a component's config fields (type, default, doc) and presets."""
+    with user_errors():
+        _check_kind(kind)
+        host = load_host()
+        entries = host.registry.find(name, kind)
+        if as_json:
+            print_json([_entry_json(e) for e in entries])
+            return
+        console = stdout()
+        for entry in entries:
+            console.print(f"[bold]{entry.kind} {entry.name}[/] - {entry.summary}")
+            console.print(f"plugin: {entry.plugin.label} ({entry.plugin.name}); config: {entry.config.__name__}")
+            table = Table(header_style="bold")
+            for column in ("field", "type", "default", "doc"):
+                table.add_column(column, overflow="fold")
+            for f in describe_config(entry.config):
+                default = "(required)" if f.required else repr(f.default)
+                table.add_row(f.name, f.type, default, f.doc)
+            console.print(table)
+            if entry.presets:
+                presets = Table(title=f"presets (select with `{entry.preset_field}:`)", header_style="bold")
+                presets.add_column(entry.preset_field or "preset")
+                presets.add_column("sets")
+                default = entry.default_preset()
+                for preset, values in entry.presets.items():
+                    label = f"{preset} (default)" if preset == default else preset
+                    presets.add_row(label, ", ".join(f"{k}={v!r}" for k, v in values.items()))
+                console.print(presets)
+
+
+def _entry_json(entry) -> dict:
+    return {
+        "kind": entry.kind,
+        "name": entry.name,
+        "summary": entry.summary,
+        "plugin": entry.plugin.name,
+        "distribution": entry.plugin.distribution,
+        "version": entry.plugin.version,
+        "config": [
+            {"name": f.name, "type": f.type, "default": f.default, "required": f.required, "doc": f.doc}
+            for f in describe_config(entry.config)
+        ],
+        "preset_field": entry.preset_field,
+        "presets": {k: dict(v) for k, v in entry.presets.items()},
+    }

@@ -1,0 +1,100 @@
+"""``repae run``: resolve a recipe, build its components, and hand them to the recipe's trainer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from repae.cli._common import load_host, stdout, user_errors
+from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
+from repae.errors import UserError
+
+
+def _format_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def run(
+    recipe: Path = RECIPE_ARG,
+    overrides: Optional[List[str]] = OVERRIDES_ARG,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Resolve, validate and build every component on the meta device; write nothing."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<recipe name>)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+) -> None:
+    """Run a recipe. With --dry-run: check it and build every component on `meta` (even XL models in seconds)."""
+    from repae.build import build_recipe
+    from repae.recipe import read_recipe
+    from repae.rundir import prepare_run_dir
+
+    console = stdout()
+    with user_errors():
+        host = load_host()
+        resolved = read_recipe(recipe, overrides or [], host.registry)
+        if dry_run:
+            start = time.perf_counter()
+            built = build_recipe(resolved, device="meta")
+            seconds = time.perf_counter() - start
+            console.out(resolved.to_yaml(), end="", highlight=False)
+            table = Table(title=f"components (built on meta in {seconds:.2f} s)", header_style="bold")
+            for column in ("slot", "component", "plugin", "parameters", "trainable"):
+                table.add_column(column, justify="right" if column in ("parameters", "trainable") else "left")
+            for b in built:
+                trainable = _trainable(b.component)
+                table.add_row(b.label, f"{b.entry.kind} {b.entry.name}", b.entry.plugin.label,
+                              _format_count(b.num_parameters), _format_count(trainable))
+            console.print(table)
+            console.print("[dim]dry run: nothing was written or trained[/]")
+            return
+
+        if not host.registry.entries("trainer"):
+            run_dir = prepare_run_dir(resolved, out or Path("runs") / recipe.stem)
+            device = _pick_device(device)
+            start = time.perf_counter()
+            built = build_recipe(resolved, device=device)
+            console.print(
+                f"Built {len(built)} component(s) on {device} in {time.perf_counter() - start:.1f} s; wrote the "
+                f"resolved recipe and versions to {run_dir}/."
+            )
+            console.print(
+                "[yellow]No trainer is registered[/], so nothing was trained: no installed plugin provides the "
+                "'trainer' kind yet (training arrives with the training engine). `repae list` shows what is "
+                "installed."
+            )
+            return
+        if not resolved.get("trainer"):
+            names = ", ".join(host.registry.names("trainer"))
+            raise UserError(f"{recipe} names no trainer. Add `trainer: {{name: ...}}` (available: {names}).")
+        run_dir = prepare_run_dir(resolved, out or Path("runs") / recipe.stem)
+        built = build_recipe(resolved, device=_pick_device(device))
+        trainer = built[-1].component if built[-1].slot == "trainer" else None
+        if trainer is None or not callable(getattr(trainer, "run", None)):
+            raise UserError(f"the trainer of {recipe} has no run(run_dir) method; its plugin is broken")
+        trainer.run(run_dir)
+
+
+def _trainable(component) -> int | None:
+    params = getattr(component, "parameters", None)
+    if not callable(params):
+        return None
+    return sum(p.numel() for p in params() if p.requires_grad)
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device

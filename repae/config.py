@@ -1,0 +1,240 @@
+"""Typed component configs: plain dataclasses whose fields carry a default and a one-line doc.
+
+A component declares its config as a keyword-only dataclass::
+
+    @dataclass(kw_only=True)
+    class SiTConfig:
+        size: str = option("XL/2", doc="preset: S/B/L/XL x patch 1/2/4/8")
+        depth: int = option(28, doc="number of transformer blocks")
+
+:func:`parse_config` turns the mapping a recipe holds into such an instance, checking every key and type and
+reporting *all* problems at once; :func:`describe_config` lists the fields for ``repae show``; :func:`config_to_dict`
+goes back to plain data for the resolved recipe. Only the standard library is imported here, so reading configs
+never pulls in torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass
+from typing import Any, Literal, Union
+
+from repae.errors import did_you_mean
+
+__all__ = ["ConfigIssue", "FieldInfo", "option", "parse_config", "describe_config", "config_to_dict", "type_name"]
+
+_DOC = "repae_doc"
+
+
+def option(default: Any = MISSING, *, doc: str = "", default_factory: Any = MISSING) -> Any:
+    """A config field with a default (or ``default_factory``) and a one-line ``doc`` shown by ``repae show``.
+
+    Omit both defaults for a required field.
+    """
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use default_factory= for a mutable default")
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_DOC: doc})
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """A problem in one key of a component section; ``path`` is relative to the section."""
+
+    path: str
+    message: str
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What ``repae show`` prints for one config field."""
+
+    name: str
+    type: str
+    default: Any
+    required: bool
+    doc: str
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def type_name(tp: Any) -> str:
+    """A short, human readable name of a type annotation (``int``, ``list[str]``, ``'a' | 'b'``)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin in (list, tuple, dict, set) or origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return f"tuple[{type_name(args[0])}, ...]"
+        return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe_value(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    kind = "null" if value is None else type(value).__name__
+    return f"{kind} {text}" if value is not None else "null"
+
+
+def _coerce(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (converted where lossless, e.g. int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad() -> None:
+        issues.append(ConfigIssue(path, f"expected {type_name(tp)}, got {_describe_value(value)}"))
+
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            bad()
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            trial: list[ConfigIssue] = []
+            converted = _coerce(value, arg, path, trial)
+            if not trial:
+                return converted
+        bad()
+        return value
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args if a == value):
+            choices = ", ".join(repr(a) for a in args)
+            hint = did_you_mean(str(value), [str(a) for a in args]).strip()
+            issues.append(ConfigIssue(path, f"expected one of {choices}, got {_describe_value(value)}", hint))
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad()
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            bad()
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            bad()
+            return value
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                issues.append(ConfigIssue(path, f"expected {len(args)} items ({type_name(tp)}), got {len(value)}"))
+                return value
+            return tuple(_coerce(v, a, f"{path}.{i}", issues) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{path}.{i}", issues) for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            bad()
+            return value
+        key_tp, val_tp = args if args else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            _coerce(k, key_tp, f"{path}.{k}", issues)
+            out[k] = _coerce(v, val_tp, f"{path}.{k}", issues)
+        return out
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            bad()
+            return value
+        return _parse(tp, value, path + ".", issues)
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            bad()
+        return value
+    return value  # an annotation we do not understand: accept as is
+
+
+def _parse(cls: type, data: Mapping[str, Any], prefix: str, issues: list[ConfigIssue]) -> Any:
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    before = len(issues)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            hint = did_you_mean(str(key), fields).strip() or f"valid keys: {', '.join(fields)}"
+            issues.append(ConfigIssue(f"{prefix}{key}", "unknown key", hint))
+            continue
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", issues)
+    for name, f in fields.items():
+        if name not in data and f.default is MISSING and f.default_factory is MISSING:
+            issues.append(ConfigIssue(f"{prefix}{name}", f"required key is missing (type {type_name(hints[name])})"))
+    if len(issues) > before:
+        return None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # __post_init__ checks across fields
+        issues.append(ConfigIssue(prefix.rstrip("."), str(exc)))
+        return None
+
+
+def parse_config(cls: type, data: Mapping[str, Any]) -> tuple[Any, list[ConfigIssue]]:
+    """Validate ``data`` against the dataclass ``cls``.
+
+    Returns ``(instance, [])`` on success, or ``(None, issues)`` listing every unknown key, missing required key and
+    wrong type. A ``__post_init__`` that raises ``ValueError``/``TypeError`` becomes an issue too.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    issues: list[ConfigIssue] = []
+    instance = _parse(cls, data, "", issues)
+    return (None, issues) if issues else (instance, [])
+
+
+def describe_config(cls: type) -> list[FieldInfo]:
+    """The fields of config class ``cls`` with their types, defaults and docs, in declaration order."""
+    hints = _hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not MISSING:
+            default, required = f.default, False
+        elif f.default_factory is not MISSING:
+            default, required = f.default_factory(), False
+        else:
+            default, required = None, True
+        out.append(FieldInfo(f.name, type_name(hints[f.name]), default, required, f.metadata.get(_DOC, "")))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config instance as plain data (lists for tuples, dicts for nested configs), in field order."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}

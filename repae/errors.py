@@ -1,0 +1,104 @@
+"""Errors that are part of repae's API.
+
+Every mistake a user can make (a typo in a recipe, an unknown component, a broken plugin) raises a subclass of
+:class:`UserError`. The CLI prints those as a short message and exits with code 2; it never shows a traceback for
+them. Anything else is a bug in repae or in a plugin and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "ComponentBuildError",
+    "DuplicateComponentError",
+    "PluginError",
+    "Problem",
+    "RecipeError",
+    "RepaeError",
+    "UnknownComponentError",
+    "UserError",
+    "closest",
+]
+
+
+def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Return up to ``n`` candidates that look like ``word``, best first (for "did you mean" hints)."""
+    pool = sorted(set(candidates))
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in pool), key=lambda x: -x[0])
+    best = scored[0][0] if scored else 0.0
+    hits = [c for ratio, c in scored if ratio >= max(0.5, best - 0.1)][:n]
+    if not hits:
+        lowered = word.lower()
+        hits = [c for c in pool if lowered and (lowered in c.lower() or c.lower() in lowered)][:n]
+    return hits
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``" Did you mean 'x'?"`` or the empty string."""
+    hits = closest(word, candidates)
+    if not hits:
+        return ""
+    return " Did you mean " + " or ".join(repr(h) for h in hits) + "?"
+
+
+class RepaeError(Exception):
+    """Base class of every error repae raises on purpose."""
+
+
+class UserError(RepaeError):
+    """A mistake the user can fix; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a recipe: where it is, what is wrong, and what to do about it."""
+
+    where: str
+    """File (and line, when known) the offending value came from, or ``command line``."""
+    path: str
+    """Dotted key path inside the recipe, e.g. ``denoiser.depth``; empty for the whole file."""
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        location = f"{self.where}: {self.path}" if self.path else self.where
+        text = f"{location}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class RecipeError(UserError):
+    """A recipe (or its overrides) is invalid. Holds *every* problem found, not just the first."""
+
+    def __init__(self, problems: Sequence[Problem], title: str = "invalid recipe") -> None:
+        self.problems = list(problems)
+        self.title = title
+        lines = [f"{title}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class UnknownComponentError(UserError, KeyError):
+    """A component name that no loaded plugin registered."""
+
+    def __init__(self, kind: str | None, name: str, known: Iterable[str]) -> None:
+        self.kind, self.name = kind, name
+        what = f"{kind} '{name}'" if kind else f"component '{name}'"
+        listing = f"repae list {kind}" if kind else "repae list"
+        super().__init__(f"unknown {what}.{did_you_mean(name, known)} Run `{listing}` to see what is available.")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class DuplicateComponentError(UserError):
+    """Two plugins registered the same (kind, name)."""
+
+
+class PluginError(UserError):
+    """A plugin failed to load or register (raised only in strict mode; otherwise recorded and reported)."""
+
+
+class ComponentBuildError(UserError):
+    """A component's factory rejected its (validated) configuration."""

@@ -1,0 +1,92 @@
+"""Test isolation: only repae's own plugins load unless a test adds others; helpers to install test plugins."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins_for_tests"
+EXAMPLE_PLUGIN = ROOT / "examples" / "repae-plugin-example"
+SHARED = ROOT.parent / "shared"
+GOLDEN = SHARED / "golden"
+
+
+@pytest.fixture(autouse=True)
+def _only_builtin_plugins(monkeypatch):
+    """The developer's own installed plugins never leak into tests: select repae's distribution only."""
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    monkeypatch.delenv("REPAE_DISABLE_PLUGINS", raising=False)
+    monkeypatch.delenv("REPAE_STRICT_PLUGINS", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+class FakeDistributions:
+    """Write distributions (dist-info with entry points, plus optional modules) to a temporary sys.path entry."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = root
+        self.monkeypatch = monkeypatch
+        self.modules: set[str] = set()
+        root.mkdir(parents=True, exist_ok=True)
+        monkeypatch.syspath_prepend(str(root))
+
+    def add(
+        self,
+        dist: str,
+        entry_points: dict[str, str],
+        *,
+        version: str = "1.0",
+        modules: dict[str, str] | None = None,
+        source_dir: Path | None = None,
+    ) -> None:
+        """Create ``dist`` exposing ``entry_points`` (name -> module) in the ``repae`` group."""
+        info = self.root / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+        (info / "entry_points.txt").write_text(f"[repae]\n{lines}\n")
+        for name, code in (modules or {}).items():
+            (self.root / f"{name}.py").write_text(textwrap.dedent(code))
+            self.modules.add(name)
+        if source_dir is not None:
+            self.monkeypatch.syspath_prepend(str(source_dir))
+        self.modules.update(target.split(":")[0].split(".")[0] for target in entry_points.values())
+        importlib.invalidate_caches()
+
+    def cleanup(self) -> None:
+        for name in list(sys.modules):
+            if name.split(".")[0] in self.modules:
+                del sys.modules[name]
+
+
+@pytest.fixture
+def fake_dists(tmp_path, monkeypatch):
+    dists = FakeDistributions(tmp_path / "site", monkeypatch)
+    yield dists
+    dists.cleanup()
+
+
+@pytest.fixture
+def toys(fake_dists, monkeypatch):
+    """The toy components (tests/plugins_for_tests/repae_toys) installed as distribution `repae-toys`."""
+    fake_dists.add("repae-toys", {"toys": "repae_toys"}, source_dir=TEST_PLUGINS)
+    monkeypatch.setenv("REPAE_PLUGINS", "repae-toys")
+    import repae_toys.models
+
+    repae_toys.models.CALLS.clear()
+    return fake_dists
+
+
+@pytest.fixture
+def example_plugin(fake_dists, monkeypatch):
+    """The example third-party plugin, installed as its own distribution beside repae."""
+    fake_dists.add(
+        "repae-plugin-example", {"example": "repae_plugin_example"}, version="0.1.0", source_dir=EXAMPLE_PLUGIN
+    )
+    monkeypatch.setenv("REPAE_PLUGINS", "repae,repae-plugin-example")
+    return fake_dists
