@@ -20,6 +20,7 @@ __all__ = [
     "RepaeError",
     "UnknownComponentError",
     "UserError",
+    "WeightsMismatchError",
     "closest",
 ]
 
@@ -98,6 +99,10 @@ class DuplicateComponentError(UserError):
 
 class PluginError(UserError):
     """A plugin failed to load or register (raised only in strict mode; otherwise recorded and reported)."""
+
+
+class WeightsMismatchError(UserError):
+    """A checkpoint's keys or shapes do not match the module built from the config."""
 
 
 class ComponentBuildError(UserError):

@@ -1,0 +1,440 @@
+"""Finding and reading weight files, safely.
+
+A *weights source* is the string a component's ``weights`` option holds:
+
+- a local file, or a folder (``default_filename`` inside it, or the only weights file it holds); ``~`` is expanded;
+- ``hf://org/repo/path/in/repo[@revision]`` (or ``hf://org/repo`` when the component names a default file): resolved
+  through the Hugging Face hub cache with :func:`huggingface_hub.hf_hub_download`. With ``HF_HUB_OFFLINE=1`` a cached
+  file is used without any network access; a file that is not cached raises :class:`~repae.errors.UserError` naming
+  the file, the repository and where to put it;
+- ``https://...``: downloaded once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``, where timm keeps the same
+  files), for checkpoints that are published only as URLs. ``HF_HUB_OFFLINE=1`` forbids the download here too.
+
+Reading never runs arbitrary pickles: safetensors first; other files only through
+``torch.load(map_location="cpu", weights_only=True)``. :func:`load_into` checks a state dict against a module and
+names every missing key, unexpected key and shape mismatch before loading.
+
+Importing this module does not import torch or huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from repae.errors import UserError, WeightsMismatchError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+__all__ = [
+    "WEIGHT_SUFFIXES",
+    "LoadReport",
+    "file_sha256",
+    "hub_cache_dir",
+    "load_into",
+    "load_state_dict",
+    "read_checkpoint",
+    "select_entry",
+    "offline",
+    "parse_hf_source",
+    "resolve_weights",
+]
+
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".tar")
+"""File endings recognised as weights when a source names a folder."""
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+# -- where the files are -------------------------------------------------------------------------------------------
+def offline() -> bool:
+    """Whether downloads are forbidden (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``), read at call time."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in _TRUE
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, read from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    env = os.environ
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(name):
+            return Path(env[name]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+@dataclass(frozen=True)
+class HfSource:
+    """A parsed ``hf://org/repo[/path][@revision]`` source."""
+
+    repo_id: str
+    filename: str | None
+    revision: str | None
+
+    def __str__(self) -> str:
+        path = f"/{self.filename}" if self.filename else ""
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"hf://{self.repo_id}{path}{rev}"
+
+
+def parse_hf_source(source: str) -> HfSource:
+    """Split ``hf://org/repo/path/in/repo@revision`` into repository, file and revision."""
+    rest = source[len("hf://") :].strip("/")
+    revision = None
+    if "@" in rest:
+        rest, revision = rest.rsplit("@", 1)
+        revision = revision or None
+    parts = [p for p in rest.split("/") if p]
+    if len(parts) < 2:
+        raise UserError(
+            f"weights source {source!r} does not name a Hugging Face repository: write hf://org/repo/file "
+            "(for example hf://timm/vit_base_patch14_dinov2.lvd142m/model.safetensors)"
+        )
+    return HfSource(f"{parts[0]}/{parts[1]}", "/".join(parts[2:]) or None, revision)
+
+
+def resolve_weights(source: str | os.PathLike[str], *, default_filename: str | None = None) -> Path:
+    """Turn a weights source into the path of a local file.
+
+    ``source`` is a local file or folder, ``hf://org/repo[/path/in/repo][@revision]`` or an ``https://`` URL (see the
+    module docstring). ``default_filename`` is the file to take inside a folder or a bare ``hf://org/repo``.
+    Raises :class:`~repae.errors.UserError` with the fix when the file is missing or cannot be fetched.
+    """
+    text = os.fspath(source).strip()
+    if not text:
+        raise UserError("empty weights source: give a local path, hf://org/repo/file or an https:// URL")
+    if text.startswith("hf://"):
+        return _resolve_hf(parse_hf_source(text), default_filename)
+    if text.startswith(("https://", "http://")):
+        return _resolve_url(text)
+    return _resolve_local(Path(text).expanduser(), default_filename, text)
+
+
+def _resolve_local(path: Path, default_filename: str | None, given: str) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if default_filename and (path / default_filename).is_file():
+            return path / default_filename
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        if len(found) == 1:
+            return found[0]
+        wanted = f" (looked for {default_filename!r})" if default_filename else ""
+        if not found:
+            raise UserError(f"weights folder {path} holds no weights file{wanted}; give the path of the file itself")
+        names = ", ".join(p.name for p in found[:10])
+        raise UserError(f"weights folder {path} holds several weights files ({names}){wanted}; name the file")
+    raise UserError(
+        f"weights file not found: {given!r} (resolved to {path.resolve()}). Give an existing local file or folder, "
+        "or hf://org/repo/file to use the Hugging Face hub cache."
+    )
+
+
+def _resolve_hf(src: HfSource, default_filename: str | None) -> Path:
+    filename = src.filename or default_filename
+    if not filename:
+        raise UserError(f"weights source {src} names no file: write hf://{src.repo_id}/<file in the repo>")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency of timm
+        raise UserError(f"{src} needs the huggingface_hub package: pip install huggingface_hub") from exc
+
+    cache = hub_cache_dir()
+    where = f"file {filename!r} of the Hugging Face repository {src.repo_id!r}"
+    if src.revision:
+        where += f" (revision {src.revision!r})"
+    try:
+        path = hf_hub_download(
+            src.repo_id, filename, revision=src.revision, cache_dir=str(cache), local_files_only=offline()
+        )
+    except hf_errors.LocalEntryNotFoundError:
+        reason = "downloads are off (HF_HUB_OFFLINE=1)" if offline() else "the hub could not be reached"
+        rev = f" --revision {src.revision}" if src.revision else ""
+        raise UserError(
+            f"weights not available: {where} is not in the Hugging Face cache {cache} and {reason}. Fix one of: "
+            f"(1) on a machine with network run `hf download {src.repo_id} {filename}{rev}` and copy its cache "
+            f"folder {cache / ('models--' + src.repo_id.replace('/', '--'))} to this machine (or point HF_HUB_CACHE "
+            f"at a copy); (2) download {filename} yourself and set this weights option to its local path, e.g. "
+            f"weights: /path/to/{Path(filename).name}"
+        ) from None
+    except hf_errors.RepositoryNotFoundError as exc:
+        raise UserError(
+            f"Hugging Face repository {src.repo_id!r} not found or not accessible (private or gated repositories "
+            f"need `hf auth login`): {_first_line(exc)}"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise UserError(f"revision {src.revision!r} does not exist in Hugging Face repository {src.repo_id!r}") from None
+    except hf_errors.EntryNotFoundError:
+        raise UserError(f"{where} does not exist; check the file name in the repository") from None
+    except (hf_errors.HfHubHTTPError, OSError) as exc:
+        raise UserError(f"could not fetch {where}: {_first_line(exc)}") from None
+    return Path(path)
+
+
+def _resolve_url(url: str) -> Path:
+    from urllib.parse import urlparse
+
+    import torch.hub
+
+    name = Path(urlparse(url).path).name
+    if not name:
+        raise UserError(f"weights URL {url!r} does not end in a file name")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if target.is_file():
+        return target
+    fix = f"download {url} on a machine with network and put it at {target} (or set this weights option to its path)"
+    if offline():
+        raise UserError(f"weights not available: {name} is not in torch's cache and downloads are off "
+                        f"(HF_HUB_OFFLINE=1). Fix: {fix}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    except Exception as exc:  # noqa: BLE001 - any network failure becomes the same user-facing message
+        raise UserError(f"could not download {url}: {_first_line(exc)}. Fix: {fix}") from None
+    return target
+
+
+# -- what the files hold --------------------------------------------------------------------------------------------
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (remembered per path, size and mtime within the process)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (size,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < size < path.stat().st_size
+
+
+def load_state_dict(
+    path: str | os.PathLike[str], *, key: str | None = None, missing_key: str = "error"
+) -> tuple[dict[str, Tensor], str]:
+    """Read a state dict from ``path``; return it with the sha256 of the file.
+
+    safetensors files are read directly; anything else through ``torch.load(weights_only=True)`` (a file that needs
+    arbitrary pickled objects is refused with an explanation). When the file holds a checkpoint rather than a bare
+    state dict, ``key`` picks the entry (``model``, ``ema``, ``state_dict``, ...); for a flat file it selects the keys
+    under ``key.`` and strips that prefix. Without ``key`` a checkpoint with exactly one state dict inside is
+    unwrapped; several raise an error listing them. See :func:`select_entry` for ``missing_key``.
+    """
+    obj, digest = read_checkpoint(path)
+    state, _ = select_entry(obj, key, path, missing_key=missing_key)
+    return state, digest
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """Read a weights file as is (safetensors, or ``torch.load(weights_only=True)``); return it and its sha256."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"weights file not found: {p}")
+    digest = file_sha256(p)
+    if _is_safetensors(p):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p), device="cpu"), digest
+        except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
+            raise UserError(f"could not read safetensors file {p}: {_first_line(exc)}") from None
+    return _torch_load(p), digest
+
+
+def select_entry(
+    obj: Any, key: str | None, path: str | os.PathLike[str], *, missing_key: str = "error"
+) -> tuple[dict[str, Tensor], str | None]:
+    """Pick the state dict ``key`` out of what :func:`read_checkpoint` returned; return it and the entry used.
+
+    ``missing_key="whole"`` reads a flat state dict that has no ``key.`` entries whole (entry ``None``) instead of
+    raising: for options like "the ``ema`` entry of a training checkpoint, or the file itself for a release".
+    """
+    if missing_key not in ("error", "whole"):
+        raise ValueError(f"missing_key must be 'error' or 'whole', not {missing_key!r}")
+    return _select(obj, key, Path(path), whole_if_flat=missing_key == "whole")
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if "Unsupported global" not in text:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            reason = detail.group(1).strip() if detail else _first_line(exc)
+            raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint ({reason})") from None
+        what = f" (such as {found.group(1)})" if found else ""
+        raise UserError(
+            f"refusing to load {path}: besides tensors it stores Python objects{what}, and rebuilding them needs an "
+            "unrestricted pickle load, which can run arbitrary code. If you trust the file, convert it once: load it "
+            "with torch.load(..., weights_only=False) in a separate script, take the state dict, and save it with "
+            "safetensors.torch.save_file(state_dict, 'weights.safetensors')."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - not a torch file, TorchScript archive, truncated download...
+        if "torchscript" in str(exc).lower():
+            raise UserError(
+                f"{path} is a TorchScript archive, not a state dict; use the safetensors or state-dict release of "
+                "these weights instead"
+            ) from None
+        raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint: {_first_line(exc)}") from None
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(_is_tensor(v) for v in obj.values())
+
+
+def _entries(obj: Mapping[str, Any]) -> str:
+    def describe(v: Any) -> str:
+        if _is_state_dict(v):
+            return f"state dict, {len(v)} tensors"
+        if isinstance(v, Mapping):
+            return f"mapping, {len(v)} entries"
+        return type(v).__name__
+
+    shown = [f"{k!r} ({describe(v)})" for k, v in list(obj.items())[:12]]
+    more = f" and {len(obj) - 12} more" if len(obj) > 12 else ""
+    return ", ".join(shown) + more
+
+
+def _select(obj: Any, key: str | None, path: Path, *, whole_if_flat: bool = False) -> tuple[dict[str, Tensor], str | None]:
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if key is None:
+        if _is_state_dict(obj):
+            return {str(k): v for k, v in obj.items()}, None
+        inner = [k for k, v in obj.items() if _is_state_dict(v)]
+        if len(inner) == 1:
+            return {str(k): v for k, v in obj[inner[0]].items()}, str(inner[0])
+        raise UserError(
+            f"{path} holds a checkpoint, not a bare state dict; choose the entry to load (the component's "
+            f"weights_key option). Entries: {_entries(obj)}"
+        )
+    if key in obj and isinstance(obj[key], Mapping):
+        state, _ = _select(obj[key], None, path)
+        return state, key
+    prefix = key + "."
+    sub = {str(k)[len(prefix) :]: v for k, v in obj.items() if str(k).startswith(prefix) and _is_tensor(v)}
+    if sub:
+        return sub, key
+    if _is_state_dict(obj) and whole_if_flat:
+        return {str(k): v for k, v in obj.items()}, None
+    if _is_state_dict(obj):
+        heads = sorted({str(k).split(".", 1)[0] for k in obj})
+        listing = ", ".join(repr(h) for h in heads[:12]) + (f" and {len(heads) - 12} more" if len(heads) > 12 else "")
+        raise UserError(
+            f"{path} has no entry {key!r}: it is a flat state dict (key prefixes: {listing}); set weights_key to one "
+            "of those prefixes, or to null to load the whole file"
+        )
+    raise UserError(f"{path} has no entry {key!r}. Entries: {_entries(obj)}")
+
+
+# -- putting tensors into a module -----------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """Keys left out of a non-strict load."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+Hints = Callable[[list[str], list[str], dict[str, tuple[tuple[int, ...], tuple[int, ...]]]], list[str]]
+"""``hints(missing, unexpected, mismatched) -> lines``: a component's advice on which config field to change."""
+
+
+def load_into(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    strict: bool = True,
+    what: str = "weights",
+    assign: bool = False,
+    hints: Hints | None = None,
+) -> LoadReport:
+    """Load ``state_dict`` into ``module`` after checking keys and shapes.
+
+    Raises :class:`~repae.errors.WeightsMismatchError` naming the first ten missing keys, unexpected keys and shape
+    mismatches (with their counts), followed by the component's ``hints``; missing and unexpected keys are tolerated
+    (and reported) when ``strict`` is false, shape mismatches never are. ``what`` names the weights in messages
+    (``"dinov2 vit-b14 weights from <file>"``). ``assign=True`` adopts the given tensors (cast to the module's dtypes)
+    instead of copying into existing ones: use it to fill a module built on the ``meta`` device.
+    """
+    expected = module.state_dict()
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = {
+        k: (tuple(state_dict[k].shape), tuple(expected[k].shape))
+        for k in sorted(expected)
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    }
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing key(s) (in the model, not in the file): {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (in the file, not in the model): {_listing(unexpected)}")
+    if mismatched:
+        shapes = [f"{k}: file {list(got)} vs model {list(want)}" for k, (got, want) in mismatched.items()]
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_listing(shapes)}")
+    if problems:
+        advice = hints(missing, unexpected, mismatched) if hints else []
+        if not advice:
+            advice = ["check that the variant/size matches the checkpoint (and weights_key, for a checkpoint with "
+                      "several entries)"]
+        raise WeightsMismatchError(
+            f"{what} do not fit the {type(module).__name__} built from the config:\n  - "
+            + "\n  - ".join(problems)
+            + "".join(f"\n  hint: {line}" for line in advice)
+        )
+    tensors = dict(state_dict)
+    if assign:
+        for k, v in tensors.items():
+            target = expected.get(k)
+            if target is not None and v.is_floating_point() and v.dtype != target.dtype:
+                tensors[k] = v.to(target.dtype)
+    result = module.load_state_dict(tensors, strict=strict, assign=assign)
+    return LoadReport(list(result.missing_keys), list(result.unexpected_keys))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
