@@ -1,0 +1,544 @@
+"""KL autoencoder with a diagonal-Gaussian posterior, in the LDM state-dict layout.
+
+Papers:
+- Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022 (arXiv 2112.10752):
+  the architecture and the SD-VAE (f8, 4 channels);
+- Yao et al., "Reconstruction vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models" (arXiv
+  2501.01423): VA-VAE (f16, 32 channels);
+- Leng et al., "REPA-E: Unlocking VAE for End-to-End Tuning with Latent Diffusion Transformers" (arXiv 2504.10483):
+  IN-VAE (f16, 32 channels) and the end-to-end tuned E2E-VAEs.
+
+Parameter names follow the LDM layout (``encoder.down.{i}.block.{j}``, ``decoder.up.{i}``, ``quant_conv`` ...), so
+REPA-E's ``.pt`` releases load strictly; diffusers ``AutoencoderKL`` checkpoints go through :mod:`repae_vae.convert`.
+Images are ``[-1, 1]``; ``encode`` gives a :class:`DiagonalGaussian`, ``decode`` maps latents back to images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repae.errors import UserError
+from repae_vae.convert import diffusers_to_ldm, is_diffusers_layout
+
+if TYPE_CHECKING:
+    from repae.build import BuildContext
+    from repae_vae import KLVAEConfig
+
+__all__ = [
+    "AttnBlock",
+    "Decoder",
+    "DiagonalGaussian",
+    "Encoder",
+    "KLAutoencoder",
+    "LatentStats",
+    "ResnetBlock",
+    "build_kl_vae",
+    "load_latent_stats",
+    "load_vae_weights",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Posterior
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DiagonalGaussian:
+    """A diagonal Gaussian over latents, from the encoder's moments ``[B, 2C, h, w]`` (mean, then log-variance).
+
+    The log-variance is clamped to ``[-30, 20]`` as in LDM.
+    """
+
+    def __init__(self, moments: Tensor) -> None:
+        mean, logvar = moments.chunk(2, dim=1)
+        self.mean: Tensor = mean
+        self.logvar: Tensor = logvar.clamp(-30.0, 20.0)
+        self.std: Tensor = torch.exp(0.5 * self.logvar)
+        self.var: Tensor = torch.exp(self.logvar)
+
+    def sample(self, eps: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """``mean + std * eps``; ``eps`` is drawn from N(0, I) (with ``generator`` if given) when not passed."""
+        if eps is None:
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> Tensor:
+        """The mean."""
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """KL divergence to N(0, I), summed over C, H, W: shape ``[B]``."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel latent statistics shipped with a VAE: ``normalized = (z - mean) * scale`` (shapes ``[C]``)."""
+
+    mean: Tensor
+    scale: Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected when the width changes) skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with 1x1-conv q/k/v/output projections."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = _group_norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # [B, C, H, W] -> [B, 1 head, H*W, C]; SDPA's default scale is C^-0.5, as in LDM.
+        q, k, v = (proj(y).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: pad right/bottom by one, then a 3x3 stride-2 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: residual blocks, each followed by attention where the level has it, then a resampler."""
+
+    def __init__(self, blocks: list[ResnetBlock], attn: list[AttnBlock], resample: nn.Module | None, name: str):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attn)
+        self._resample_name = name
+        setattr(self, name, resample)  # `downsample` / `upsample`, as in the LDM layout; None on the last level
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        resample = getattr(self, self._resample_name)
+        return x if resample is None else resample(x)
+
+
+class Mid(nn.Module):
+    """Middle of the encoder and decoder: residual block, attention, residual block."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """Images ``[B, 3, H, W]`` to moments ``[B, 2 * z_channels, H/f, W/f]``, f = 2^(len(ch_mult)-1)."""
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        z_channels: int,
+        groups: int,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        width, size, levels = ch, resolution, []
+        for i, mult in enumerate(ch_mult):
+            out = ch * mult
+            blocks = [ResnetBlock(width if j == 0 else out, out, groups) for j in range(num_res_blocks)]
+            attn = [AttnBlock(out, groups) for _ in range(num_res_blocks)] if size in attn_resolutions else []
+            last = i == len(ch_mult) - 1
+            levels.append(Level(blocks, attn, None if last else Downsample(out), "downsample"))
+            width, size = out, size if last else size // 2
+        self.down = nn.ModuleList(levels)
+        self.mid = Mid(width, groups)
+        self.norm_out = _group_norm(width, groups)
+        self.conv_out = nn.Conv2d(width, 2 * z_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latents ``[B, z_channels, h, w]`` to images ``[B, 3, h*f, w*f]``.
+
+    ``up.{i}`` is indexed by resolution level (``up.0`` is the full resolution) and runs last.
+    """
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        z_channels: int,
+        groups: int,
+        out_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        width = ch * ch_mult[-1]
+        size = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
+        self.mid = Mid(width, groups)
+        levels: list[Level] = []
+        for i in reversed(range(len(ch_mult))):
+            out = ch * ch_mult[i]
+            blocks = [ResnetBlock(width if j == 0 else out, out, groups) for j in range(num_res_blocks + 1)]
+            attn = [AttnBlock(out, groups) for _ in range(num_res_blocks + 1)] if size in attn_resolutions else []
+            levels.insert(0, Level(blocks, attn, Upsample(out) if i > 0 else None, "upsample"))
+            width, size = out, size * 2 if i > 0 else size
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _group_norm(width, groups)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The autoencoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class KLAutoencoder(nn.Module):
+    """LDM KL autoencoder: ``encode(images) -> DiagonalGaussian``, ``decode(z) -> images``.
+
+    Attributes besides the modules: ``latent_channels``, ``downsample`` (spatial factor), ``latent_stats``
+    (:class:`LatentStats` or ``None``), ``weights_sha256`` / ``latent_stats_sha256`` (sha256 of the loaded files, or
+    ``None`` for random init) and ``weights_source``.
+    """
+
+    def __init__(
+        self,
+        *,
+        latent_channels: int = 4,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        resolution: int = 256,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        _check_architecture(latent_channels, ch, ch_mult, num_res_blocks, norm_groups)
+        arch = dict(
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            resolution=resolution,
+            z_channels=latent_channels,
+            groups=norm_groups,
+        )
+        self.encoder = Encoder(**arch)
+        self.decoder = Decoder(**arch)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.latent_channels = latent_channels
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.architecture: dict[str, Any] = {
+            "latent_channels": latent_channels,
+            "ch": ch,
+            "ch_mult": list(ch_mult),
+            "num_res_blocks": num_res_blocks,
+            "attn_resolutions": list(attn_resolutions),
+            "resolution": resolution,
+            "norm_groups": norm_groups,
+        }
+        """The constructor arguments (what :func:`repae_vae.convert.diffusers_config` needs)."""
+        # Not part of the state dict (the LDM layout has no such keys), but they follow .to(device).
+        self.register_buffer("latents_mean", None, persistent=False)
+        self.register_buffer("latents_scale", None, persistent=False)
+        self.weights_source: str | None = None
+        self.weights_sha256: str | None = None
+        self.latent_stats_sha256: str | None = None
+
+    @property
+    def latent_stats(self) -> LatentStats | None:
+        """Per-channel latent mean and scale shipped with the weights (``None`` when there are none)."""
+        if self.latents_mean is None or self.latents_scale is None:
+            return None
+        return LatentStats(self.latents_mean, self.latents_scale)
+
+    def set_latent_stats(self, mean: Tensor | None, scale: Tensor | None) -> None:
+        """Set (or with ``None`` clear) the per-channel statistics; any shape with ``latent_channels`` elements."""
+        if mean is None or scale is None:
+            self.latents_mean = self.latents_scale = None
+            return
+        c = self.latent_channels
+        if mean.numel() != c or scale.numel() != c:
+            raise UserError(
+                f"latent statistics have {mean.numel()} / {scale.numel()} channels (mean / scale), but this VAE has "
+                f"{c} latent channels: the statistics belong to another VAE"
+            )
+        device = self.quant_conv.weight.device
+        self.latents_mean = mean.detach().reshape(c).float().to(device)
+        self.latents_scale = scale.detach().reshape(c).float().to(device)
+
+    def encode(self, images: Tensor) -> DiagonalGaussian:
+        """Images in ``[-1, 1]`` ``[B, 3, H, W]`` to the posterior over latents ``[B, C, H/f, W/f]``."""
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents ``[B, C, h, w]`` to images (roughly ``[-1, 1]``) ``[B, 3, h*f, w*f]``."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, images: Tensor, eps: Tensor | None = None) -> tuple[DiagonalGaussian, Tensor, Tensor]:
+        """Encode, sample (with ``eps`` if given) and decode: ``(posterior, z, reconstruction)``."""
+        posterior = self.encode(images)
+        z = posterior.sample(eps)
+        return posterior, z, self.decode(z)
+
+    def extra_repr(self) -> str:
+        return f"latent_channels={self.latent_channels}, downsample={self.downsample}"
+
+
+def _check_architecture(
+    latent_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int, norm_groups: int
+) -> None:
+    if not ch_mult:
+        raise ValueError("ch_mult needs at least one level")
+    if latent_channels < 1 or ch < 1 or num_res_blocks < 1 or norm_groups < 1 or min(ch_mult) < 1:
+        raise ValueError("latent_channels, ch, ch_mult entries, num_res_blocks and norm_groups must be positive")
+    widths = sorted({ch * m for m in ch_mult})
+    bad = [w for w in widths if w % norm_groups]
+    if bad:
+        raise ValueError(f"channel widths {bad} (ch * ch_mult) are not divisible by norm_groups={norm_groups}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading weights and latent statistics
+# ---------------------------------------------------------------------------------------------------------------------
+
+DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
+_STATS_SUFFIXES = ("-latents-stats.pt", "-latents-stats.safetensors")
+# The checkpoint inside REPA-E's repo-format hub repositories, for a source naming only the repository
+# (``hf://REPA-E/sdvae``). Only sdvae's file name is verified; the others follow the naming of the released files.
+# Any other folder or repository is read as a diffusers AutoencoderKL folder (its DIFFUSERS_FILE) or, failing that,
+# the only weights file it holds.
+HUB_FILES = {
+    "REPA-E/sdvae": "sdvae-f8d4.pt",
+    "REPA-E/invae": "invae-f16d32.pt",
+    "REPA-E/vavae": "vavae-f16d32.pt",
+    "REPA-E/e2e-sdvae": "e2e-sdvae-400k.pt",
+    "REPA-E/e2e-invae": "e2e-invae-400k.pt",
+    "REPA-E/e2e-vavae": "e2e-vavae-400k.pt",
+}
+
+
+def _default_filename(source: str) -> str:
+    repo = source[len("hf://") :].split("@")[0].strip("/") if source.startswith("hf://") else ""
+    return HUB_FILES.get(repo, DIFFUSERS_FILE)
+
+
+def _listing(keys: Sequence[str], limit: int = 8) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_vae_weights(model: KLAutoencoder, source: str, *, key: str | None = None, strict: bool = True) -> Path:
+    """Load a checkpoint into ``model``; returns the file loaded and records its sha256 on the model.
+
+    ``source`` is a local file or folder, or ``hf://org/repo[/file]`` (see :func:`repae.weights.resolve_weights`).
+    LDM-layout state dicts load as they are, diffusers ``AutoencoderKL`` ones are converted first; ``key`` picks the
+    entry of a training checkpoint (``vae``). Missing keys and shape mismatches always raise
+    :class:`repae.errors.UserError` naming the keys; unexpected keys do unless ``strict=False``.
+    """
+    from repae.weights import load_into, load_state_dict, resolve_weights
+
+    path = resolve_weights(source, default_filename=_default_filename(source))
+    state, sha256 = load_state_dict(path, key=key)
+    state = _vae_state_dict(state, source)
+    if not strict:
+        expected = model.state_dict()
+        state = {k: v for k, v in state.items() if k in expected}
+    arch = ", ".join(f"{k}={v}" for k, v in model.architecture.items())
+    where = source if Path(source).expanduser() == path else f"{source} ({path})"
+    load_into(model, state, strict=True, what=f"VAE weights {where} for the architecture ({arch})")
+    model.weights_source, model.weights_sha256 = source, sha256
+    return path
+
+
+def _vae_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The state dict in the LDM layout (a ``module.``/``vae.`` prefix dropped, diffusers names converted)."""
+    tensors = dict(state)
+    for prefix in ("module.", "vae."):
+        if tensors and all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    if is_diffusers_layout(tensors):
+        return diffusers_to_ldm(tensors)
+    if "encoder.conv_in.weight" not in tensors:
+        raise UserError(
+            f"{source!r} is not an AutoencoderKL state dict (LDM or diffusers layout): it has no "
+            f"'encoder.conv_in.weight'; its keys are {_listing(sorted(tensors), 5)}. For a training checkpoint set "
+            "weights_key to the entry holding the VAE ('vae' in REPA-E's checkpoints/*.pt)."
+        )
+    return tensors
+
+
+def load_latent_stats(source: str | Path) -> tuple[Tensor, Tensor, str]:
+    """Read per-channel latent statistics: ``(mean, scale, sha256)`` with ``normalized = (z - mean) * scale``.
+
+    Accepted: REPA-E ``*-latents-stats.pt`` (``latents_bias``, ``latents_scale``), LightningDiT ``latents_stats.pt``
+    (``mean``, ``std``) and a diffusers ``config.json`` with ``latents_mean`` and ``latents_std``.
+    """
+    from repae.weights import file_sha256, load_state_dict, resolve_weights
+
+    path = source if isinstance(source, Path) else resolve_weights(source)
+    if path.suffix == ".json":
+        if not _has_stats(path):
+            raise UserError(f"latent statistics {str(source)!r}: {path} has no latents_mean and latents_std")
+        config = json.loads(path.read_text())
+        mean = torch.tensor(config["latents_mean"], dtype=torch.float32)
+        return mean, 1.0 / torch.tensor(config["latents_std"], dtype=torch.float32), file_sha256(path)
+    data, sha256 = load_state_dict(path)
+    if "latents_scale" in data and "latents_bias" in data:
+        return data["latents_bias"].float().flatten(), data["latents_scale"].float().flatten(), sha256
+    if "mean" in data and "std" in data:
+        return data["mean"].float().flatten(), 1.0 / data["std"].float().flatten(), sha256
+    raise UserError(
+        f"latent statistics {str(source)!r} ({path}) hold {_listing(sorted(data), 5)}; expected latents_bias and "
+        "latents_scale (REPA-E) or mean and std (LightningDiT)"
+    )
+
+
+def _find_latent_stats(weights: str, loaded: Path) -> str | Path | None:
+    """Statistics that ship next to a checkpoint: ``<stem>-latents-stats.pt``, ``latents_stats.pt`` or a diffusers
+    ``config.json`` with latents_mean/latents_std. ``None`` when there are none (this is not an error)."""
+    folder = loaded.parent
+    for name in [loaded.stem + s for s in _STATS_SUFFIXES] + ["latents_stats.pt"]:
+        if (folder / name).is_file():
+            return folder / name
+    config = folder / "config.json"
+    if config.is_file():
+        return config if _has_stats(config) else None
+    if weights.startswith("hf://"):
+        # On the hub the statistics sit next to the checkpoint but may not be cached yet: fetch them now.
+        from repae.weights import resolve_weights
+
+        base, at, revision = weights.partition("@")
+        base = base.rstrip("/")
+        folder = base.rsplit("/", 1)[0] if base.endswith("/" + loaded.name) else base
+        sibling = loaded.stem + _STATS_SUFFIXES[0] if loaded.suffix in (".pt", ".pth", ".ckpt") else "config.json"
+        try:
+            found = resolve_weights(f"{folder}/{sibling}{at}{revision}")
+        except (UserError, OSError):
+            return None
+        if found.suffix == ".json" and not _has_stats(found):
+            return None
+        return found
+    return None
+
+
+def _has_stats(config: Path) -> bool:
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("latents_mean") is not None and data.get("latents_std") is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Factory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_kl_vae(config: KLVAEConfig, context: BuildContext) -> KLAutoencoder:
+    """Build the autoencoder a config describes; load its weights and latent statistics unless on ``meta``."""
+    model = KLAutoencoder(
+        latent_channels=config.latent_channels,
+        ch=config.ch,
+        ch_mult=config.ch_mult,
+        num_res_blocks=config.num_res_blocks,
+        attn_resolutions=config.attn_resolutions,
+        resolution=config.resolution,
+        norm_groups=config.norm_groups,
+    )
+    if not context.load_weights:
+        return model
+    loaded = None
+    if config.weights:
+        loaded = load_vae_weights(model, config.weights, key=config.weights_key, strict=config.strict)
+    stats: str | Path | None = None
+    if config.latent_stats == "auto":
+        stats = _find_latent_stats(config.weights, loaded) if loaded is not None else None
+    elif config.latent_stats:
+        stats = config.latent_stats
+    if stats is not None:
+        mean, scale, sha256 = load_latent_stats(stats)
+        model.set_latent_stats(mean, scale)
+        model.latent_stats_sha256 = sha256
+    return model

@@ -1,0 +1,486 @@
+"""The KL-VAE tokenizers (sd-vae, in-vae, va-vae): forward/backward, state-dict layouts, golden numerics against the
+official REPA-E code, parity with diffusers.AutoencoderKL, weight and latent-statistics loading, loading errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from repae.build import BuildContext, build_component
+from repae.errors import ComponentBuildError, UserError
+from repae.interfaces import Posterior, Tokenizer
+from repae.plugins import load_plugins
+from repae_vae import F8D4, F16D32, TINY
+from repae_vae.autoencoder import KLAutoencoder
+from repae_vae.convert import (
+    architecture_from_diffusers,
+    diffusers_config,
+    diffusers_to_ldm,
+    ldm_to_diffusers,
+    save_diffusers,
+)
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+MANIFESTS = GOLDEN / "manifests"
+NAMES = ("sd-vae", "in-vae", "va-vae")
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugins().registry
+
+
+def build(registry, name: str, device: str = "cpu", **section):
+    entry = registry.get("tokenizer", name)
+    config, issues = entry.parse(section)
+    assert not issues, issues
+    return build_component(entry, config, BuildContext(device=device))
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial random weights (norm scales near 1) so that every parameter matters in comparisons."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            is_norm_scale = p.dim() == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_norm_scale else 0.1 * noise)
+    return module
+
+
+def tiny(seed: int = 0) -> KLAutoencoder:
+    return randomize_(KLAutoencoder(**TINY), seed).eval()
+
+
+@pytest.fixture
+def weights_api():
+    return pytest.importorskip("repae.weights", reason="repae/weights.py (weight resolution) is not there yet")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registration, interface, forward/backward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "variant", "channels", "factor"),
+    [("sd-vae", "f8d4", 4, 8), ("in-vae", "f16d32", 32, 16), ("va-vae", "f16d32", 32, 16)],
+)
+def test_registered_with_sensible_defaults(registry, name, variant, channels, factor):
+    entry = registry.get("tokenizer", name)
+    config, issues = entry.parse({})
+    assert not issues
+    assert config.variant == variant and config.latent_channels == channels
+    assert 2 ** (len(config.ch_mult) - 1) == factor
+    assert config.weights is None  # tests and dry runs never download
+    assert set(entry.presets) >= {"f8d4", "f16d32", "tiny"}
+
+
+def test_tiny_forward_backward(registry):
+    vae = build(registry, "sd-vae", variant="tiny")
+    assert isinstance(vae, Tokenizer)
+    assert 1_000 <= sum(p.numel() for p in vae.parameters()) <= 100_000
+    assert (vae.latent_channels, vae.downsample) == (4, 4)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    posterior = vae.encode(images)
+    assert isinstance(posterior, Posterior)
+    assert posterior.mean.shape == (2, 4, 8, 8) and posterior.kl().shape == (2,)
+    eps = torch.randn_like(posterior.mean)
+    z = posterior.sample(eps)
+    torch.testing.assert_close(z, posterior.mean + posterior.std * eps)
+    torch.testing.assert_close(posterior.mode(), posterior.mean)
+    torch.testing.assert_close(posterior.std, torch.exp(0.5 * posterior.logvar))
+    recon = vae.decode(z)
+    assert recon.shape == images.shape
+    loss = (recon - images).abs().mean() + 1e-6 * posterior.kl().mean()
+    loss.backward()
+    missing = [n for n, p in vae.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert vae.weights_sha256 is None and vae.latent_stats is None
+
+
+def test_sample_draws_fresh_noise_unless_given():
+    posterior = tiny().encode(torch.zeros(1, 3, 32, 32))
+    gen = torch.Generator().manual_seed(0)
+    a, b = posterior.sample(generator=gen), posterior.sample(generator=gen)
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(posterior.sample(torch.zeros_like(a)), posterior.mean)
+
+
+def test_invalid_architecture_is_a_config_error(registry):
+    with pytest.raises(ComponentBuildError, match="norm_groups"):
+        build(registry, "sd-vae", variant="tiny", ch=6)
+
+
+def test_state_dict_round_trip_is_strict_and_exact():
+    a, b = tiny(0), tiny(1)
+    b.load_state_dict(a.state_dict(), strict=True)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        eps = torch.zeros(2, 4, 8, 8)
+        torch.testing.assert_close(a(images, eps)[2], b(images, eps)[2], rtol=0, atol=0)
+    assert not any("latents_" in k for k in a.state_dict())  # statistics travel outside the LDM layout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Full-size presets on meta against the official manifests
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_manifest(name: str) -> tuple[dict, dict]:
+    path = MANIFESTS / name
+    if not path.is_file():
+        pytest.skip(f"golden manifest {path} is absent")
+    shapes = json.loads(path.read_text())
+    return shapes.pop("_meta"), shapes
+
+
+@pytest.mark.parametrize(
+    ("name", "manifest"),
+    [("sd-vae", "vae_f8d4.json"), ("in-vae", "vae_f16d32.json"), ("va-vae", "vae_f16d32.json")],
+)
+def test_full_size_on_meta_matches_official_layout(registry, name, manifest):
+    meta, shapes = load_manifest(manifest)
+    vae = build(registry, name, device="meta")
+    assert all(p.is_meta for p in vae.parameters())
+    assert sum(p.numel() for p in vae.parameters()) == meta["num_parameters"]
+    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == shapes
+
+
+def test_full_size_converts_to_diffusers_layout(registry):
+    meta, shapes = load_manifest("diffusers_sdvae.json")
+    vae = build(registry, "sd-vae", device="meta")
+    converted = ldm_to_diffusers(vae.state_dict())
+    assert {k: list(v.shape) for k, v in converted.items()} == shapes
+    assert sum(v.numel() for v in converted.values()) == meta["num_parameters"]
+    expected = meta["kwargs"]
+    config = diffusers_config(vae.architecture)
+    assert {k: config[k] for k in expected} == expected
+    back = diffusers_to_ldm(converted)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in vae.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", [F8D4, F16D32, TINY], ids=["f8d4", "f16d32", "tiny"])
+def test_diffusers_config_round_trip(arch):
+    config = diffusers_config(arch)
+    with torch.device("meta"):
+        original, rebuilt = KLAutoencoder(**arch), KLAutoencoder(**architecture_from_diffusers(config))
+    shapes = {k: v.shape for k, v in original.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+    attention_levels = [t.startswith("Attn") for t in config["down_block_types"]]
+    assert attention_levels == [False] * (len(arch["ch_mult"]) - 1) + [arch is not F8D4]
+    assert config["up_block_types"][0].startswith("Attn") == (arch is not F8D4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Golden numerics (official REPA-E AutoencoderKL)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_golden_forward_matches_official():
+    files = [GOLDEN / "vae_forward.safetensors", GOLDEN / "vae_forward_decoder.safetensors"]
+    if not all(f.is_file() for f in files):
+        pytest.skip(f"golden files {[str(f) for f in files]} are absent")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            if file.name == "vae_forward.safetensors":
+                meta = json.loads(f.metadata()["json"])
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    cfg, tol = meta["vae_config"], meta["suggested_tolerance"]
+    assert cfg["z_channels"] == cfg["embed_dim"] and cfg["double_z"] and cfg["dropout"] == 0
+    vae = KLAutoencoder(
+        latent_channels=cfg["embed_dim"],
+        ch=cfg["ch"],
+        ch_mult=cfg["ch_mult"],
+        num_res_blocks=cfg["num_res_blocks"],
+        attn_resolutions=cfg["attn_resolutions"],
+        resolution=cfg["resolution"],
+    ).eval()
+    weights = {k[len("weights.") :]: v.float() for k, v in tensors.items() if k.startswith("weights.")}
+    vae.load_state_dict(weights, strict=True)
+    with torch.no_grad():
+        encoder_out = vae.encoder(tensors["image"])
+        posterior = vae.encode(tensors["image"])
+        z = posterior.sample(tensors["eps"])
+        got = {
+            "encoder_out": encoder_out,
+            "moments": vae.quant_conv(encoder_out),
+            "posterior_mean": posterior.mean,
+            "posterior_logvar": posterior.logvar,
+            "posterior_std": posterior.std,
+            "posterior_var": posterior.var,
+            "posterior_kl": posterior.kl(),
+            "z_sample": z,
+            "decoded_from_sample": vae.decode(z),
+            "decoded_from_mean": vae.decode(posterior.mode()),
+            "forward_recon": vae(tensors["image"], tensors["eps"])[2],
+        }
+    expected = dict(tensors, forward_recon=tensors["decoded_from_sample"])
+    for key, value in got.items():
+        torch.testing.assert_close(
+            value, expected[key], atol=tol["atol"], rtol=tol["rtol"], msg=lambda m, k=key: f"{k}: {m}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers parity through the converter (test-only dependency)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# The tiny preset, and the f16d32 layout narrowed (several attention blocks per level, 5 levels).
+PARITY_ARCHS = {"tiny": TINY, "f16d32-narrow": {**F16D32, "ch": 32, "resolution": 64, "attn_resolutions": [4]}}
+
+
+def diffusers_model(arch: dict, seed: int):
+    diffusers = pytest.importorskip("diffusers")
+    config = {k: v for k, v in diffusers_config(KLAutoencoder(**arch).architecture).items() if not k.startswith("_")}
+    assert config["down_block_types"][-1] == "AttnDownEncoderBlock2D"  # both exercise level attention
+    return randomize_(diffusers.AutoencoderKL(**config), seed).eval()
+
+
+def assert_same_outputs(ours: KLAutoencoder, theirs, size: int = 32) -> None:
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        post, dist = ours.encode(images), theirs.encode(images).latent_dist
+        torch.testing.assert_close(post.mean, dist.mean, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(post.logvar, dist.logvar, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.decode(post.mean), theirs.decode(dist.mean).sample, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(PARITY_ARCHS))
+def test_diffusers_weights_convert_to_ours(arch):
+    theirs = diffusers_model(PARITY_ARCHS[arch], seed=5)
+    ours = KLAutoencoder(**PARITY_ARCHS[arch]).eval()
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()), strict=True)
+    assert_same_outputs(ours, theirs, PARITY_ARCHS[arch]["resolution"])
+
+
+@pytest.mark.parametrize("arch", list(PARITY_ARCHS))
+def test_our_weights_convert_to_diffusers(arch):
+    theirs = diffusers_model(PARITY_ARCHS[arch], seed=5)
+    ours = randomize_(KLAutoencoder(**PARITY_ARCHS[arch]), 6).eval()
+    theirs.load_state_dict(ldm_to_diffusers(ours.state_dict()), strict=True)
+    assert_same_outputs(ours, theirs, PARITY_ARCHS[arch]["resolution"])
+
+
+def test_legacy_diffusers_attention_names_convert():
+    ours = tiny(seed=7)
+    old_names = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    legacy = {}
+    for k, v in ldm_to_diffusers(ours.state_dict()).items():
+        for new, old in old_names.items():
+            k = k.replace(new, old)
+        legacy[k] = v
+    assert any(".query." in k for k in legacy)
+    back = diffusers_to_ldm(legacy)
+    assert back.keys() == ours.state_dict().keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_save_diffusers_folder_loads_in_diffusers(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    ours = tiny(seed=8)
+    ours.set_latent_stats(torch.arange(4.0), torch.full((4,), 2.0))
+    folder = save_diffusers(ours, tmp_path / "vae-hf")
+    theirs = diffusers.AutoencoderKL.from_pretrained(str(folder)).eval()
+    assert list(theirs.config.latents_std) == [0.5] * 4 and list(theirs.config.latents_mean) == [0.0, 1.0, 2.0, 3.0]
+    assert_same_outputs(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading by source: weights, latent statistics, errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sb = b.state_dict()
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, sb[k]), k
+
+
+def test_loads_ldm_pt_with_repae_latent_stats(registry, weights_api, tmp_path):
+    ours = tiny(seed=10)
+    ckpt = tmp_path / "e2e-tiny-400k.pt"
+    torch.save(ours.state_dict(), ckpt)
+    stats = {"latents_scale": torch.full((1, 4, 1, 1), 0.5), "latents_bias": torch.arange(4.0).view(1, 4, 1, 1)}
+    torch.save(stats, tmp_path / "e2e-tiny-400k-latents-stats.pt")
+    vae = build(registry, "sd-vae", variant="tiny", weights=str(ckpt))
+    assert_same_weights(ours, vae)
+    assert vae.weights_sha256 == sha256(ckpt)
+    assert vae.latent_stats is not None
+    torch.testing.assert_close(vae.latent_stats.mean, torch.arange(4.0))
+    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 0.5))
+    assert vae.latent_stats_sha256 == sha256(tmp_path / "e2e-tiny-400k-latents-stats.pt")
+    assert build(registry, "sd-vae", variant="tiny", weights=str(ckpt), latent_stats=None).latent_stats is None
+
+
+def test_loads_safetensors_with_lightningdit_stats(registry, weights_api, tmp_path):
+    ours = tiny(seed=11)
+    save_file(ours.state_dict(), str(tmp_path / "vae.safetensors"))
+    torch.save({"mean": torch.ones(1, 4, 1, 1), "std": torch.full((1, 4, 1, 1), 4.0)}, tmp_path / "stats.pt")
+    vae = build(
+        registry,
+        "va-vae",
+        variant="tiny",
+        weights=str(tmp_path / "vae.safetensors"),
+        latent_stats=str(tmp_path / "stats.pt"),
+    )
+    assert_same_weights(ours, vae)
+    assert vae.weights_sha256 == sha256(tmp_path / "vae.safetensors")
+    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 0.25))
+
+
+def test_loads_diffusers_folder_with_config_stats(registry, weights_api, tmp_path):
+    ours = tiny(seed=12)
+    ours.set_latent_stats(torch.zeros(4), torch.full((4,), 4.0))
+    folder = save_diffusers(ours, tmp_path / "e2e-tiny-hf")
+    vae = build(registry, "in-vae", variant="tiny", weights=str(folder))
+    assert_same_weights(ours, vae)
+    assert vae.weights_sha256 == sha256(folder / "diffusion_pytorch_model.safetensors")
+    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 4.0))
+
+
+def test_loads_vae_from_a_training_checkpoint(registry, weights_api, tmp_path):
+    ours = tiny(seed=13)
+    ckpt = tmp_path / "0400000.pt"
+    torch.save({"vae": ours.state_dict(), "model": {"blocks.0.weight": torch.zeros(1)}}, ckpt)
+    with pytest.raises(UserError, match="vae"):
+        build(registry, "sd-vae", variant="tiny", weights=str(ckpt))
+    vae = build(registry, "sd-vae", variant="tiny", weights=str(ckpt), weights_key="vae")
+    assert_same_weights(ours, vae)
+
+
+def test_missing_file_names_it(registry, weights_api, tmp_path):
+    with pytest.raises(UserError, match="nowhere.pt"):
+        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "nowhere.pt"))
+
+
+def test_wrong_layout_names_keys(registry, weights_api, tmp_path):
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "sit.safetensors"))
+    with pytest.raises(UserError, match=r"not an AutoencoderKL state dict.*blocks\.0\.attn\.qkv\.weight"):
+        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "sit.safetensors"))
+
+
+def test_shape_mismatch_names_keys(registry, weights_api, tmp_path):
+    other = KLAutoencoder(**{**TINY, "latent_channels": 8})
+    save_file(other.state_dict(), str(tmp_path / "d8.safetensors"))
+    expected = r"shape mismatch.*quant_conv\.weight: file \[16, 16, 1, 1\] vs model \[8, 8, 1, 1\]"
+    with pytest.raises(UserError, match=expected):
+        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "d8.safetensors"))
+
+
+def test_missing_and_unexpected_keys_are_named(registry, weights_api, tmp_path):
+    state = tiny().state_dict()
+    del state["decoder.conv_out.bias"]
+    state["loss.discriminator.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    expected = r"(?s)missing key.*decoder\.conv_out\.bias.*unexpected key.*loss\.discriminator\.weight"
+    with pytest.raises(UserError, match=expected):
+        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "partial.safetensors"))
+    state["decoder.conv_out.bias"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(UserError, match="unexpected"):
+        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "extra.safetensors"))
+    vae = build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "extra.safetensors"), strict=False)
+    assert torch.equal(vae.decoder.conv_out.bias, torch.zeros(3))
+
+
+def test_latent_stats_of_another_vae_are_rejected(registry, weights_api, tmp_path):
+    torch.save({"latents_scale": torch.ones(1, 32, 1, 1), "latents_bias": torch.zeros(1, 32, 1, 1)}, tmp_path / "s.pt")
+    with pytest.raises(UserError, match="32"):
+        build(registry, "sd-vae", variant="tiny", latent_stats=str(tmp_path / "s.pt"))
+
+
+def test_meta_build_never_touches_weights(registry, tmp_path):
+    absent = {"weights": str(tmp_path / "absent.pt"), "latent_stats": str(tmp_path / "x.pt")}
+    vae = build(registry, "sd-vae", device="meta", **absent)
+    assert vae.weights_sha256 is None and vae.latent_stats is None
+
+
+def fake_hub_repo(cache: Path, repo: str, files: dict[str, Path]) -> None:
+    """A Hugging Face cache entry for ``repo`` holding ``files`` (read offline, as after `hf download`)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        (snapshot / name).write_bytes(source.read_bytes())
+
+
+@pytest.fixture
+def offline_hub(weights_api, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_loads_repae_hub_repository_offline(registry, offline_hub, tmp_path):
+    ours = tiny(seed=14)
+    torch.save(ours.state_dict(), tmp_path / "w.pt")
+    stats = {"latents_scale": torch.full((1, 4, 1, 1), 3.0), "latents_bias": torch.zeros(1, 4, 1, 1)}
+    torch.save(stats, tmp_path / "s.pt")
+    files = {"sdvae-f8d4.pt": tmp_path / "w.pt", "sdvae-f8d4-latents-stats.pt": tmp_path / "s.pt"}
+    fake_hub_repo(offline_hub, "REPA-E/sdvae", files)
+    vae = build(registry, "sd-vae", variant="tiny", weights="hf://REPA-E/sdvae")  # the repository alone names its file
+    assert_same_weights(ours, vae)
+    assert vae.weights_sha256 == sha256(tmp_path / "w.pt") and vae.weights_source == "hf://REPA-E/sdvae"
+    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 3.0))
+
+
+def test_hub_repository_without_cached_stats_loads_without_them(registry, offline_hub, tmp_path):
+    ours = tiny(seed=15)
+    folder = save_diffusers(ours, tmp_path / "hf")
+    weights_file = folder / "diffusion_pytorch_model.safetensors"
+    fake_hub_repo(offline_hub, "someone/tiny-vae-hf", {weights_file.name: weights_file})
+    vae = build(registry, "sd-vae", variant="tiny", weights="hf://someone/tiny-vae-hf")
+    assert_same_weights(ours, vae)
+    assert vae.latent_stats is None
+
+
+def test_uncached_hub_weights_say_what_to_download(registry, offline_hub):
+    with pytest.raises(UserError, match=r"(?s)e2e-vavae-400k\.pt.*REPA-E/e2e-vavae"):
+        build(registry, "va-vae", variant="tiny", weights="hf://REPA-E/e2e-vavae")
+
+
+def test_registration_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, repae_vae; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hub_stats_are_fetched_beside_the_checkpoint(registry, weights_api, tmp_path, monkeypatch):
+    ours = tiny(seed=16)
+    (tmp_path / "cached").mkdir()
+    (tmp_path / "fetched").mkdir()
+    ckpt = tmp_path / "cached" / "e2e-vavae-400k.pt"
+    torch.save(ours.state_dict(), ckpt)
+    stats = tmp_path / "fetched" / "e2e-vavae-400k-latents-stats.pt"
+    torch.save({"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.zeros(1, 4, 1, 1)}, stats)
+    asked = []
+
+    def resolve(source, *, default_filename=None):
+        asked.append(source)
+        return stats if "latents-stats" in source else ckpt
+
+    monkeypatch.setattr(weights_api, "resolve_weights", resolve)
+    vae = build(registry, "va-vae", variant="tiny", weights="hf://REPA-E/e2e-vavae/e2e-vavae-400k.pt@v1")
+    repo = "hf://REPA-E/e2e-vavae"
+    assert asked == [f"{repo}/e2e-vavae-400k.pt@v1", f"{repo}/e2e-vavae-400k-latents-stats.pt@v1"]
+    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 2.0))
