@@ -1,0 +1,171 @@
+"""State-dict adapters between the official SiT / REPA / REPA-E / DiT checkpoints and the repae denoisers.
+
+The denoiser modules use the official parameter names, so the adapter only has to
+
+- unwrap training artefacts: a ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefix on every key;
+- split off the REPA-E latent BatchNorm (``bn.running_mean``, ``bn.running_var``, ``bn.num_batches_tracked``): in repae
+  latent normalisation is its own component, so these buffers are returned separately (keys without ``bn.``, the
+  names of ``BatchNorm2d`` buffers) and kept on the built denoiser as ``latent_norm_state``.
+
+Loading is strict: a missing, unexpected or mis-shaped key raises :class:`repae.errors.WeightsMismatchError` naming the keys and
+the config field that most likely needs changing. :func:`to_official` goes back to the official layout (``bn.*``
+included when given), so a repae denoiser can be saved for the reference code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+
+__all__ = [
+    "LATENT_NORM_PREFIX",
+    "LoadedWeights",
+    "from_official",
+    "load_configured_weights",
+    "load_official_weights",
+    "load_strict",
+    "to_official",
+]
+
+LATENT_NORM_PREFIX = "bn."
+"""Prefix of the REPA-E latent BatchNorm buffers in official SiT checkpoints."""
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What :func:`load_official_weights` loaded."""
+
+    source: str
+    """The ``weights`` value as configured (local path or ``hf://`` location)."""
+    path: str
+    """The file that was read."""
+    sha256: str
+    """sha256 of that file."""
+    key: str | None
+    """The checkpoint entry that was loaded (``ema``/``model``) or ``None`` for a plain state dict."""
+    latent_norm_state: dict[str, Tensor] | None
+    """The REPA-E latent BatchNorm buffers (``running_mean``, ``running_var``, ``num_batches_tracked``), if any."""
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def from_official(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split an official SiT/REPA/REPA-E/DiT state dict into ``(denoiser_state, latent_norm_state)``.
+
+    ``latent_norm_state`` holds the ``bn.*`` buffers without their prefix (empty when the checkpoint has none, as
+    for SiT, REPA and DiT releases). ``module.``/``_orig_mod.`` prefixes are removed.
+    """
+    denoiser: dict[str, Tensor] = {}
+    latent_norm: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        key = _strip_wrappers(key)
+        if key.startswith(LATENT_NORM_PREFIX):
+            latent_norm[key[len(LATENT_NORM_PREFIX) :]] = value
+        else:
+            denoiser[key] = value
+    return denoiser, latent_norm
+
+
+def to_official(
+    denoiser_state: Mapping[str, Tensor] | nn.Module, latent_norm_state: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """The official layout of a denoiser state dict (or module), with ``bn.*`` added from ``latent_norm_state``."""
+    state = denoiser_state.state_dict() if isinstance(denoiser_state, nn.Module) else dict(denoiser_state)
+    out = dict(state)
+    for key, value in (latent_norm_state or {}).items():
+        out[LATENT_NORM_PREFIX + key] = value
+    return out
+
+
+def _hints(missing: list[str], unexpected: list[str], mismatched: dict[str, tuple]) -> list[str]:
+    hints = []
+    miss_proj = [k for k in missing if k.startswith("projectors.")]
+    extra_proj = sorted({k.split(".")[1] for k in unexpected if k.startswith("projectors.")})
+    if miss_proj and not any(k.startswith("projectors.") for k in unexpected):
+        hints.append("the checkpoint has fewer REPA projectors than the config: set encoder_dims to [] (none) or to "
+                     "the checkpoint's projector widths")
+    if extra_proj:
+        hints.append(f"the checkpoint has REPA projector(s) {extra_proj}: set encoder_dims to their output widths")
+    if "final_layer.linear.weight" in mismatched:
+        got, want = mismatched["final_layer.linear.weight"]
+        if got[0] == 2 * want[0]:
+            hints.append("the checkpoint predicts 2*C channels (learned sigma): set learn_sigma: true")
+        elif 2 * got[0] == want[0]:
+            hints.append("the checkpoint predicts C channels: set learn_sigma: false")
+    if "y_embedder.embedding_table.weight" in mismatched:
+        hints.append("the label table has num_classes rows, plus a null row when class_dropout_prob > 0: check "
+                     "num_classes and class_dropout_prob")
+    if "pos_embed" in mismatched or "x_embedder.proj.weight" in mismatched:
+        hints.append("check input_size, in_channels, patch_size and size (e.g. XL/2 vs XL/1)")
+    if any(k.startswith("blocks.") for k in missing + unexpected) or any(k.endswith(".adaLN_modulation.1.weight")
+                                                                         for k in mismatched):
+        hints.append("check size / depth / hidden_size")
+    if any(k.startswith(LATENT_NORM_PREFIX) for k in unexpected):
+        hints.append("bn.* are latent-normalisation buffers: pass the state dict through from_official() first")
+    return hints
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: str = "checkpoint") -> None:
+    """Load strictly; a mismatch raises :class:`~repae.errors.WeightsMismatchError` naming every offending key and
+    the config field that most likely needs changing."""
+    from repae.weights import load_into
+
+    load_into(module, state_dict, strict=True, what=what, hints=_hints)
+
+
+def load_official_weights(module: nn.Module, source: str, *, key: str | None = "ema") -> LoadedWeights:
+    """Resolve ``source`` (local file/folder or ``hf://``), read it, adapt it and load it strictly into ``module``.
+
+    ``key`` picks the entry of a training checkpoint (``ema`` or ``model`` of the REPA / REPA-E ``.pt`` files); a
+    plain state dict (SiT and DiT releases, safetensors exports) is loaded as is. The returned record holds the
+    file's sha256 and the split-off latent BatchNorm buffers.
+    """
+    from repae.weights import resolve_weights
+
+    path = resolve_weights(source)
+    raw, sha256, used_key = _read(path, key)
+    denoiser_state, latent_norm = from_official(raw)
+    load_strict(module, denoiser_state, what=f"weights {source!r}" + (f" [{used_key}]" if used_key else ""))
+    return LoadedWeights(
+        source=source,
+        path=str(path),
+        sha256=sha256,
+        key=used_key,
+        latent_norm_state=latent_norm or None,
+    )
+
+
+def load_configured_weights(module: nn.Module, config: Any, context: Any) -> LoadedWeights | None:
+    """Load ``config.weights`` (entry ``config.weights_key``) into a freshly built denoiser, unless the config names
+    none or ``context.load_weights`` is false (``meta`` builds). Records ``loaded_weights``, ``weights_source``,
+    ``weights_sha256`` and ``latent_norm_state`` on the module."""
+    if not config.weights or not getattr(context, "load_weights", True):
+        return None
+    loaded = load_official_weights(module, config.weights, key=config.weights_key)
+    module.loaded_weights = loaded
+    module.weights_source, module.weights_sha256 = loaded.source, loaded.sha256
+    module.latent_norm_state = loaded.latent_norm_state
+    return loaded
+
+
+def _read(path, key: str | None) -> tuple[dict[str, Tensor], str, str | None]:
+    """Read entry ``key`` of a training checkpoint; a flat state dict (a release file) is read whole instead."""
+    from repae.weights import read_checkpoint, select_entry
+
+    obj, sha256 = read_checkpoint(path)
+    state, used_key = select_entry(obj, key, path, missing_key="whole")
+    return state, sha256, used_key
