@@ -1,0 +1,206 @@
+"""Frozen representation encoders (registry names ``dinov2``, ``clip``, ``ijepa``): the REPA alignment targets.
+
+- DINOv2: "DINOv2: Learning Robust Visual Features without Supervision", Oquab et al., 2023 (arXiv 2304.07193);
+  with registers: "Vision Transformers Need Registers", Darcet et al., 2023 (arXiv 2309.16588).
+- CLIP: "Learning Transferable Visual Models From Natural Language Supervision", Radford et al., 2021
+  (arXiv 2103.00020).
+- I-JEPA: "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture", Assran et al., 2023
+  (arXiv 2301.08243).
+- Their use as targets: REPA, Yu et al., 2024 (arXiv 2410.06940); REPA-E, Leng et al., 2025 (arXiv 2504.10483).
+
+Each encoder takes raw ``uint8`` images and owns REPA's preprocessing (normalisation constants, bicubic resize to
+224 px at 256 px), returns the patch tokens (CLS and register tokens dropped) and runs frozen in eval mode.
+
+This module only declares configs, presets and the registration; it imports neither torch, timm nor open_clip
+(``repae list`` stays fast). The models live in :mod:`repae_encoders.dinov2`, :mod:`repae_encoders.clip` and
+:mod:`repae_encoders.ijepa`, what they share in :mod:`repae_encoders.common`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from repae import hookimpl, option
+
+__all__ = [
+    "CLIP_PRESETS",
+    "DINOV2_PRESETS",
+    "IJEPA_PRESETS",
+    "OFFICIAL_WEIGHTS",
+    "CLIPConfig",
+    "DINOv2Config",
+    "IJEPAConfig",
+]
+
+# -- presets ---------------------------------------------------------------------------------------------------------
+_DINOV2_SIZES: dict[str, dict[str, Any]] = {
+    "vit-s14": {"embed_dim": 384, "depth": 12, "num_heads": 6, "mlp": "gelu", "image_size": 518},
+    "vit-b14": {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp": "gelu", "image_size": 518},
+    "vit-l14": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp": "gelu", "image_size": 518},
+    "vit-g14": {"embed_dim": 1536, "depth": 40, "num_heads": 24, "mlp": "swiglu", "image_size": 518},
+    "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp": "gelu", "image_size": 56},
+}
+DINOV2_PRESETS: dict[str, dict[str, Any]] = {
+    **{name: {**dims, "registers": 0} for name, dims in _DINOV2_SIZES.items()},
+    **{f"{name}-reg": {**dims, "registers": 4} for name, dims in _DINOV2_SIZES.items()},
+}
+"""``variant`` presets of ``dinov2``: ViT-S/B/L/G with patch 14, ``-reg`` = with 4 registers; ``tiny``/``tiny-reg``
+have random weights (tests, quickstart)."""
+
+CLIP_PRESETS: dict[str, dict[str, Any]] = {
+    "vit-l14": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "output_dim": 768, "image_size": 224},
+    "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "output_dim": 16, "image_size": 56},
+}
+"""``variant`` presets of ``clip``: the vision tower of OpenAI CLIP ViT-L/14; ``tiny`` has random weights."""
+
+IJEPA_PRESETS: dict[str, dict[str, Any]] = {
+    "vit-h14": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "image_size": 224},
+    "vit-h14-in22k": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "image_size": 224},
+    "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "image_size": 56},
+}
+"""``variant`` presets of ``ijepa``: the ViT-H/14 context encoder trained on ImageNet-1k (REPA's choice) or on
+ImageNet-22k; ``tiny`` has random weights."""
+
+OFFICIAL_WEIGHTS: dict[str, dict[str, tuple[str, str | None]]] = {
+    "dinov2": {
+        **{
+            f"vit-{s}14": (f"hf://timm/vit_{size}_patch14_dinov2.lvd142m/model.safetensors", None)
+            for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+        },
+        **{
+            f"vit-{s}14-reg": (f"hf://timm/vit_{size}_patch14_reg4_dinov2.lvd142m/model.safetensors", None)
+            for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+        },
+    },
+    "clip": {"vit-l14": ("hf://timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors", None)},
+    "ijepa": {
+        "vit-h14": ("https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar", "encoder"),
+        "vit-h14-in22k": ("https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.h.14-900e.pth.tar", "encoder"),
+    },
+}
+"""Where ``weights: null`` loads from, per encoder and variant: (source, checkpoint entry). The hub copies are timm's
+and open_clip's own; the I-JEPA checkpoints exist only as Meta's URLs (cached under ``$TORCH_HOME/hub/checkpoints``)."""
+
+_WEIGHTS_DOC = (
+    "local file/folder, hf://org/repo/file or https:// URL; null = the variant's official weights (random for tiny); "
+    "'random' = random init"
+)
+_KEY_DOC = "entry of a checkpoint holding several state dicts (model, ema, encoder, ...); null = the only one"
+_STRIDE_DOC = (
+    "image pixels per output token side: H x W images are resized (bicubic) to 14*H/stride x 14*W/stride, giving "
+    "(H/stride)*(W/stride) tokens; 16 = REPA (224 px at 256, 448 px at 512)"
+)
+
+
+class _Config:
+    """Shared by the encoder configs: ``from_preset`` and the checks of the common fields."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def from_preset(cls, variant: str, **overrides: Any) -> Any:
+        """The config of preset ``variant`` (``KeyError`` for an unknown one), with ``overrides`` applied."""
+        return cls(**{**cls.PRESETS[variant], "variant": variant, **overrides})
+
+    def resolved(self) -> Any:
+        """A copy whose architecture fields left to ``null`` are filled from the variant's preset."""
+        preset = self.PRESETS.get(self.variant, {})
+        missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None and f.name in preset]
+        unresolved = [
+            f.name for f in dataclasses.fields(self)
+            if getattr(self, f.name) is None and f.name not in preset and f.name not in ("weights", "weights_key")
+        ]
+        if unresolved:
+            raise ValueError(
+                f"variant {self.variant!r} is not a preset ({', '.join(self.PRESETS)}); set {', '.join(unresolved)}"
+            )
+        return dataclasses.replace(self, **{name: preset[name] for name in missing})
+
+    def __post_init__(self) -> None:
+        stride = getattr(self, "token_stride")
+        if stride < 1:
+            raise ValueError(f"token_stride must be >= 1, got {stride}")
+        for name in ("embed_dim", "depth", "num_heads", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        dim, heads = getattr(self, "embed_dim"), getattr(self, "num_heads")
+        if dim is not None and heads is not None and dim % heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+
+
+@dataclass(kw_only=True)
+class DINOv2Config(_Config):
+    """Config of the ``dinov2`` encoder. ``variant`` fills the architecture fields; fields set explicitly win."""
+
+    PRESETS = DINOV2_PRESETS
+
+    variant: str = option("vit-b14", doc="preset: vit-s14, vit-b14, vit-l14, vit-g14, each also -reg; tiny, tiny-reg")
+    weights: str | None = option(None, doc=_WEIGHTS_DOC)
+    weights_key: str | None = option(None, doc=_KEY_DOC)
+    token_stride: int = option(16, doc=_STRIDE_DOC)
+    embed_dim: int | None = option(None, doc="token width; null = from the variant")
+    depth: int | None = option(None, doc="transformer blocks; null = from the variant")
+    num_heads: int | None = option(None, doc="attention heads; null = from the variant")
+    mlp: Literal["gelu", "swiglu"] | None = option(None, doc="block MLP (swiglu for ViT-G); null = from the variant")
+    registers: int | None = option(None, doc="register tokens (dropped from the output); null = from the variant")
+    image_size: int | None = option(
+        None, doc="image size the position embedding was trained at (518); null = from the variant"
+    )
+
+
+@dataclass(kw_only=True)
+class CLIPConfig(_Config):
+    """Config of the ``clip`` encoder (the vision tower only). ``variant`` fills the architecture fields."""
+
+    PRESETS = CLIP_PRESETS
+
+    variant: str = option("vit-l14", doc="preset: vit-l14 (OpenAI CLIP ViT-L/14), tiny")
+    weights: str | None = option(None, doc=_WEIGHTS_DOC)
+    weights_key: str | None = option(None, doc=_KEY_DOC)
+    token_stride: int = option(16, doc=_STRIDE_DOC)
+    embed_dim: int | None = option(None, doc="token width of the vision transformer; null = from the variant")
+    depth: int | None = option(None, doc="transformer blocks; null = from the variant")
+    num_heads: int | None = option(None, doc="attention heads; null = from the variant")
+    output_dim: int | None = option(None, doc="width of the (unused) image projection; null = from the variant")
+    image_size: int | None = option(None, doc="image size of the position embedding (224); null = from the variant")
+
+
+@dataclass(kw_only=True)
+class IJEPAConfig(_Config):
+    """Config of the ``ijepa`` encoder (the context encoder). ``variant`` fills the architecture fields."""
+
+    PRESETS = IJEPA_PRESETS
+
+    variant: str = option("vit-h14", doc="preset: vit-h14 (ImageNet-1k, as REPA), vit-h14-in22k, tiny")
+    weights: str | None = option(None, doc=_WEIGHTS_DOC)
+    weights_key: str | None = option(None, doc=_KEY_DOC + "; the official checkpoint uses 'encoder'")
+    token_stride: int = option(16, doc=_STRIDE_DOC)
+    embed_dim: int | None = option(None, doc="token width; null = from the variant")
+    depth: int | None = option(None, doc="transformer blocks; null = from the variant")
+    num_heads: int | None = option(None, doc="attention heads; null = from the variant")
+    image_size: int | None = option(None, doc="image size of the position embedding (224); null = from the variant")
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    register(
+        "encoder", "dinov2",
+        summary="DINOv2 ViT-S/B/L/G-14 (optionally with registers), frozen; REPA's default target",
+        config=DINOv2Config, factory="repae_encoders.dinov2:build_dinov2",
+        presets=DINOV2_PRESETS, preset_field="variant",
+    )
+    register(
+        "encoder", "clip",
+        summary="OpenAI CLIP ViT-L/14 vision tower (open_clip), frozen; tokens before ln_post as in REPA",
+        config=CLIPConfig, factory="repae_encoders.clip:build_clip",
+        presets=CLIP_PRESETS, preset_field="variant",
+    )
+    register(
+        "encoder", "ijepa",
+        summary="I-JEPA ViT-H/14 context encoder, frozen",
+        config=IJEPAConfig, factory="repae_encoders.ijepa:build_ijepa",
+        presets=IJEPA_PRESETS, preset_field="variant",
+    )

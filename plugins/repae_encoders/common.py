@@ -1,0 +1,182 @@
+"""What the frozen encoders share: REPA's preprocessing of raw images, freezing, and building with weights.
+
+Preprocessing follows REPA's ``preprocess_raw_image`` (reference facts, §1.4): ``uint8 / 255``, the encoder's
+normalisation, and a bicubic ``F.interpolate`` (``align_corners=False``, no antialias) to ``14 * H / 16`` pixels
+(224 at 256 px, 448 at 512 px). DINOv2 and I-JEPA normalise before resizing, CLIP resizes first; the order is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repae.weights import load_into, load_state_dict, resolve_weights
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FrozenEncoder", "build_frozen", "strip_prefix"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RANDOM = "random"
+"""The ``weights`` value that asks for random initialisation."""
+
+
+class FrozenEncoder(nn.Module):
+    """Base of the encoders: raw ``uint8`` images -> preprocessing -> patch tokens ``[B, N, embed_dim]``.
+
+    Subclasses set ``backbone`` (the module the weights load into) and implement :meth:`forward_tokens` on
+    preprocessed images. The encoder stays in eval mode (``train()`` is a no-op) and its parameters never require
+    gradients; :meth:`forward` runs without autograd.
+    """
+
+    patch_size: int = 14
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        normalize_first: bool,
+        token_stride: int = 16,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.normalize_first = normalize_first
+        self.token_stride = token_stride
+        self.weights_source: str | None = None
+        """The weights source that was loaded (``None``: random init)."""
+        self.weights_sha256: str | None = None
+        """sha256 of the weights file that was loaded."""
+
+    # -- shapes -----------------------------------------------------------------------------------------------------
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Tokens along each side for an ``height`` x ``width`` image."""
+        return height // self.token_stride, width // self.token_stride
+
+    def num_tokens(self, resolution: int) -> int:
+        """How many patch tokens an image of ``resolution`` x ``resolution`` pixels gives."""
+        gh, gw = self.grid_size(resolution, resolution)
+        return gh * gw
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Raw ``uint8`` images ``[B, 3, H, W]`` to the float32 input of the backbone (normalised, resized)."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"{type(self).__name__} expects raw uint8 images [B, 3, H, W] in [0, 255], got {images.dtype} "
+                f"{list(images.shape)} (from [-1, 1]: ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))"
+            )
+        gh, gw = self.grid_size(images.shape[-2], images.shape[-1])
+        if gh < 1 or gw < 1:
+            raise ValueError(f"images of {list(images.shape[-2:])} px are smaller than token_stride {self.token_stride}")
+        size = (gh * self.patch_size, gw * self.patch_size)
+        x = images.to(torch.float32) / 255.0
+        if self.normalize_first:
+            x = self._normalize(x)
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        if not self.normalize_first:
+            x = self._normalize(x)
+        return x
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Preprocessed images to patch tokens (final-norm'ed where the encoder has one, prefix tokens dropped)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Raw ``uint8`` images ``[B, 3, H, W]`` to patch tokens ``[B, N, embed_dim]`` (no autograd)."""
+        with torch.no_grad():
+            x = self.preprocess(images)
+            weight = next(self.backbone.parameters(), None)
+            if weight is not None and weight.is_floating_point() and weight.dtype != x.dtype:
+                x = x.to(weight.dtype)  # an encoder cast to bf16/fp16 as a whole; autocast needs no cast
+            return self.forward_tokens(x)
+
+    # -- frozen -----------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """Stay in eval mode whatever a parent module asks for: the encoder is frozen."""
+        return super().train(False)
+
+    def freeze(self) -> FrozenEncoder:
+        """Eval mode, no parameter requires gradients."""
+        self.requires_grad_(False)
+        return self.eval()
+
+    # -- weights ----------------------------------------------------------------------------------------------------
+    def load_weights(
+        self,
+        source: str,
+        *,
+        key: str | None = None,
+        default_filename: str | None = None,
+        convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        what: str = "encoder weights",
+        assign: bool = False,
+    ) -> None:
+        """Resolve ``source``, read it safely, adapt its layout with ``convert`` and load it strictly into
+        ``self.backbone``; records :attr:`weights_source` and :attr:`weights_sha256`."""
+        path = resolve_weights(source, default_filename=default_filename)
+        state, digest = load_state_dict(path, key=key)
+        state = strip_prefix(state, "module.")
+        if convert is not None:
+            state = convert(state)
+        load_into(self.backbone, state, strict=True, what=f"{what} from {path}", assign=assign)
+        self.weights_source, self.weights_sha256 = source, digest
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, token_stride={self.token_stride}, weights={self.weights_source!r}"
+
+
+def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Remove ``prefix`` from every key when all keys carry it (``module.`` from DDP checkpoints)."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def build_frozen(
+    make: Callable[[], FrozenEncoder],
+    *,
+    context: Any,
+    weights: str | None,
+    official: tuple[str, str | None] | None,
+    weights_key: str | None,
+    what: str,
+    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+) -> FrozenEncoder:
+    """Build an encoder with ``make`` and load its weights, as the factories share it.
+
+    ``weights`` null takes ``official`` (source, checkpoint entry) when there is one and random init otherwise;
+    ``"random"`` always gives random init. On ``meta`` (``context.load_weights`` false) weights are never touched.
+    With weights to load, the module is built on ``meta`` and filled from the file (no wasted random init).
+    """
+    if weights == RANDOM:
+        source, key = None, weights_key
+    elif weights is not None:
+        source, key = weights, weights_key
+    elif official is not None:
+        source, key = official[0], weights_key if weights_key is not None else official[1]
+    else:
+        source, key = None, weights_key
+    if source is None or not context.load_weights:
+        return make().freeze()
+    with torch.device("meta"):
+        encoder = make()
+    encoder.load_weights(source, key=key, convert=convert, what=what, assign=True)
+    leftovers = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
+    if leftovers:  # a subclass created tensors that are not in its state dict
+        raise RuntimeError(f"{what}: tensors left on meta after loading: {leftovers[:5]}")
+    return encoder.to(context.device).freeze()
+
