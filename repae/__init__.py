@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from repae.config import option
 from repae.hookspecs import hookimpl
+from repae.plugins import load_plugins
 
 try:
     __version__ = version("repae")
@@ -23,12 +24,3 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0+unknown"
 
 __all__ = ["__version__", "hookimpl", "load_plugins", "option"]
-
-
-def load_plugins(*args, **kwargs):  # noqa: D103 - documented at the definition
-    from repae.plugins import load_plugins as _load
-
-    return _load(*args, **kwargs)
-
-
-load_plugins.__doc__ = "Discover and load plugins; see :func:`repae.plugins.load_plugins`."

@@ -71,7 +71,7 @@ def build_component(entry: Any, config: Any, context: BuildContext) -> Any:
             return factory(config, context)
     except UserError:
         raise
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise ComponentBuildError(f"{entry.kind} '{entry.name}' rejected its config: {exc}") from exc
 
 

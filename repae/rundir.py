@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
+from importlib import metadata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,15 +52,18 @@ def diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def versions(plugins: Mapping[str, Any]) -> dict[str, Any]:
-    """Versions of repae, Python, torch (if imported) and the given plugins (name -> PluginInfo)."""
+    """Versions of repae, Python, torch, timm, open_clip and the given plugins (name -> PluginInfo)."""
     from repae import __version__
 
     info: dict[str, Any] = {
         "repae": __version__,
         "python": platform.python_version(),
     }
-    if "torch" in sys.modules:
-        info["torch"] = sys.modules["torch"].__version__
+    for dist in ("torch", "timm", "open-clip-torch"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     info["plugins"] = {
         name: {"distribution": p.distribution, "version": p.version} for name, p in sorted(plugins.items())
     }

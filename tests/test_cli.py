@@ -73,7 +73,7 @@ def test_list_unknown_kind_is_a_clean_error(runner, toys):
 def test_show_lists_fields_and_presets(runner, toys):
     result = invoke(runner, "show", "toy-dit")
     assert result.exit_code == 0, result.output
-    for text in ("depth", "int", "hidden width", "presets", "small (default)", "big", "width=768"):
+    for text in ("depth", "int", "hidden width [/not-markup]", "presets", "small (default)", "big", "width=768"):
         assert text in result.stdout
     data = json.loads(invoke(runner, "show", "toy-dit", "--json").stdout)
     assert data[0]["presets"]["big"] == {"depth": 12, "width": 768}

@@ -60,3 +60,17 @@ def user_errors() -> Iterator[None]:
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+
+def plain_table(**kwargs: Any):
+    """A rich table whose string cells are plain text: plugin-provided strings may contain '[...]', which must not be
+    read as console markup."""
+    from rich.table import Table
+    from rich.text import Text
+
+    class PlainTable(Table):
+        def add_row(self, *values: Any, **kw: Any) -> None:
+            super().add_row(*(Text(v) if isinstance(v, str) else v for v in values), **kw)
+
+    return PlainTable(**kwargs)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
-from repae.cli._common import load_host, print_json, stdout, user_errors
+from repae.cli._common import plain_table, load_host, print_json, stdout, user_errors
 from repae.config import describe_config
 from repae.errors import UserError, did_you_mean
 from repae.registry import KINDS
@@ -43,7 +43,7 @@ def list_components(
                 ]
             )
             return
-        table = Table(show_lines=False, header_style="bold")
+        table = plain_table(show_lines=False, header_style="bold")
         for column in ("kind", "name", "summary", "plugin"):
             table.add_column(column, overflow="fold")
         for e in entries:
@@ -71,9 +71,9 @@ def show_component(
             return
         console = stdout()
         for entry in entries:
-            console.print(f"[bold]{entry.kind} {entry.name}[/] - {entry.summary}")
-            console.print(f"plugin: {entry.plugin.label} ({entry.plugin.name}); config: {entry.config.__name__}")
-            table = Table(header_style="bold")
+            console.print(f"[bold]{entry.kind} {entry.name}[/] - {escape(entry.summary)}")
+            console.print(escape(f"plugin: {entry.plugin.label} ({entry.plugin.name}); config: {entry.config.__name__}"))
+            table = plain_table(header_style="bold")
             for column in ("field", "type", "default", "doc"):
                 table.add_column(column, overflow="fold")
             for f in describe_config(entry.config):
@@ -81,7 +81,7 @@ def show_component(
                 table.add_row(f.name, f.type, default, f.doc)
             console.print(table)
             if entry.presets:
-                presets = Table(title=f"presets (select with `{entry.preset_field}:`)", header_style="bold")
+                presets = plain_table(title=f"presets (select with `{entry.preset_field}:`)", header_style="bold")
                 presets.add_column(entry.preset_field or "preset")
                 presets.add_column("sets")
                 default = entry.default_preset()

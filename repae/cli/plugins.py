@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from repae.cli._common import load_host, print_json, stdout, user_errors
+from repae.cli._common import plain_table, load_host, print_json, stdout, user_errors
 
 
 def list_plugins(
@@ -38,7 +37,7 @@ def _plugin_json(plugin) -> dict:
 
 def _print_tables(host, plugins) -> None:
     console = stdout()
-    table = Table(title="plugins", header_style="bold")
+    table = plain_table(title="plugins", header_style="bold")
     for column in ("plugin", "distribution", "hooks", "components"):
         table.add_column(column, overflow="fold")
     for p in plugins:
@@ -50,7 +49,7 @@ def _print_tables(host, plugins) -> None:
         )
     console.print(table)
     if host.failures:
-        failed = Table(title="failed to load", header_style="bold red")
+        failed = plain_table(title="failed to load", header_style="bold red")
         for column in ("plugin", "distribution", "stage", "error"):
             failed.add_column(column, overflow="fold")
         for f in host.failures:

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
-from repae.cli._common import load_host, stdout, user_errors
+from repae.cli._common import plain_table, load_host, stdout, user_errors
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
 
@@ -46,7 +45,7 @@ def run(
             built = build_recipe(resolved, device="meta")
             seconds = time.perf_counter() - start
             console.out(resolved.to_yaml(), end="", highlight=False)
-            table = Table(title=f"components (built on meta in {seconds:.2f} s)", header_style="bold")
+            table = plain_table(title=f"components (built on meta in {seconds:.2f} s)", header_style="bold")
             for column in ("slot", "component", "plugin", "parameters", "trainable"):
                 table.add_column(column, justify="right" if column in ("parameters", "trainable") else "left")
             for b in built:

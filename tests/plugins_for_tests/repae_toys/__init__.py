@@ -18,7 +18,7 @@ class ToyVAEConfig:
 class ToyDenoiserConfig:
     size: str = option("small", doc="preset")
     depth: int = option(2, doc="blocks")
-    width: int = option(16, doc="hidden width")
+    width: int = option(16, doc="hidden width [/not-markup]")
     in_channels: int | None = option(None, doc="null: the tokenizer's latent_channels")
     activation: Literal["silu", "gelu"] = option("silu", doc="activation")
     dropout: float = option(0.0, doc="dropout")
