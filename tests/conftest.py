@@ -90,3 +90,22 @@ def example_plugin(fake_dists, monkeypatch):
     )
     monkeypatch.setenv("REPAE_PLUGINS", "repae,repae-plugin-example")
     return fake_dists
+
+
+@pytest.fixture(scope="module")
+def registry():
+    """The registry of repae's built-in plugins, loaded once per test module (a module may define its own)."""
+    from repae import load_plugins
+
+    return load_plugins().registry
+
+
+def build_section(registry, kind: str, name: str, device: str = "cpu", **section):
+    """Build component ``kind``/``name`` from a recipe section the way the core does (presets applied, under the
+    device); the section must parse without issues."""
+    from repae.build import BuildContext, build_component
+
+    entry = registry.get(kind, name)
+    config, issues = entry.parse(section)
+    assert not issues, issues
+    return build_component(entry, config, BuildContext(device=device))

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from repae import load_plugins
-from repae.build import BuildContext, build_component
+from conftest import build_section
 from repae.errors import UserError
 from repae.weights import file_sha256
 from repae_encoders import CLIP_PRESETS, DINOV2_PRESETS, IJEPA_PRESETS, OFFICIAL_WEIGHTS
@@ -26,17 +25,9 @@ TINY = [("dinov2", "tiny"), ("dinov2", "tiny-reg"), ("clip", "tiny"), ("ijepa", 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return load_plugins().registry
-
-
 def build(registry, name: str, device: str = "cpu", **section):
     """Build encoder ``name`` from a recipe section the way the core does (presets applied, under the device)."""
-    entry = registry.get("encoder", name)
-    config, issues = entry.parse(section)
-    assert not issues, issues
-    return build_component(entry, config, BuildContext(device=device))
+    return build_section(registry, "encoder", name, device, **section)
 
 
 def raw_images(batch: int = 2, size: int | tuple[int, int] = 64, seed: int = 0) -> torch.Tensor:

@@ -12,10 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from repae.build import BuildContext, build_component
+from conftest import build_section
 from repae.errors import ComponentBuildError, UserError
 from repae.interfaces import Posterior, Tokenizer
-from repae.plugins import load_plugins
 from repae_vae import F8D4, F16D32, TINY
 from repae_vae.autoencoder import KLAutoencoder
 from repae_vae.convert import (
@@ -31,16 +30,8 @@ MANIFESTS = GOLDEN / "manifests"
 NAMES = ("sd-vae", "in-vae", "va-vae")
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return load_plugins().registry
-
-
 def build(registry, name: str, device: str = "cpu", **section):
-    entry = registry.get("tokenizer", name)
-    config, issues = entry.parse(section)
-    assert not issues, issues
-    return build_component(entry, config, BuildContext(device=device))
+    return build_section(registry, "tokenizer", name, device, **section)
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -7,12 +7,11 @@ Torch-free registration only; the model is :mod:`repae_dit.model` and shares its
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from repae import hookimpl, option
-from repae_sit import check_shape_fields, size_presets
+from repae_sit import SizedConfig, size_presets
 
 __all__ = ["DIT_PRESETS", "DiTConfig"]
 
@@ -21,13 +20,15 @@ DIT_PRESETS = size_presets({"depth": 3, "hidden_size": 64, "num_heads": 4, "patc
 
 
 @dataclass(kw_only=True)
-class DiTConfig:
+class DiTConfig(SizedConfig):
     """Config of the ``dit`` denoiser. ``size`` fills depth/width/heads/patch; fields set explicitly win.
 
     The time input is whatever the diffusion process uses: the integer DDPM step 0..999 for the official weights
     (embedded as is, no rescaling). ``input_size``/``in_channels``/``encoder_dims`` set to ``null`` are taken from the
     tokenizer and encoders built before the denoiser; explicit values win.
     """
+
+    PRESETS = DIT_PRESETS
 
     size: str = option("XL/2", doc="preset: S/B/L/XL x patch 1/2/4/8 (e.g. XL/2), or tiny for tests")
     depth: int = option(28, doc="number of transformer blocks")
@@ -57,20 +58,9 @@ class DiTConfig:
     )
 
     def __post_init__(self) -> None:
-        check_shape_fields(self)
+        super().__post_init__()
         if self.cfg_channels is not None and self.cfg_channels < 1:
             raise ValueError(f"cfg_channels must be >= 1 or null, got {self.cfg_channels}")
-
-    @classmethod
-    def from_preset(cls, size: str = "XL/2", **overrides: Any) -> DiTConfig:
-        """The config of preset ``size`` with ``overrides`` on top (what a recipe section resolves to)."""
-        if size not in DIT_PRESETS:
-            raise ValueError(f"unknown DiT preset {size!r}; presets: {', '.join(DIT_PRESETS)}")
-        return cls(**{"size": size, **DIT_PRESETS[size], **overrides})
-
-    def replace(self, **changes: Any) -> DiTConfig:
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
 
 
 @hookimpl

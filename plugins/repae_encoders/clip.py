@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repae_encoders import OFFICIAL_WEIGHTS, CLIPConfig
-from repae_encoders.common import CLIP_MEAN, CLIP_STD, FrozenEncoder, build_frozen
+from repae_encoders import CLIPConfig
+from repae_encoders.common import CLIP_MEAN, CLIP_STD, FrozenEncoder, build_encoder
 
 __all__ = ["CLIPEncoder", "build_clip", "from_open_clip_layout"]
 
@@ -82,24 +82,4 @@ def from_open_clip_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def build_clip(config: CLIPConfig, context: Any) -> CLIPEncoder:
     """Factory of the ``clip`` encoder."""
-    cfg = config.resolved()
-
-    def make() -> CLIPEncoder:
-        return CLIPEncoder(
-            embed_dim=cfg.embed_dim,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            output_dim=cfg.output_dim,
-            image_size=cfg.image_size,
-            token_stride=cfg.token_stride,
-        )
-
-    return build_frozen(
-        make,
-        context=context,
-        weights=cfg.weights,
-        official=OFFICIAL_WEIGHTS["clip"].get(cfg.variant),
-        weights_key=cfg.weights_key,
-        what=f"clip {cfg.variant} weights",
-        convert=from_open_clip_layout,
-    )
+    return build_encoder(CLIPEncoder, config, context, family="clip", convert=from_open_clip_layout)

@@ -7,16 +7,18 @@ normalisation, and a bicubic ``F.interpolate`` (``align_corners=False``, no anti
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repae.weights import load_into, load_state_dict, resolve_weights
+from repae_encoders import OFFICIAL_WEIGHTS
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FrozenEncoder", "build_frozen", "strip_prefix"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FrozenEncoder", "TimmViTEncoder", "build_encoder", "strip_prefix"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +27,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RANDOM = "random"
 """The ``weights`` value that asks for random initialisation."""
+_NOT_ARCHITECTURE = ("variant", "weights", "weights_key")
 
 
 class FrozenEncoder(nn.Module):
@@ -139,6 +142,34 @@ class FrozenEncoder(nn.Module):
         return f"embed_dim={self.embed_dim}, token_stride={self.token_stride}, weights={self.weights_source!r}"
 
 
+class TimmViTEncoder(FrozenEncoder):
+    """A timm ``VisionTransformer`` backbone (no head, any token grid) returning its final-norm'ed patch tokens, the
+    prefix tokens (class, registers) dropped. Inputs get ImageNet normalisation, then the resize (DINOv2, I-JEPA)."""
+
+    def __init__(
+        self, *, embed_dim: int, depth: int, num_heads: int, image_size: int, token_stride: int, **vit: Any
+    ) -> None:
+        super().__init__(
+            embed_dim=embed_dim, mean=IMAGENET_MEAN, std=IMAGENET_STD, normalize_first=True, token_stride=token_stride
+        )
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.backbone = VisionTransformer(
+            img_size=image_size,
+            patch_size=self.patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=0,
+            dynamic_img_size=True,
+            **vit,
+        )
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        tokens = self.backbone.forward_features(x)  # [B, prefix + N, D], final norm applied
+        return tokens[:, self.backbone.num_prefix_tokens :]
+
+
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Remove ``prefix`` from every key when all keys carry it (``module.`` from DDP checkpoints)."""
     if state and all(k.startswith(prefix) for k in state):
@@ -146,37 +177,41 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return dict(state)
 
 
-def build_frozen(
-    make: Callable[[], FrozenEncoder],
-    *,
-    context: Any,
-    weights: str | None,
-    official: tuple[str, str | None] | None,
-    weights_key: str | None,
-    what: str,
-    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-) -> FrozenEncoder:
-    """Build an encoder with ``make`` and load its weights, as the factories share it.
+_Encoder = TypeVar("_Encoder", bound=FrozenEncoder)
 
-    ``weights`` null takes ``official`` (source, checkpoint entry) when there is one and random init otherwise;
-    ``"random"`` always gives random init. On ``meta`` (``context.load_weights`` false) weights are never touched.
-    With weights to load, the module is built on ``meta`` and filled from the file (no wasted random init).
+
+def build_encoder(
+    encoder_cls: type[_Encoder],
+    config: Any,
+    context: Any,
+    *,
+    family: str,
+    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+) -> _Encoder:
+    """The factory body of every encoder: ``encoder_cls`` built from the resolved ``config``, with its weights.
+
+    The architecture fields of the config (all but ``variant``, ``weights``, ``weights_key``) are the constructor
+    arguments of ``encoder_cls``. ``weights`` null takes the variant's entry of ``OFFICIAL_WEIGHTS[family]`` (source,
+    checkpoint entry) when there is one and random init otherwise; ``"random"`` always gives random init. On ``meta``
+    (``context.load_weights`` false) weights are never touched. With weights to load, the module is built on ``meta``
+    and filled from the file (no wasted random init); ``convert`` adapts the checkpoint's layout first.
     """
-    if weights == RANDOM:
-        source, key = None, weights_key
-    elif weights is not None:
-        source, key = weights, weights_key
-    elif official is not None:
-        source, key = official[0], weights_key if weights_key is not None else official[1]
+    cfg = config.resolved()
+    arch = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_ARCHITECTURE}
+    official = OFFICIAL_WEIGHTS[family].get(cfg.variant)
+    key = cfg.weights_key
+    if cfg.weights is None and official is not None:
+        source = official[0]
+        key = key if key is not None else official[1]
     else:
-        source, key = None, weights_key
+        source = None if cfg.weights == RANDOM else cfg.weights
     if source is None or not context.load_weights:
-        return make().freeze()
+        return encoder_cls(**arch).freeze()
     with torch.device("meta"):
-        encoder = make()
+        encoder = encoder_cls(**arch)
+    what = f"{family} {cfg.variant} weights"
     encoder.load_weights(source, key=key, convert=convert, what=what, assign=True)
     leftovers = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
     if leftovers:  # a subclass created tensors that are not in its state dict
         raise RuntimeError(f"{what}: tensors left on meta after loading: {leftovers[:5]}")
     return encoder.to(context.device).freeze()
-

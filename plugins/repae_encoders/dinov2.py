@@ -18,13 +18,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from repae_encoders import OFFICIAL_WEIGHTS, DINOv2Config
-from repae_encoders.common import IMAGENET_MEAN, IMAGENET_STD, FrozenEncoder, build_frozen
+from repae_encoders import DINOv2Config
+from repae_encoders.common import TimmViTEncoder, build_encoder
 
 __all__ = ["DINOv2Encoder", "build_dinov2", "from_meta_layout"]
 
 
-class DINOv2Encoder(FrozenEncoder):
+class DINOv2Encoder(TimmViTEncoder):
     """DINOv2 backbone (timm ``VisionTransformer`` with LayerScale) returning final-norm'ed patch tokens."""
 
     def __init__(
@@ -38,35 +38,23 @@ class DINOv2Encoder(FrozenEncoder):
         image_size: int = 518,
         token_stride: int = 16,
     ) -> None:
-        super().__init__(
-            embed_dim=embed_dim, mean=IMAGENET_MEAN, std=IMAGENET_STD, normalize_first=True, token_stride=token_stride
-        )
         from timm.layers import SwiGLUPacked
-        from timm.models.vision_transformer import VisionTransformer
 
-        kwargs: dict[str, Any] = {}
+        vit: dict[str, Any] = {"init_values": 1e-5}
         if mlp == "swiglu":  # ViT-G: SwiGLU with 4096 hidden units per branch, packed as one 8192-wide fc1
-            kwargs.update(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+            vit.update(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
         elif mlp != "gelu":
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
         if registers:  # registers carry no position embedding; the CLS position is folded into cls_token
-            kwargs.update(reg_tokens=registers, no_embed_class=True)
-        self.registers = registers
-        self.backbone = VisionTransformer(
-            img_size=image_size,
-            patch_size=self.patch_size,
+            vit.update(reg_tokens=registers, no_embed_class=True)
+        super().__init__(
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,
-            init_values=1e-5,
-            num_classes=0,
-            dynamic_img_size=True,
-            **kwargs,
+            image_size=image_size,
+            token_stride=token_stride,
+            **vit,
         )
-
-    def forward_tokens(self, x: Tensor) -> Tensor:
-        tokens = self.backbone.forward_features(x)  # [B, 1 + registers + N, D], final norm applied
-        return tokens[:, self.backbone.num_prefix_tokens :]
 
 
 def from_meta_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -89,25 +77,4 @@ def from_meta_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def build_dinov2(config: DINOv2Config, context: Any) -> DINOv2Encoder:
     """Factory of the ``dinov2`` encoder."""
-    cfg = config.resolved()
-
-    def make() -> DINOv2Encoder:
-        return DINOv2Encoder(
-            embed_dim=cfg.embed_dim,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            mlp=cfg.mlp,
-            registers=cfg.registers,
-            image_size=cfg.image_size,
-            token_stride=cfg.token_stride,
-        )
-
-    return build_frozen(
-        make,
-        context=context,
-        weights=cfg.weights,
-        official=OFFICIAL_WEIGHTS["dinov2"].get(cfg.variant),
-        weights_key=cfg.weights_key,
-        what=f"dinov2 {cfg.variant} weights",
-        convert=from_meta_layout,
-    )
+    return build_encoder(DINOv2Encoder, config, context, family="dinov2", convert=from_meta_layout)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from repae import hookimpl, option
 
-__all__ = ["SIZES", "SIT_PRESETS", "SiTConfig", "check_shape_fields", "size_presets"]
+__all__ = ["SIZES", "SIT_PRESETS", "SiTConfig", "SizedConfig", "check_shape_fields", "size_presets"]
 
 SIZES: dict[str, dict[str, int]] = {
     "S": {"depth": 12, "hidden_size": 384, "num_heads": 6},
@@ -58,14 +58,40 @@ def check_shape_fields(config: Any) -> None:
         raise ValueError(f"input_size {config.input_size} is not divisible by patch_size {config.patch_size}")
 
 
+_Config = TypeVar("_Config", bound="SizedConfig")
+
+
+class SizedConfig:
+    """What the SiT and DiT configs share: the cross-field checks, :meth:`from_preset` over ``PRESETS``, ``replace``."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self) -> None:
+        check_shape_fields(self)
+
+    @classmethod
+    def from_preset(cls: type[_Config], size: str = "XL/2", **overrides: Any) -> _Config:
+        """The config of preset ``size`` with ``overrides`` on top (what a recipe section resolves to)."""
+        if size not in cls.PRESETS:
+            family = cls.__name__.removesuffix("Config")
+            raise ValueError(f"unknown {family} preset {size!r}; presets: {', '.join(cls.PRESETS)}")
+        return cls(**{"size": size, **cls.PRESETS[size], **overrides})
+
+    def replace(self: _Config, **changes: Any) -> _Config:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(kw_only=True)
-class SiTConfig:
+class SiTConfig(SizedConfig):
     """Config of the ``sit`` denoiser. ``size`` fills depth/width/heads/patch; fields set explicitly win.
 
     ``input_size``, ``in_channels`` and ``encoder_dims`` left to ``null`` are taken from the components built before
     the denoiser: the tokenizer (``resolution // downsample``, ``latent_channels``) and the encoders (``embed_dim``
     of each, one projector per encoder). Explicit values always win.
     """
+
+    PRESETS = SIT_PRESETS
 
     size: str = option("XL/2", doc="preset: S/B/L/XL x patch 1/2/4/8 (e.g. XL/2), or tiny for tests")
     depth: int = option(28, doc="number of transformer blocks")
@@ -95,20 +121,6 @@ class SiTConfig:
     weights_key: str | None = option(
         "ema", doc="entry of a training checkpoint (.pt with model/ema) to load; a plain state dict ignores it"
     )
-
-    def __post_init__(self) -> None:
-        check_shape_fields(self)
-
-    @classmethod
-    def from_preset(cls, size: str = "XL/2", **overrides: Any) -> SiTConfig:
-        """The config of preset ``size`` with ``overrides`` on top (what a recipe section resolves to)."""
-        if size not in SIT_PRESETS:
-            raise ValueError(f"unknown SiT preset {size!r}; presets: {', '.join(SIT_PRESETS)}")
-        return cls(**{"size": size, **SIT_PRESETS[size], **overrides})
-
-    def replace(self, **changes: Any) -> SiTConfig:
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
 
 
 @hookimpl

@@ -7,9 +7,9 @@ The denoiser modules use the official parameter names, so the adapter only has t
   latent normalisation is its own component, so these buffers are returned separately (keys without ``bn.``, the
   names of ``BatchNorm2d`` buffers) and kept on the built denoiser as ``latent_norm_state``.
 
-Loading is strict: a missing, unexpected or mis-shaped key raises :class:`repae.errors.WeightsMismatchError` naming the keys and
-the config field that most likely needs changing. :func:`to_official` goes back to the official layout (``bn.*``
-included when given), so a repae denoiser can be saved for the reference code.
+Loading is strict: a missing, unexpected or mis-shaped key raises :class:`repae.errors.WeightsMismatchError` naming
+the keys and the config field that most likely needs changing. :func:`to_official` goes back to the official layout
+(``bn.*`` included when given), so a repae denoiser can be saved for the reference code.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
-
 
 __all__ = [
     "LATENT_NORM_PREFIX",
@@ -84,8 +83,7 @@ def to_official(
     denoiser_state: Mapping[str, Tensor] | nn.Module, latent_norm_state: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
     """The official layout of a denoiser state dict (or module), with ``bn.*`` added from ``latent_norm_state``."""
-    state = denoiser_state.state_dict() if isinstance(denoiser_state, nn.Module) else dict(denoiser_state)
-    out = dict(state)
+    out = dict(denoiser_state.state_dict() if isinstance(denoiser_state, nn.Module) else denoiser_state)
     for key, value in (latent_norm_state or {}).items():
         out[LATENT_NORM_PREFIX + key] = value
     return out

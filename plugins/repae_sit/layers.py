@@ -214,11 +214,15 @@ def guided_prediction(output: Tensor, cfg_scale: float, guided_channels: int | N
 
 class DiffusionTransformer(nn.Module):
     """The SiT/DiT trunk: patch embedding + fixed sin-cos positions, ``depth`` adaLN-Zero blocks conditioned on
-    time + label, REPA projectors, and a final layer that unpatchifies to ``out_channels``.
+    time + label, REPA projectors, and a final layer that unpatchifies to ``out_channels`` (``2 * in_channels`` with
+    ``learn_sigma``: the prediction, then the variance values of the DiT/SiT releases).
 
     ``pos_embed`` is a persistent buffer (saved and loaded under its official key, never trained).
-    Subclasses define how time enters and what the prediction is.
+    Subclasses define ``forward``: how time enters and what the prediction is.
     """
+
+    cfg_channels: int | None = None
+    """Output channels :meth:`forward_with_cfg` guides by default (``None``: all)."""
 
     def __init__(
         self,
@@ -226,7 +230,7 @@ class DiffusionTransformer(nn.Module):
         input_size: int,
         patch_size: int,
         in_channels: int,
-        out_channels: int,
+        learn_sigma: bool = False,
         hidden_size: int,
         depth: int,
         num_heads: int,
@@ -243,7 +247,8 @@ class DiffusionTransformer(nn.Module):
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.hidden_size = hidden_size
         self.depth = depth
         self.num_heads = num_heads
@@ -258,7 +263,7 @@ class DiffusionTransformer(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.blocks = nn.ModuleList(AdaLNBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d) for d in self.encoder_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
         # What repae_sit.checkpoint.load_configured_weights loaded (all None after a random init): the record, the
         # configured source, the file's sha256, and the split-off REPA-E latent BatchNorm buffers.
@@ -331,6 +336,18 @@ class DiffusionTransformer(nn.Module):
         if features_only:
             return DenoiserOutput(prediction=None, hidden=hidden)
         return DenoiserOutput(prediction=self.unpatchify(self.final_layer(h, c)), hidden=hidden)
+
+    def forward_with_cfg(
+        self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, *, guided_channels: int | None = -1
+    ) -> Tensor:
+        """Classifier-free guidance on a doubled batch ``x = [x; x]``, ``y = [labels; null]``, as the reference
+        samplers run it: the first half of ``x`` serves both halves, and the first ``guided_channels`` output channels
+        (default ``-1``: :attr:`cfg_channels`; ``None``: all) become ``uncond + s (cond - uncond)`` in both halves; the
+        other channels are the raw cond / uncond predictions."""
+        channels = self.cfg_channels if guided_channels == -1 else guided_channels
+        half = x[: x.shape[0] // 2]
+        pred = self.forward(half.repeat(2, 1, 1, 1), t, y).prediction
+        return guided_prediction(pred, cfg_scale, channels)
 
     def project(self, hidden: Tensor) -> list[Tensor]:
         """REPA projector outputs ``[B, N, encoder_dims[k]]``, one per target encoder, of tokens ``[B, N, D]``."""

@@ -12,7 +12,7 @@ The latent BatchNorm of REPA-E is *not* part of this module (see :mod:`repae_sit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -20,9 +20,11 @@ from repae.errors import UserError
 from repae.interfaces import DenoiserOutput
 from repae_sit import SiTConfig
 from repae_sit.checkpoint import load_configured_weights
-from repae_sit.layers import DiffusionTransformer, guided_prediction
+from repae_sit.layers import DiffusionTransformer
 
-__all__ = ["SiT", "build_sit", "resolve_shapes"]
+__all__ = ["SiT", "build_denoiser", "build_sit", "resolve_shapes"]
+
+_Model = TypeVar("_Model", bound=DiffusionTransformer)
 
 
 class SiT(DiffusionTransformer):
@@ -32,24 +34,10 @@ class SiT(DiffusionTransformer):
     ``weights_sha256`` and ``latent_norm_state`` record what was loaded (``None`` for a random init).
     """
 
-    def __init__(
-        self,
-        *,
-        input_size: int,
-        in_channels: int,
-        learn_sigma: bool = False,
-        time_convention: str = "noise-at-1",
-        **trunk: Any,
-    ) -> None:
+    def __init__(self, *, time_convention: str = "noise-at-1", **trunk: Any) -> None:
         if time_convention not in ("noise-at-1", "data-at-1"):
             raise ValueError(f"time_convention must be 'noise-at-1' or 'data-at-1', got {time_convention!r}")
-        super().__init__(
-            input_size=input_size,
-            in_channels=in_channels,
-            out_channels=2 * in_channels if learn_sigma else in_channels,
-            **trunk,
-        )
-        self.learn_sigma = learn_sigma
+        super().__init__(**trunk)
         self.time_convention = time_convention
 
     def forward(
@@ -81,15 +69,6 @@ class SiT(DiffusionTransformer):
             pred = out.prediction[:, : self.in_channels] if self.learn_sigma else out.prediction
             out.prediction = -pred if flipped else pred
         return out
-
-    def forward_with_cfg(
-        self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, *, guided_channels: int | None = None
-    ) -> Tensor:
-        """Guided velocity on a doubled batch (``y`` = ``[labels; null]``), like the samplers of REPA/REPA-E: the
-        cond half of ``x`` is used for both halves and all channels are guided unless ``guided_channels`` is set."""
-        half = x[: x.shape[0] // 2]
-        pred = self.forward(half.repeat(2, 1, 1, 1), t, y).prediction
-        return guided_prediction(pred, cfg_scale, guided_channels)
 
 
 def resolve_shapes(config: Any, built: Mapping[str, Any]) -> tuple[int, int, list[int]]:
@@ -123,14 +102,15 @@ def resolve_shapes(config: Any, built: Mapping[str, Any]) -> tuple[int, int, lis
     return input_size, in_channels, list(encoder_dims)
 
 
-def build_sit(config: SiTConfig, context: Any) -> SiT:
-    """Registry factory of ``sit``: build, then load ``config.weights`` unless ``context.load_weights`` is false."""
+def build_denoiser(cls: type[_Model], config: Any, context: Any, **specific: Any) -> _Model:
+    """Build ``cls`` (a :class:`DiffusionTransformer`) from a SiT/DiT config, the shapes left ``None`` resolved from
+    ``context.built``, then load ``config.weights`` unless ``context.load_weights`` is false. ``specific`` holds the
+    constructor arguments of ``cls`` beyond the shared ones."""
     input_size, in_channels, encoder_dims = resolve_shapes(config, getattr(context, "built", {}) or {})
-    model = SiT(
+    model = cls(
         input_size=input_size,
         in_channels=in_channels,
         learn_sigma=config.learn_sigma,
-        time_convention=config.time_convention,
         patch_size=config.patch_size,
         hidden_size=config.hidden_size,
         depth=config.depth,
@@ -141,6 +121,12 @@ def build_sit(config: SiTConfig, context: Any) -> SiT:
         qk_norm=config.qk_norm,
         encoder_dims=encoder_dims,
         projector_dim=config.projector_dim,
+        **specific,
     )
     load_configured_weights(model, config, context)
     return model
+
+
+def build_sit(config: SiTConfig, context: Any) -> SiT:
+    """Registry factory of ``sit``: build, then load ``config.weights`` unless ``context.load_weights`` is false."""
+    return build_denoiser(SiT, config, context, time_convention=config.time_convention)

@@ -190,7 +190,7 @@ class Mid(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Images ``[B, 3, H, W]`` to moments ``[B, 2 * z_channels, H/f, W/f]``, f = 2^(len(ch_mult)-1)."""
+    """Images ``[B, 3, H, W]`` to moments ``[B, 2 * latent_channels, H/f, W/f]``, f = 2^(len(ch_mult)-1)."""
 
     def __init__(
         self,
@@ -200,8 +200,8 @@ class Encoder(nn.Module):
         num_res_blocks: int,
         attn_resolutions: Sequence[int],
         resolution: int,
-        z_channels: int,
-        groups: int,
+        latent_channels: int,
+        norm_groups: int,
         in_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -209,15 +209,15 @@ class Encoder(nn.Module):
         width, size, levels = ch, resolution, []
         for i, mult in enumerate(ch_mult):
             out = ch * mult
-            blocks = [ResnetBlock(width if j == 0 else out, out, groups) for j in range(num_res_blocks)]
-            attn = [AttnBlock(out, groups) for _ in range(num_res_blocks)] if size in attn_resolutions else []
+            blocks = [ResnetBlock(width if j == 0 else out, out, norm_groups) for j in range(num_res_blocks)]
+            attn = [AttnBlock(out, norm_groups) for _ in range(num_res_blocks)] if size in attn_resolutions else []
             last = i == len(ch_mult) - 1
             levels.append(Level(blocks, attn, None if last else Downsample(out), "downsample"))
             width, size = out, size if last else size // 2
         self.down = nn.ModuleList(levels)
-        self.mid = Mid(width, groups)
-        self.norm_out = _group_norm(width, groups)
-        self.conv_out = nn.Conv2d(width, 2 * z_channels, 3, padding=1)
+        self.mid = Mid(width, norm_groups)
+        self.norm_out = _group_norm(width, norm_groups)
+        self.conv_out = nn.Conv2d(width, 2 * latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)
@@ -228,7 +228,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents ``[B, z_channels, h, w]`` to images ``[B, 3, h*f, w*f]``.
+    """Latents ``[B, latent_channels, h, w]`` to images ``[B, 3, h*f, w*f]``.
 
     ``up.{i}`` is indexed by resolution level (``up.0`` is the full resolution) and runs last.
     """
@@ -241,24 +241,24 @@ class Decoder(nn.Module):
         num_res_blocks: int,
         attn_resolutions: Sequence[int],
         resolution: int,
-        z_channels: int,
-        groups: int,
+        latent_channels: int,
+        norm_groups: int,
         out_channels: int = 3,
     ) -> None:
         super().__init__()
         width = ch * ch_mult[-1]
         size = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
-        self.mid = Mid(width, groups)
+        self.conv_in = nn.Conv2d(latent_channels, width, 3, padding=1)
+        self.mid = Mid(width, norm_groups)
         levels: list[Level] = []
         for i in reversed(range(len(ch_mult))):
             out = ch * ch_mult[i]
-            blocks = [ResnetBlock(width if j == 0 else out, out, groups) for j in range(num_res_blocks + 1)]
-            attn = [AttnBlock(out, groups) for _ in range(num_res_blocks + 1)] if size in attn_resolutions else []
+            blocks = [ResnetBlock(width if j == 0 else out, out, norm_groups) for j in range(num_res_blocks + 1)]
+            attn = [AttnBlock(out, norm_groups) for _ in range(num_res_blocks + 1)] if size in attn_resolutions else []
             levels.insert(0, Level(blocks, attn, Upsample(out) if i > 0 else None, "upsample"))
             width, size = out, size * 2 if i > 0 else size
         self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(width, groups)
+        self.norm_out = _group_norm(width, norm_groups)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -294,21 +294,6 @@ class KLAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         _check_architecture(latent_channels, ch, ch_mult, num_res_blocks, norm_groups)
-        arch = dict(
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=resolution,
-            z_channels=latent_channels,
-            groups=norm_groups,
-        )
-        self.encoder = Encoder(**arch)
-        self.decoder = Decoder(**arch)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.latent_channels = latent_channels
-        self.downsample = 2 ** (len(ch_mult) - 1)
         self.architecture: dict[str, Any] = {
             "latent_channels": latent_channels,
             "ch": ch,
@@ -318,7 +303,14 @@ class KLAutoencoder(nn.Module):
             "resolution": resolution,
             "norm_groups": norm_groups,
         }
-        """The constructor arguments (what :func:`repae_vae.convert.diffusers_config` needs)."""
+        """The constructor arguments (what :func:`repae_vae.convert.diffusers_config` needs); also those of
+        :class:`Encoder` and :class:`Decoder`."""
+        self.encoder = Encoder(**self.architecture)
+        self.decoder = Decoder(**self.architecture)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.latent_channels = latent_channels
+        self.downsample = 2 ** (len(ch_mult) - 1)
         # Not part of the state dict (the LDM layout has no such keys), but they follow .to(device).
         self.register_buffer("latents_mean", None, persistent=False)
         self.register_buffer("latents_scale", None, persistent=False)
