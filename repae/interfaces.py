@@ -20,9 +20,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
-__all__ = ["DenoiserOutput", "Posterior", "Tokenizer", "Denoiser", "RepresentationEncoder"]
+__all__ = [
+    "Denoiser",
+    "DenoiserOutput",
+    "LatentNormalizer",
+    "Posterior",
+    "RepresentationEncoder",
+    "Tokenizer",
+    "Transport",
+]
 
 
 @runtime_checkable
@@ -82,11 +91,19 @@ class Denoiser(Protocol):
     num_classes: int
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor, *, feature_depths: Sequence[int] = (), features_only: bool = False
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        *,
+        feature_depths: Sequence[int] = (),
+        features_only: bool = False,
+        force_drop: Tensor | None = None,
     ) -> DenoiserOutput:
         """Predict from noisy latents ``x`` at times ``t`` (shape ``[B]``) with labels ``y`` (``num_classes`` =
         null). Hidden tokens after each block in ``feature_depths`` are returned; with ``features_only`` the pass
-        stops after the deepest of them."""
+        stops after the deepest of them. ``force_drop`` (bool ``[B]``) replaces those labels by the null class and,
+        when given, replaces the denoiser's own random label dropout (the trainer injects it for exact steps)."""
         ...
 
     def project(self, hidden: Tensor) -> list[Tensor]:
@@ -106,4 +123,43 @@ class RepresentationEncoder(Protocol):
 
     def num_tokens(self, resolution: int) -> int:
         """How many patch tokens an image of ``resolution`` x ``resolution`` pixels gives."""
+        ...
+
+
+@runtime_checkable
+class LatentNormalizer(Protocol):
+    """Maps tokenizer latents to the denoiser's space and back (an ``nn.Module``; ``forward`` = ``normalize``).
+
+    A normaliser with running statistics (the REPA-E BatchNorm) uses batch statistics and updates them in training
+    mode and uses its running statistics in eval mode; under ``torch.distributed`` the batch statistics are those of
+    the global batch.
+    """
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Tokenizer latents ``[B, C, h, w]`` to the denoiser's space."""
+        ...
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """The inverse, with the current (running) statistics: what samples pass through before decoding."""
+        ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """The forward process a diffusion objective trains on: time sampling, noising, and the regression target."""
+
+    def sample_time(self, batch: int, *, generator: torch.Generator) -> Tensor:
+        """Times for a batch, shape ``[batch]`` (drawn on CPU from ``generator``)."""
+        ...
+
+    def interpolate(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The noisy input ``x_t`` (``t`` has shape ``[B]``)."""
+        ...
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the denoiser regresses (velocity for flow matching, noise for DDPM)."""
+        ...
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """The time the denoiser receives (SiT: ``t`` itself; DiT: the DDPM step index)."""
         ...
