@@ -1,0 +1,95 @@
+"""Datasets as repae components: ``synthetic``, ``image-folder`` and ``latent-cache``.
+
+Data preparation follows REPA-E (Leng et al., 2025, arXiv 2504.10483), which takes it from ADM (Dhariwal & Nichol,
+2021, arXiv 2105.05233): ImageNet train images, RGB, ADM centre crop, no augmentation; frozen-tokenizer trainings
+read latents cached once as the posterior mean and standard deviation.
+
+Every dataset is a ``torch.utils.data.Dataset`` with ``num_classes``, ``resolution`` and ``kind`` (``"images"``:
+items are ``(uint8 [3, H, W], label)``; ``"latents"``: items are ``(float32 [2C, h, w] = mean ‖ std, label)``), and
+``set_epoch(epoch)``. Items are a pure function of (config, index, epoch); sharding and shuffling are the engine's.
+
+This module only declares configs and registers them; it imports neither torch nor PIL. The implementations live in
+:mod:`repae_data.synthetic`, :mod:`repae_data.image_folder` and :mod:`repae_data.cache` (which also writes caches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from repae import hookimpl, option
+
+__all__ = ["ImageFolderConfig", "LatentCacheConfig", "SyntheticConfig"]
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """Procedurally generated class-conditional images: no files, deterministic from ``seed`` and the index."""
+
+    num_classes: int = option(10, doc="number of classes (each has its own colours, shape and orientation)")
+    resolution: int = option(32, doc="image side in pixels")
+    size: int = option(1024, doc="number of images (labels cycle through the classes: balanced)")
+    seed: int = option(0, doc="seed of the per-image randomness (placement, scale, noise); 0 in every recipe")
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
+@dataclass(kw_only=True)
+class ImageFolderConfig:
+    """An ImageNet-train style folder ``root/<class>/<image>``; labels = class folders in sorted order."""
+
+    root: str = option(doc="folder holding one sub-folder per class, e.g. data/imagenet/train")
+    resolution: int = option(256, doc="side of the ADM centre crop (BOX-halve, BICUBIC short side, centre crop)")
+    hflip: bool = option(False, doc="random horizontal flip, a function of (seed, index, epoch); REPA-E has none")
+    seed: int = option(0, doc="seed of the flips")
+    num_classes: int | None = option(
+        None, doc="expected number of class folders (null: whatever root holds); a mismatch is an error"
+    )
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 or null, got {self.num_classes}")
+
+
+@dataclass(kw_only=True)
+class LatentCacheConfig:
+    """Latents cached by ``repae cache-latents``: the tokenizer's posterior mean and std of every image."""
+
+    root: str = option(doc="cache folder written by `repae cache-latents` (holds index.json and shards)")
+
+
+@hookimpl
+def register_components(register) -> None:
+    """Register the three built-in datasets."""
+    register(
+        "dataset",
+        "synthetic",
+        summary="procedural class-conditional images (coloured shapes), no files; quickstart and tests",
+        config=SyntheticConfig,
+        factory="repae_data.synthetic:build_synthetic",
+    )
+    register(
+        "dataset",
+        "image-folder",
+        summary="ImageNet-train style folder root/<class>/<image>, ADM centre crop (REPA-E preprocessing)",
+        config=ImageFolderConfig,
+        factory="repae_data.image_folder:build_image_folder",
+    )
+    register(
+        "dataset",
+        "latent-cache",
+        summary="posterior mean and std cached by `repae cache-latents` (frozen-tokenizer trainings)",
+        config=LatentCacheConfig,
+        factory="repae_data.cache:build_latent_cache",
+    )

@@ -1,0 +1,181 @@
+"""``image-folder``: an ImageNet-train style folder with the ADM centre crop, as REPA-E prepares its data.
+
+Layout: ``root/<class>/<image>`` (any depth of sub-folders is *not* searched: one folder per class, images inside).
+Labels are the indices of the class folders in sorted order, as REPA-E's preprocessing assigns them; images inside a
+class are taken in sorted file-name order. Each image is converted to RGB and centre-cropped the ADM way (Dhariwal &
+Nichol, 2021, arXiv 2105.05233; used by REPA-E, arXiv 2504.10483, and REPA): halve with a BOX filter while the short
+side is at least twice the target, resize with BICUBIC so that the short side equals the target, then cut the centre
+square. REPA-E uses no augmentation; an optional horizontal flip is a function of ``(seed, index, epoch)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from repae.errors import UserError
+
+if TYPE_CHECKING:
+    from repae.build import BuildContext
+    from repae_data import ImageFolderConfig
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "build_image_folder", "center_crop_adm", "flip_decision",
+           "scan_image_folder"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+"""File endings read as images (compared case-insensitively: ImageNet's ``.JPEG`` counts)."""
+
+
+def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
+    """The ADM centre crop of a PIL image: uint8 ``[resolution, resolution, C]``.
+
+    While the short side is at least ``2 * resolution``, halve both sides (integer division) with a BOX filter; then
+    resize with BICUBIC by ``resolution / short side`` (sides rounded with Python's ``round``); then take the
+    centre ``resolution`` square, its offset rounded down.
+    """
+    while min(image.size) >= 2 * resolution:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(image)
+    top = (array.shape[0] - resolution) // 2
+    left = (array.shape[1] - resolution) // 2
+    return array[top : top + resolution, left : left + resolution]
+
+
+def flip_decision(seed: int, index: int, epoch: int) -> bool:
+    """Whether item ``index`` is flipped in ``epoch``: a fair coin that depends on nothing else."""
+    return bool(np.random.default_rng([seed, epoch, index]).random() < 0.5)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _listing(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(classes, samples)`` of ``root/<class>/<image>``: class folder names sorted, ``(path, label)`` per image.
+
+    Raises :class:`UserError` naming the folder and the fix when root is missing, holds no class folders, or some
+    class folder holds no images.
+    """
+    root = Path(root).expanduser()
+    layout = "expected one sub-folder per class holding its images (root/<class>/<image>, as ImageNet's train/)"
+    if not root.exists():
+        raise UserError(f"dataset folder {root} does not exist; set dataset.root to the folder of class folders "
+                        f"({layout})")
+    if not root.is_dir():
+        raise UserError(f"dataset.root {root} is a file, not a folder; {layout}")
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+        classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        loose = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    if not classes:
+        if loose:
+            raise UserError(f"{root} holds {len(loose)} image(s) but no class folders; {layout}. Move the images "
+                            f"into one folder per class (for a single class: {root}/0/).")
+        raise UserError(f"{root} holds no class folders and no images; {layout}")
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        with os.scandir(folder) as it:
+            files = sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+        if not files:
+            empty.append(name)
+        samples.extend((str(folder / f), label) for f in files)
+    if empty:
+        raise UserError(
+            f"{len(empty)} class folder(s) of {root} hold no images ({_listing(empty)}); labels are the positions of "
+            f"the class folders in sorted order, so every class folder needs images. Remove the empty folders or add "
+            f"images (endings read: {', '.join(IMAGE_EXTENSIONS)}, any case)."
+        )
+    return classes, samples
+
+
+class ImageFolderDataset(Dataset):
+    """Images of ``root/<class>/<image>`` centre-cropped to ``resolution``; items ``(uint8 [3, H, W], label)``.
+
+    ``classes`` are the class folder names (label = position), ``samples`` the ``(path, label)`` pairs in item order.
+    """
+
+    kind = "images"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        resolution: int = 256,
+        hflip: bool = False,
+        seed: int = 0,
+        num_classes: int | None = None,
+        scan: bool = True,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.resolution = resolution
+        self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0
+        self.scanned = scan
+        if scan:
+            self.classes, self.samples = scan_image_folder(self.root)
+            if num_classes is not None and num_classes != len(self.classes):
+                raise UserError(
+                    f"{self.root} holds {len(self.classes)} class folders but dataset.num_classes is {num_classes}; "
+                    f"check dataset.root (ImageNet-1k train has 1000) or set num_classes to null"
+                )
+        else:  # a dry run on `meta`: do not touch the disk
+            self.classes, self.samples = [], []
+        self.num_classes = len(self.classes) if scan else (num_classes or 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose flips :meth:`__getitem__` applies (no effect without ``hflip``)."""
+        self.epoch = int(epoch)
+
+    def load(self, index: int) -> np.ndarray:
+        """Read, convert to RGB and crop image ``index``: uint8 ``[H, W, 3]``, not flipped."""
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as image:
+                return center_crop_adm(image.convert("RGB"), self.resolution)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}; replace or remove the file") from exc
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = int(index)
+        array = self.load(index)
+        if self.hflip and flip_decision(self.seed, index, self.epoch):
+            array = array[:, ::-1]
+        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return image, self.samples[index][1]
+
+    def __repr__(self) -> str:
+        return (f"ImageFolderDataset(root={str(self.root)!r}, items={len(self)}, num_classes={self.num_classes}, "
+                f"resolution={self.resolution}, hflip={self.hflip})")
+
+
+def build_image_folder(config: ImageFolderConfig, context: BuildContext) -> ImageFolderDataset:
+    """Factory of ``image-folder``. On ``meta`` (dry runs) the folder is not read: the dataset is an empty
+    placeholder whose ``num_classes`` is the config's (0 when null)."""
+    return ImageFolderDataset(
+        config.root,
+        resolution=config.resolution,
+        hflip=config.hflip,
+        seed=config.seed,
+        num_classes=config.num_classes,
+        scan=context.device != "meta",
+    )

@@ -1,0 +1,146 @@
+"""``synthetic``: procedurally generated class-conditional images, for the quickstart and the tests.
+
+No files and no downloads: image ``i`` is drawn from a generator seeded with ``(seed, i)``, so any process gets the
+same image for the same index. Its label is ``i % num_classes`` (balanced classes). A class fixes what a small model
+can learn in a minute: a foreground hue (classes spread evenly around the colour wheel), a darker complementary
+background, one of eight shapes and a base orientation. An image varies the placement, size, a small rotation, a
+background gradient, the brightness and pixel noise.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from repae.build import BuildContext
+    from repae_data import SyntheticConfig
+
+__all__ = ["SHAPES", "ClassStyle", "SyntheticDataset", "build_synthetic", "class_style", "render"]
+
+SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "stripes", "half-disc")
+"""The shapes, in the order classes cycle through them."""
+
+
+@dataclass(frozen=True)
+class ClassStyle:
+    """What is fixed for a class: colours (RGB in [0, 1]), shape and base orientation (radians)."""
+
+    foreground: tuple[float, float, float]
+    background: tuple[float, float, float]
+    shape: str
+    angle: float
+
+    @property
+    def description(self) -> str:
+        r, g, b = (round(255 * x) for x in self.foreground)
+        return f"{self.shape} #{r:02x}{g:02x}{b:02x} at {math.degrees(self.angle):.0f} deg"
+
+
+def class_style(label: int, num_classes: int) -> ClassStyle:
+    """The style of class ``label`` among ``num_classes``."""
+    hue = label / num_classes
+    foreground = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    background = colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.5, 0.3)
+    shape = SHAPES[label % len(SHAPES)]
+    angle = (label // len(SHAPES)) * 0.7 % math.pi  # classes sharing a shape differ in orientation (and hue)
+    return ClassStyle(foreground, background, shape, angle)
+
+
+def _shape_sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (negative inside) of a unit-sized shape in its own coordinates."""
+    r = np.hypot(u, v)
+    if shape == "disc":
+        return r - 1.0
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) - 0.85
+    if shape == "triangle":  # apex up, centroid at the origin
+        return np.maximum(-v - 0.5, 0.5 * math.sqrt(3) * np.abs(u) + 0.5 * v - 0.5)
+    if shape == "ring":
+        return np.abs(r - 0.75) - 0.25
+    if shape == "cross":
+        arm_u = np.maximum(np.abs(u) - 1.0, np.abs(v) - 0.3)
+        arm_v = np.maximum(np.abs(u) - 0.3, np.abs(v) - 1.0)
+        return np.minimum(arm_u, arm_v)
+    if shape == "diamond":
+        return (np.abs(u) + np.abs(v) - 1.0) / math.sqrt(2)
+    if shape == "stripes":  # three bars inside a square
+        bars = (np.abs(np.mod(1.5 * u + 0.5, 1.0) - 0.5) - 0.25) / 1.5
+        return np.maximum(np.maximum(np.abs(u), np.abs(v)) - 0.9, bars)
+    if shape == "half-disc":
+        return np.maximum(r - 1.0, -v)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(style: ClassStyle, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """One image of a class as uint8 ``[H, W, 3]``, its variations drawn from ``rng``."""
+    coords = (np.arange(resolution) + 0.5) / resolution * 2.0 - 1.0  # pixel centres in [-1, 1]
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    cx, cy = rng.uniform(-0.35, 0.35, size=2)
+    scale = rng.uniform(0.35, 0.6)
+    angle = style.angle + rng.normal(0.0, 0.15)
+    cos, sin = math.cos(angle), math.sin(angle)
+    dx, dy = xx - cx, yy - cy
+    u = (dx * cos + dy * sin) / scale
+    v = (dy * cos - dx * sin) / scale
+    pixel = 2.0 / resolution / scale  # one pixel in shape units: anti-aliased edges
+    mask = np.clip(0.5 - _shape_sdf(style.shape, u, v) / pixel, 0.0, 1.0)[..., None]
+
+    direction = rng.uniform(0.0, 2.0 * math.pi)
+    gradient = 1.0 + 0.2 * (xx * math.cos(direction) + yy * math.sin(direction))[..., None]
+    background = np.asarray(style.background) * gradient
+    image = background * (1.0 - mask) + np.asarray(style.foreground) * mask
+    image = image * rng.uniform(0.9, 1.1) + rng.normal(0.0, 0.03, size=image.shape)
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+class SyntheticDataset(Dataset):
+    """``size`` generated images of ``resolution`` pixels over ``num_classes`` classes; items ``(uint8 [3, H, W],
+    label)``."""
+
+    kind = "images"
+
+    def __init__(self, *, num_classes: int = 10, resolution: int = 32, size: int = 1024, seed: int = 0) -> None:
+        self.num_classes = num_classes
+        self.resolution = resolution
+        self.size = size
+        self.seed = seed
+        self.styles = [class_style(c, num_classes) for c in range(num_classes)]
+        self.classes = [s.description for s in self.styles]
+        """A readable name per class (shape, colour, orientation)."""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def label(self, index: int) -> int:
+        """The label of item ``index`` (without rendering it)."""
+        return index % self.num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Items do not depend on the epoch (no augmentation); present for the dataset interface."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = int(index)
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for a synthetic dataset of {self.size} images")
+        label = self.label(index)
+        rng = np.random.default_rng([self.seed, index])
+        image = render(self.styles[label], self.resolution, rng)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
+
+    def __repr__(self) -> str:
+        return (f"SyntheticDataset(num_classes={self.num_classes}, resolution={self.resolution}, size={self.size}, "
+                f"seed={self.seed})")
+
+
+def build_synthetic(config: SyntheticConfig, context: BuildContext) -> SyntheticDataset:
+    """Factory of the ``synthetic`` dataset (nothing to load, the same on every device)."""
+    return SyntheticDataset(
+        num_classes=config.num_classes, resolution=config.resolution, size=config.size, seed=config.seed
+    )
