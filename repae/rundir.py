@@ -70,11 +70,12 @@ def versions(plugins: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def prepare_run_dir(resolved: Any, run_dir: Path) -> Path:
+def prepare_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> Path:
     """Create ``run_dir`` and write the resolved recipe and versions.
 
     A directory that already holds a *different* recipe is refused (naming the keys that differ), so that nothing a
-    previous run wrote is mixed with another configuration.
+    previous run wrote is mixed with another configuration. With ``allow_recipe_change`` the old recipe is kept as
+    ``recipe.previous-N.yaml`` and the new one written.
     """
     run_dir = Path(run_dir)
     text = resolved.to_yaml()
@@ -87,10 +88,15 @@ def prepare_run_dir(resolved: Any, run_dir: Path) -> Path:
             except yaml.YAMLError:
                 changed = ["(unreadable recipe.yaml)"]
             shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
-            raise UserError(
-                f"{run_dir} already holds a run of a different recipe (differing keys: {shown}). "
-                f"Pass another --out directory, or delete {run_dir} if you no longer need it."
-            )
+            if not allow_recipe_change:
+                raise UserError(
+                    f"{run_dir} already holds a run of a different recipe (differing keys: {shown}). Pass another "
+                    f"--out directory, or --allow-recipe-change to continue it with the new recipe."
+                )
+            n = 1
+            while (run_dir / f"recipe.previous-{n}.yaml").exists():
+                n += 1
+            (run_dir / f"recipe.previous-{n}.yaml").write_text(old_text, encoding="utf-8")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(existing, text)
     write_atomic(run_dir / VERSIONS_FILE, json.dumps(versions(resolved.plugins), indent=2) + "\n")

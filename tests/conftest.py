@@ -100,7 +100,7 @@ def registry():
     return load_plugins().registry
 
 
-def build_section(registry, kind: str, name: str, device: str = "cpu", **section):
+def build_section(registry, kind: str, name: str, /, device: str = "cpu", **section):
     """Build component ``kind``/``name`` from a recipe section the way the core does (presets applied, under the
     device); the section must parse without issues."""
     from repae.build import BuildContext, build_component

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from repae.cli import components, plugins, recipe, run
+from repae.cli import cache, components, plugins, recipe, run
 
 app = typer.Typer(
     name="repae",
@@ -38,6 +38,7 @@ app.command("show")(components.show_component)
 app.command("plugins")(plugins.list_plugins)
 app.add_typer(recipe.app, name="recipe")
 app.command("run")(run.run)
+app.command("cache-latents")(cache.cache_latents)
 
 
 def main() -> None:

@@ -30,6 +30,10 @@ def run(
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<recipe name>)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    allow_recipe_change: bool = typer.Option(
+        False, "--allow-recipe-change", help="Resume a run directory even though its recipe differs (the old recipe "
+        "is kept as recipe.previous-N.yaml)."
+    ),
 ) -> None:
     """Run a recipe. With --dry-run: check it and build every component on `meta` (even XL models in seconds)."""
     from repae.build import build_recipe
@@ -57,7 +61,8 @@ def run(
             return
 
         if not host.registry.entries("trainer"):
-            run_dir = prepare_run_dir(resolved, out or Path("runs") / recipe.stem)
+            run_dir = prepare_run_dir(resolved, out or Path("runs") / recipe.stem,
+                                      allow_recipe_change=allow_recipe_change)
             device = _pick_device(device)
             start = time.perf_counter()
             built = build_recipe(resolved, device=device)
@@ -74,12 +79,33 @@ def run(
         if not resolved.get("trainer"):
             names = ", ".join(host.registry.names("trainer"))
             raise UserError(f"{recipe} names no trainer. Add `trainer: {{name: ...}}` (available: {names}).")
-        run_dir = prepare_run_dir(resolved, out or Path("runs") / recipe.stem)
-        built = build_recipe(resolved, device=_pick_device(device))
+        _train(resolved, out or Path("runs") / recipe.stem, device, allow_recipe_change)
+
+
+def _train(resolved, run_dir: Path, device: str, allow_recipe_change: bool) -> None:
+    """Join the process group (torchrun), write the run directory on rank 0, build on this rank's device, train."""
+    import os
+
+    from repae.build import build_recipe
+    from repae.rundir import prepare_run_dir
+    from repae.train import distributed
+
+    if device.startswith("cuda"):
+        _pick_device(device)  # a clear error when CUDA is missing
+    if os.environ.get("RANK", "0") == "0":
+        prepare_run_dir(resolved, run_dir, allow_recipe_change=allow_recipe_change)
+    topology = distributed.init(device)
+    try:
+        distributed.barrier()
+        built = build_recipe(resolved, device=str(topology.device))
         trainer = built[-1].component if built[-1].slot == "trainer" else None
         if trainer is None or not callable(getattr(trainer, "run", None)):
-            raise UserError(f"the trainer of {recipe} has no run(run_dir) method; its plugin is broken")
+            raise UserError("the recipe's trainer has no run(run_dir) method; its plugin is broken")
         trainer.run(run_dir)
+        if topology.is_main:
+            stdout().print(f"done: {run_dir}")
+    finally:
+        distributed.shutdown()
 
 
 def _trainable(component) -> int | None:

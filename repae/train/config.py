@@ -1,0 +1,69 @@
+"""The trainer's config (torch-free: read by ``repae list``/``repae show`` without importing the engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from repae.config import option
+
+__all__ = ["OptimizerConfig", "TrainerConfig"]
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW settings of one trainable part (REPA-E: lr 1e-4, betas (0.9, 0.999), no weight decay, eps 1e-8)."""
+
+    lr: float = option(1e-4, doc="learning rate (constant)")
+    betas: tuple[float, float] = option((0.9, 0.999), doc="AdamW betas")
+    weight_decay: float = option(0.0, doc="AdamW weight decay")
+    eps: float = option(1e-8, doc="AdamW epsilon")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """How a recipe trains: which parts update in which order, optimisation, precision, logging and checkpoints."""
+
+    steps: int = option(400_000, doc="optimizer steps to train for")
+    batch_size: int = option(256, doc="global batch size (split evenly over processes)")
+    grad_accum: int = option(1, doc="micro-batches per optimizer step (the global batch is split into them)")
+    phases: list[str] = option(
+        default_factory=lambda: ["tokenizer", "discriminator", "denoiser"],
+        doc="order in which parts compute their objectives each step; parts no loss updates are skipped",
+    )
+    optimizers: dict[str, OptimizerConfig] = option(
+        default_factory=lambda: {"default": OptimizerConfig()},
+        doc="AdamW per trainable part (tokenizer, denoiser, discriminator, ...); 'default' serves the others",
+    )
+    clip_grad_norm: float | None = option(1.0, doc="max global grad norm per part (null: no clipping)")
+    ema_decay: float = option(0.9999, doc="EMA decay of the denoiser and its latent normaliser's buffers")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", doc="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler"
+    )
+    tf32: bool = option(True, doc="allow TF32 matmuls on CUDA")
+    compile: bool = option(False, doc="torch.compile the denoiser and tokenizer")
+    label_dropout: float | None = option(
+        None, doc="probability of replacing a label by the null class; null: the denoiser's class_dropout_prob"
+    )
+    num_workers: int = option(2, doc="data-loading worker processes per training process")
+    log_every: int = option(10, doc="steps between metric lines (metrics.jsonl, progress bar)")
+    checkpoint_every: int = option(5000, doc="steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = option(3, doc="how many of the latest checkpoints to keep")
+    sample_every: int = option(10_000, doc="steps between sample grids from the EMA denoiser (0: never)")
+    sample_count: int = option(16, doc="images per sample grid (class-balanced labels)")
+    tensorboard: bool = option(False, doc="also write TensorBoard event files (needs the tensorboard package)")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"phases lists a part twice: {self.phases}")

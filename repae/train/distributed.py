@@ -1,0 +1,116 @@
+"""torch.distributed in one place: one code path for one CPU process, one GPU, many GPUs and many nodes.
+
+``repae run`` started by ``torchrun`` finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment and joins the
+process group (NCCL on CUDA, gloo on CPU); started plainly it is a world of one and every collective here is a no-op.
+Gradients are averaged by :func:`all_reduce_mean_` over flattened buckets after the backward passes of a step, which
+keeps the phase structure of REPA-E (parts frozen and unfrozen within a step) free of DDP's reducer bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Topology",
+    "all_reduce_mean_",
+    "barrier",
+    "broadcast_",
+    "init",
+    "is_distributed",
+    "rank",
+    "shutdown",
+    "world_size",
+]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits: global rank, world size, local rank, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "auto") -> Topology:
+    """Join the process group described by torchrun's environment (if any) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    target = torch.device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+    return Topology(rank(), world_size(), local_rank, target)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
+    """Average tensors over all processes, in place, one flattened all-reduce per dtype/device group."""
+    if not is_distributed():
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    world = dist.get_world_size()
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all processes (a new tensor; differentiable through its local term)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return tensor + (total - tensor.detach())
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Copy tensors from process ``src`` to all others (e.g. buffers after loading a checkpoint on rank 0)."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        dist.broadcast(t, src)

@@ -1,0 +1,44 @@
+"""Exponential moving average of modules: parameters and floating-point buffers (integer buffers are copied)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["EMA"]
+
+
+class EMA(nn.Module):
+    """EMA copies of named modules (the denoiser and its latent normaliser, as REPA-E keeps them).
+
+    Starts as an exact copy (the reference's ``update_ema(ema, model, decay=0)``); ``update`` moves every parameter
+    and float buffer ``x_ema <- decay * x_ema + (1 - decay) * x``. The copies are frozen and in eval mode.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.shadows = nn.ModuleDict({name: copy.deepcopy(m) for name, m in modules.items() if m is not None})
+        self.shadows.requires_grad_(False)
+        self.shadows.eval()
+
+    def train(self, mode: bool = True) -> EMA:
+        return super().train(False)  # always eval
+
+    @torch.no_grad()
+    def update(self, modules: Mapping[str, nn.Module]) -> None:
+        for name, shadow in self.shadows.items():
+            live = modules[name]
+            for ema_p, p in zip(shadow.parameters(), live.parameters()):
+                ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            for ema_b, b in zip(shadow.buffers(), live.buffers()):
+                if ema_b.is_floating_point():
+                    ema_b.lerp_(b, 1.0 - self.decay)
+                else:
+                    ema_b.copy_(b)
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.shadows[name]

@@ -1,0 +1,177 @@
+"""The engine end to end on CPU: exact resume, 2 processes = 1 process, gradient routing, the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from repae.build import build_recipe
+from repae.cli import app
+from repae.plugins import load_plugins
+from repae.recipe import read_recipe
+from repae.train.checkpoint import latest_checkpoint
+
+from conftest import ROOT
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+SMALL = [
+    "dataset.size=64", "trainer.batch_size=8", "trainer.steps=4", "trainer.log_every=1", "trainer.checkpoint_every=2",
+    "trainer.sample_every=0", "trainer.num_workers=0",
+]
+
+
+def build(overrides=(), *, device="cpu"):
+    resolved = read_recipe(QUICKSTART, [*SMALL, *overrides], load_plugins().registry)
+    return resolved, {b.label: b.component for b in build_recipe(resolved, device=device)}
+
+
+def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    folder = latest_checkpoint(run_dir)
+    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def run_cli(*args: str) -> str:
+    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *SMALL, *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_run_writes_checkpoints_metrics_and_samples(tmp_path):
+    out = tmp_path / "run"
+    run_cli("--out", str(out), "trainer.sample_every=4", "trainer.sample_count=4", "sampler.steps=2")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    for key in ("tokenizer/total", "discriminator/gan", "denoiser/diffusion", "denoiser/repa", "denoiser/grad_norm",
+                "tokenizer/grad_norm", "img_per_s"):
+        assert all(isinstance(line[key], float) for line in lines), key
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002", "step-0000004"] or sorted(
+        p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    files = {p.name for p in latest_checkpoint(out).iterdir()}
+    assert {"model-denoiser.safetensors", "model-ema-denoiser.safetensors", "model-tokenizer.safetensors",
+            "model-discriminator.safetensors", "model-latent_norm.safetensors", "state.json"} <= files
+    assert (out / "samples" / "step-0000004.png").stat().st_size > 100
+
+
+def test_resume_is_exact(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_cli("--out", str(straight))
+    run_cli("--out", str(interrupted), "trainer.steps=2")
+    output = run_cli("--out", str(interrupted), "--allow-recipe-change")
+    assert "resuming from" in output and "step 2 of 4" in output
+    assert (interrupted / "recipe.previous-1.yaml").is_file()
+    a, b = checkpoint_tensors(straight), checkpoint_tensors(interrupted)
+    assert a.keys() == b.keys() and len(a) > 100
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_different_recipe_is_refused_without_the_flag(tmp_path):
+    out = tmp_path / "run"
+    run_cli("--out", str(out), "trainer.steps=2")
+    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *SMALL, "--out", str(out)])
+    assert result.exit_code == 2 and "trainer.steps" in result.stderr and "--allow-recipe-change" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    run_cli("--out", str(single), "trainer.steps=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repae",
+           "run", str(QUICKSTART), *SMALL, "trainer.steps=2", "--out", str(double), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    a, b = checkpoint_tensors(single), checkpoint_tensors(double)
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert worst < 1e-4, worst  # same global batch and randomness; only the order of float reductions differs
+    for k in a:
+        if not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+
+
+ROUTES = {
+    # loss section -> parts whose parameters must receive gradient; every other part must receive none
+    "{name: reconstruction, updates: [tokenizer]}": {"tokenizer"},
+    "{name: kl, updates: [tokenizer]}": {"tokenizer"},
+    "{name: repa, depth: 2, updates: [tokenizer]}": {"tokenizer"},
+    "{name: repa, depth: 2, updates: [denoiser]}": {"denoiser"},
+    "{name: flow-matching, updates: [denoiser]}": {"denoiser"},
+    "{name: flow-matching, updates: [denoiser, tokenizer]}": {"denoiser", "tokenizer"},
+    "{name: patchgan, ndf: 8, n_layers: 1, updates: [tokenizer, discriminator]}": {"tokenizer", "discriminator"},
+    "{name: patchgan, ndf: 8, n_layers: 1, updates: [discriminator]}": {"discriminator"},
+}
+
+
+@pytest.mark.parametrize("section, expected", ROUTES.items(), ids=list(ROUTES))
+def test_a_loss_only_reaches_the_parts_it_lists(section, expected):
+    _, built = build(["losses=null", f"losses.only={section}"])
+    trainer = built["trainer"]
+    trainer.setup()
+    before = {name: {k: v.clone() for k, v in module.state_dict().items()} for name, module in trainer.parts.items()}
+    order_inputs = _inputs(trainer, built)
+    trainer.compute_gradients([order_inputs], step=0)
+    got = {name for name, module in trainer.parts.items()
+           if any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())}
+    assert got == expected
+    trainer.apply_gradients()
+    for name, module in trainer.parts.items():
+        changed = any(not torch.equal(before[name][k], v) for k, v in module.state_dict().items()
+                      if v.is_floating_point() and not k.startswith("running_"))
+        assert changed == (name in expected), name
+
+
+def _inputs(trainer, built):
+    from repae.train.data import StepOrder
+
+    dataset = built["dataset"]
+    order = StepOrder(len(dataset), 8, 1, 1, 0, 0)
+    items = [dataset[i] for i in order.global_batch(0).tolist()]
+    x = torch.stack([item[0] for item in items])
+    labels = torch.tensor([item[1] for item in items])
+    return trainer.make_inputs(0, 0, x, labels, order)
+
+
+def test_trainer_config_errors_are_clear():
+    with pytest.raises(Exception, match="does not list the trainable part"):
+        build(["trainer.phases=[denoiser, tokenizer]"])
+    with pytest.raises(Exception, match="lists updates \\['decoder'\\]"):
+        build(["losses.kl.updates=[decoder]"])
+
+
+def test_latent_diagnostics_by_hand():
+    from repae.analysis import spatial_variance, total_variation
+
+    z = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    assert spatial_variance(z) == pytest.approx(torch.tensor([0.0, 1.0, 2.0, 3.0]).var().item())
+    assert total_variation(z) == pytest.approx((2 + 2) + (1 + 1))
+    assert spatial_variance(torch.ones(2, 3, 4, 4)) == 0 and total_variation(torch.ones(2, 3, 4, 4)) == 0
+
+
+@pytest.mark.slow
+def test_table1_direction_without_stop_gradient_the_latent_collapses(tmp_path):
+    """Paper Table 1 at toy scale: letting the diffusion loss reach the tokenizer (no stop-gradient) drives the
+    latents' spatial variance and total variation far below what REPA-E keeps."""
+    from repae.analysis import spatial_variance, total_variation
+
+    measured = {}
+    for name, extra in (("repae", []), ("no-stop-grad", ["losses.diffusion.updates=[denoiser,tokenizer]"])):
+        _, built = build(["dataset.size=256", "trainer.batch_size=16", "trainer.steps=40",
+                          "trainer.checkpoint_every=1000", "trainer.log_every=1000", *extra])
+        built["trainer"].run(tmp_path / name, progress=False)
+        dataset = built["dataset"]
+        images = torch.stack([dataset[i][0] for i in range(64)]).float() / 127.5 - 1
+        with torch.no_grad():
+            z = built["tokenizer"].encode(images).mean
+        measured[name] = (spatial_variance(z), total_variation(z))
+    (var_e2e, tv_e2e), (var_bad, tv_bad) = measured["repae"], measured["no-stop-grad"]
+    assert var_bad < 0.05 * var_e2e, measured
+    assert tv_bad < 0.25 * tv_e2e, measured
