@@ -9,7 +9,8 @@ A recipe is a mapping whose component *slots* (:data:`SLOTS`) name registered co
     denoiser: {name: sit, size: XL/2}
 
 Merging: later layers win; mappings merge key by key, lists are replaced whole, and ``null`` deletes a key (so the
-component's default applies). Overrides ``a.b.c=value`` (value parsed as YAML; list items by index, ``encoders.0.x``)
+component's default applies). A section that names a different component than the one it extends replaces it whole
+(the other component's keys would not fit). Overrides ``a.b.c=value`` (value parsed as YAML; list items by index, ``encoders.0.x``)
 are applied last, in order. Every problem (syntax, unknown keys, wrong types, unknown components, bad overrides) is
 collected and raised at once as a :class:`repae.errors.RecipeError` naming file, line and key path.
 """
@@ -180,7 +181,7 @@ def _merge(dst: dict, src: Mapping, path: Path_, origins: dict[Path_, str], src_
         if value is None:
             dst.pop(key, None)
             _drop_origins(origins, here)
-        elif isinstance(value, Mapping) and isinstance(dst.get(key), dict):
+        elif isinstance(value, Mapping) and isinstance(dst.get(key), dict) and not _switches_component(dst[key], value):
             if here in src_origins:
                 origins[here] = src_origins[here]
             _merge(dst[key], value, here, origins, src_origins)
@@ -188,6 +189,11 @@ def _merge(dst: dict, src: Mapping, path: Path_, origins: dict[Path_, str], src_
             dst[key] = copy.deepcopy(value)
             _drop_origins(origins, here)
             origins.update({p: w for p, w in src_origins.items() if p[: len(here)] == here})
+
+
+def _switches_component(base: Mapping, layer: Mapping) -> bool:
+    """A layer that names a different component replaces the section: the base's keys belong to another config."""
+    return "name" in layer and "name" in base and layer["name"] != base["name"]
 
 
 def _load_file(path: Path, stack: list[Path], problems: list[Problem], files: list[Path]) -> RecipeSource:

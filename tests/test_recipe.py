@@ -221,3 +221,12 @@ def test_factory_value_errors_become_build_errors(recipes, registry):
     resolved = resolve_recipe(load_recipe(recipes / "child.yaml", ["dataset.root=reject-me"]), registry)
     with pytest.raises(ComponentBuildError, match="dataset 'toy-data' rejected its config: root 'reject-me'"):
         build_recipe(resolved, device="meta")
+
+
+def test_a_section_naming_another_component_replaces_the_base_section(tmp_path, registry):
+    write(tmp_path / "base.yaml", "tokenizer: {name: toy-vae, latent_channels: 8}\n")
+    write(tmp_path / "child.yaml", "extends: base.yaml\ntokenizer: {name: other-vae}\n")
+    write(tmp_path / "same.yaml", "extends: base.yaml\ntokenizer: {name: toy-vae, downsample: 4}\n")
+    assert load_recipe(tmp_path / "child.yaml").data["tokenizer"] == {"name": "other-vae"}
+    assert load_recipe(tmp_path / "same.yaml").data["tokenizer"] == {
+        "name": "toy-vae", "latent_channels": 8, "downsample": 4}

@@ -52,8 +52,9 @@ def run(
             table = plain_table(title=f"components (built on meta in {seconds:.2f} s)", header_style="bold")
             for column in ("slot", "component", "plugin", "parameters", "trainable"):
                 table.add_column(column, justify="right" if column in ("parameters", "trainable") else "left")
+            trainer = built[-1].component if built and built[-1].slot == "trainer" else None
             for b in built:
-                trainable = _trainable(b.component)
+                trainable = _trainable(b.component, trainer)
                 table.add_row(b.label, f"{b.entry.kind} {b.entry.name}", b.entry.plugin.label,
                               _format_count(b.num_parameters), _format_count(trainable))
             console.print(table)
@@ -108,11 +109,18 @@ def _train(resolved, run_dir: Path, device: str, allow_recipe_change: bool) -> N
         distributed.shutdown()
 
 
-def _trainable(component) -> int | None:
+def _trainable(component, trainer=None) -> int | None:
+    """Parameters the recipe will train: the trainer's parts (when the recipe has a trainer), else requires_grad."""
     params = getattr(component, "parameters", None)
     if not callable(params):
         return None
-    return sum(p.numel() for p in params() if p.requires_grad)
+    parts = getattr(trainer, "parts", None)
+    if parts is None:
+        return sum(p.numel() for p in params() if p.requires_grad)
+    if any(component is part for part in parts.values()):
+        return sum(p.numel() for p in params())
+    owned = component.parts() if callable(getattr(component, "parts", None)) else {}
+    return sum(p.numel() for module in owned.values() for p in module.parameters())
 
 
 def _pick_device(device: str) -> str:

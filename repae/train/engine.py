@@ -168,6 +168,16 @@ class Trainer:
         if device.type == "cuda" and self.config.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if self.config.compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile the denoiser and the tokenizer's encoder and decoder in place (state-dict keys unchanged)."""
+        self.denoiser.compile()
+        for name in ("encoder", "decoder"):
+            child = getattr(self.tokenizer, name, None) if self.tokenizer is not None else None
+            if isinstance(child, nn.Module):
+                child.compile()
 
     def _precision(self, device: torch.device) -> str:
         if self.config.precision == "auto":
@@ -200,8 +210,11 @@ class Trainer:
         depths = sorted({d for loss in losses for d in loss.feature_depths})
         return DenoiserPlan(tuple(depths), any(loss.needs_prediction for loss in losses))
 
-    def compute_gradients(self, micro_batches: Sequence[StepInputs], step: int) -> dict[str, torch.Tensor]:
-        """Run every phase on every micro-batch and accumulate gradients; returns the terms to log (tensors)."""
+    def compute_gradients(
+        self, micro_batches: Sequence[StepInputs], step: int, *, on_phase_end: Callable[[str], None] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run every phase on every micro-batch and accumulate gradients; returns the terms to log (tensors).
+        ``on_phase_end(phase)`` is called after each phase's backward pass (benchmarks time phases with it)."""
         logs: dict[str, torch.Tensor] = {}
         n = len(micro_batches)
         needs_recon = any(loss.needs_recon for loss in self.losses.values())
@@ -227,6 +240,8 @@ class Trainer:
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
+                if on_phase_end is not None:
+                    on_phase_end(phase)
         for module in self.parts.values():
             module.requires_grad_(True)
         return logs

@@ -102,10 +102,11 @@ def save_grid(images: torch.Tensor, path: Path, *, nrow: int | None = None) -> P
 
 
 def summarize(values: Mapping[str, Any]) -> dict[str, float]:
-    """Tensors to floats (one host sync for all of them)."""
+    """Scalars (tensors on any device, or numbers) to floats with a single host transfer."""
     keys = list(values)
     if not keys:
         return {}
-    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).detach().float().cpu().reshape(())
-                           for k in keys])
+    tensors = [torch.as_tensor(values[k]).detach().float().reshape(()) for k in keys]
+    device = tensors[0].device
+    stacked = torch.stack([t.to(device) for t in tensors]).cpu()
     return dict(zip(keys, stacked.tolist()))
