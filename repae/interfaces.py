@@ -89,6 +89,8 @@ class Denoiser(Protocol):
 
     hidden_size: int
     num_classes: int
+    class_dropout_prob: float
+    """Label-dropout probability in training; > 0 means the label table has the null row (index ``num_classes``)."""
 
     def forward(
         self,

@@ -175,3 +175,58 @@ def test_table1_direction_without_stop_gradient_the_latent_collapses(tmp_path):
     (var_e2e, tv_e2e), (var_bad, tv_bad) = measured["repae"], measured["no-stop-grad"]
     assert var_bad < 0.05 * var_e2e, measured
     assert tv_bad < 0.25 * tv_e2e, measured
+
+
+def test_gradient_accumulation_equals_the_whole_batch_at_once(tmp_path):
+    """Without batch statistics in the objective (fixed latent scale, no discriminator), 2 micro-batches of 4 give
+    the step that one batch of 8 gives."""
+    recipe = ["latent_norm={name: fixed-scale, scale: 1.0}", "losses=null",
+              "losses.diffusion={name: flow-matching}", "losses.repa={name: repa, depth: 2}", "trainer.steps=2"]
+    for accum in (1, 2):
+        run_cli("--out", str(tmp_path / f"accum{accum}"), *recipe, f"trainer.grad_accum={accum}")
+    a, b = checkpoint_tensors(tmp_path / "accum1"), checkpoint_tensors(tmp_path / "accum2")
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert worst < 1e-5, worst
+
+
+def test_the_tokenizer_phase_must_come_first():
+    with pytest.raises(Exception, match="tokenizer's phase must come first"):
+        build(["trainer.phases=[denoiser, discriminator, tokenizer]"])
+
+
+def test_label_dropout_only_in_the_denoiser_phase():
+    _, built = build()
+    trainer = built["trainer"]
+    trainer.setup()
+    inputs = _inputs(trainer, built)
+    inputs.drop_labels = torch.ones_like(inputs.drop_labels)
+    seen = []
+    original = trainer.denoiser.forward
+
+    def spy(*args, **kwargs):
+        seen.append((trainer.denoiser.training, bool(kwargs["force_drop"].any())))
+        return original(*args, **kwargs)
+
+    trainer.denoiser.forward = spy
+    trainer.compute_gradients([inputs], step=0)
+    assert seen == [(False, False), (True, True)]  # eval-mode alignment pass: no dropout; train-mode pass: dropout
+
+
+def test_resume_applies_the_new_optimizer_settings_and_rejects_other_parts(tmp_path):
+    out = tmp_path / "run"
+    run_cli("--out", str(out), "trainer.steps=2")
+    _, built = build(["trainer.steps=4", "trainer.optimizers.default.lr=5.0e-5"])
+    trainer = built["trainer"]
+    trainer.setup()
+    from repae.train.checkpoint import load_checkpoint
+
+    trainer.load_state(load_checkpoint(latest_checkpoint(out)))
+    assert trainer.step == 2
+    assert {g["lr"] for opt in trainer.optimizers.values() for g in opt.param_groups} == {5e-5}
+    _, bigger = build(["denoiser.depth=5"])
+    bigger["trainer"].setup()
+    from repae.errors import UserError
+
+    with pytest.raises(UserError, match="does not fit this recipe's components"):
+        bigger["trainer"].load_state(load_checkpoint(latest_checkpoint(out)), source="x")

@@ -133,16 +133,16 @@ class LatentBatchNorm(nn.Module):
     def _global_batch_norm(self, x: Tensor) -> Tensor:
         """Training-mode BatchNorm over the batches of all processes (two passes: mean, then centred squares)."""
         dims = [0, *range(2, x.ndim)]
-        count = x.numel() // x.shape[1]
-        local = torch.cat([x.sum(dims).double(), x.new_full((1,), count, dtype=torch.float64)])
-        total = _AllReduceSum.apply(local)
-        n = total[-1]
-        mean = (total[:-1] / n).to(x.dtype)
+        # every process holds an equal shard of the global batch (the engine's step order), so the global count is
+        # known on the host: no device-to-host sync
+        n_float = float(x.numel() // x.shape[1] * dist.get_world_size())
+        n = n_float
+        total = _AllReduceSum.apply(x.sum(dims).double())
+        mean = (total / n).to(x.dtype)
         centred = x - _per_channel(mean, x.ndim)
         var = (_AllReduceSum.apply(centred.square().sum(dims).double()) / n).to(x.dtype)
         out = centred * _per_channel(torch.rsqrt(var + self.eps), x.ndim)
         with torch.no_grad():
-            n_float = float(n)
             unbiased = var.detach() * (n_float / max(n_float - 1.0, 1.0))
             m = self.momentum
             self.running_mean.copy_(m * mean.detach() + (1 - m) * self.running_mean)

@@ -253,6 +253,7 @@ class DiffusionTransformer(nn.Module):
         self.depth = depth
         self.num_heads = num_heads
         self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob  # > 0: the label table has the null row (CFG)
         self.encoder_dims = list(encoder_dims)
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size**2

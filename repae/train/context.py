@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
     from repae.interfaces import DenoiserOutput, Transport
@@ -192,9 +193,17 @@ class StepContext:
                     self.labels,
                     feature_depths=self.plan.feature_depths,
                     features_only=not self.plan.needs_prediction,
-                    force_drop=self.inputs.drop_labels,
+                    force_drop=self._drop_labels(),
                 )
         return self.cache["denoised"]
+
+    def _drop_labels(self) -> Tensor | None:
+        """The label-dropout mask in the denoiser's own (training) phase; no dropout when the denoiser is frozen in
+        eval mode (REPA-E's alignment pass), as the reference drops labels only in training mode."""
+        drop = self.inputs.drop_labels
+        if drop is None or self.phase == "denoiser":
+            return drop
+        return torch.zeros_like(drop)
 
     def _autocast(self) -> Any:
         import contextlib

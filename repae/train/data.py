@@ -8,6 +8,7 @@ samples a run on 1 process sees, and a resumed run continues exactly where the i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,12 @@ __all__ = ["StepOrder", "step_generator"]
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for step ``step`` of a run seeded ``seed`` (``stream`` separates independent uses)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch ``epoch``: computed once, not once per step."""
+    return torch.randperm(size, generator=step_generator(seed, epoch, stream=1))
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class StepOrder:
         return step // self.steps_per_epoch
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.dataset_size, generator=step_generator(self.seed, epoch, stream=1))
+        return _epoch_permutation(self.dataset_size, self.seed, epoch)
 
     def global_batch(self, step: int) -> torch.Tensor:
         """Indices of the whole global batch of ``step`` (every process can compute it)."""

@@ -20,6 +20,7 @@ __all__ = [
     "all_reduce_mean_",
     "barrier",
     "broadcast_",
+    "broadcast_object",
     "init",
     "is_distributed",
     "rank",
@@ -80,8 +81,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
-    """Average tensors over all processes, in place, one flattened all-reduce per dtype/device group."""
+BUCKET_BYTES = 64 * 2**20
+
+
+def all_reduce_mean_(tensors: Iterable[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average tensors over all processes, in place: flattened all-reduces of at most ``bucket_bytes`` each, per
+    dtype/device group (bounded extra memory, few collectives)."""
     if not is_distributed():
         return
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
@@ -89,14 +94,36 @@ def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
         groups.setdefault((t.dtype, t.device), []).append(t)
     world = dist.get_world_size()
     for group in groups.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
+        bucket: list[torch.Tensor] = []
+        size = 0
         for t in group:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
+            bucket.append(t)
+            size += t.numel() * t.element_size()
+            if size >= bucket_bytes:
+                _reduce_bucket(bucket, world)
+                bucket, size = [], 0
+        if bucket:
+            _reduce_bucket(bucket, world)
+
+
+def _reduce_bucket(bucket: list[torch.Tensor], world: int) -> None:
+    flat = torch.cat([t.reshape(-1) for t in bucket])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in bucket:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` as process ``src`` has it, on every process (e.g. which checkpoint to resume from)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -30,15 +30,19 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, modules: Mapping[str, nn.Module]) -> None:
+        weight = 1.0 - self.decay
         for name, shadow in self.shadows.items():
             live = modules[name]
-            for ema_p, p in zip(shadow.parameters(), live.parameters()):
-                ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            targets = list(shadow.parameters())
+            sources = [p.detach() for p in live.parameters()]
             for ema_b, b in zip(shadow.buffers(), live.buffers()):
                 if ema_b.is_floating_point():
-                    ema_b.lerp_(b, 1.0 - self.decay)
+                    targets.append(ema_b)
+                    sources.append(b)
                 else:
                     ema_b.copy_(b)
+            if targets:
+                torch._foreach_lerp_(targets, sources, weight)
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.shadows[name]

@@ -118,6 +118,23 @@ class Trainer:
         if unknown:
             raise UserError(f"trainer.phases {config.phases} does not list the trainable part(s) {unknown}")
         self.phases = [p for p in config.phases if p in self.parts and self._phase_losses(p)]
+        if "tokenizer" in self.phases and self.phases[0] != "tokenizer":
+            raise UserError(
+                f"trainer.phases {config.phases}: the tokenizer's phase must come first (the other parts train on "
+                "its pre-update latents and reconstructions, detached)"
+            )
+        has_null_row = float(getattr(self.denoiser, "class_dropout_prob", 0.0) or 0.0) > 0
+        if not has_null_row and (config.label_dropout or 0.0) > 0:
+            raise UserError(
+                "trainer.label_dropout > 0 needs a null-class row in the denoiser's label table: set the denoiser's "
+                "class_dropout_prob > 0 (or trainer.label_dropout to 0)"
+            )
+        guidance = getattr(getattr(self.sampler, "config", None), "cfg_scale", 1.0)
+        if not has_null_row and guidance not in (None, 1.0) and config.sample_every:
+            raise UserError(
+                f"the sampler guides with cfg_scale {guidance}, which needs the null class, but the denoiser has no "
+                "null row (class_dropout_prob 0): set sampler.cfg_scale=1.0 or the denoiser's class_dropout_prob > 0"
+            )
         transports = [(label, loss.transport) for label, loss in self.losses.items() if loss.transport is not None]
         if len(transports) > 1:
             raise UserError(f"several losses define the diffusion process: {[t[0] for t in transports]}; keep one")
@@ -127,6 +144,7 @@ class Trainer:
         self.ema: EMA | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.step = 0
+        self._randomness_cache: tuple | None = None
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def _phase_losses(self, phase: str) -> list[tuple[str, Any]]:
@@ -218,6 +236,7 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         n = len(micro_batches)
         needs_recon = any(loss.needs_recon for loss in self.losses.values())
+        roots = []
         for inputs in micro_batches:
             root = StepContext(
                 phase="", inputs=inputs, tokenizer=self.tokenizer, denoiser=self.denoiser,
@@ -225,9 +244,14 @@ class Trainer:
                 step=step, autocast=self._autocast(), num_classes=getattr(self.denoiser, "num_classes", None),
             )
             root.shared["needs_recon"] = needs_recon
-            for phase in self.phases:
-                self._enter_phase(phase)
-                ctx = root.for_phase(phase, self._plan(phase))
+            roots.append(root)
+        # Phases outside, micro-batches inside: every micro-batch's tokenizer phase sees the same latent statistics
+        # (the denoiser phases, which update them, come after), as one large batch would.
+        for phase in self.phases:
+            self._enter_phase(phase)
+            plan = self._plan(phase)
+            for root in roots:
+                ctx = root.for_phase(phase, plan)
                 objective: torch.Tensor | float = 0.0
                 for label, loss in self._phase_losses(phase):
                     terms = loss(ctx)
@@ -240,8 +264,8 @@ class Trainer:
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
-                if on_phase_end is not None:
-                    on_phase_end(phase)
+            if on_phase_end is not None:
+                on_phase_end(phase)
         for module in self.parts.values():
             module.requires_grad_(True)
         return logs
@@ -292,22 +316,35 @@ class Trainer:
             return self.config.label_dropout
         return float(getattr(self.denoiser, "class_dropout_prob", 0.0) or 0.0)
 
-    def make_inputs(self, step: int, micro: int, x: torch.Tensor, labels: torch.Tensor, order: StepOrder) -> StepInputs:
-        """The micro-batch's inputs with randomness drawn for the global batch (seed, step) and sliced."""
+    def _step_randomness(self, step: int, shape: tuple[int, ...], batch: int) -> tuple[torch.Tensor, ...]:
+        """Posterior noise, t, diffusion noise and the label-drop mask of the whole global batch of ``step``."""
+        if self._randomness_cache and self._randomness_cache[0] == (step, shape, batch):
+            return self._randomness_cache[1]
         g = step_generator(self.seed, step)
-        batch = order.batch_size
-        shape = self._latent_shape(x)
         eps = torch.randn(batch, *shape, generator=g)
         t = self.transport.sample_time(batch, generator=g)
         noise = torch.randn(batch, *shape, generator=g)
         drop = torch.rand(batch, generator=g) < self._label_dropout()
+        self._randomness_cache = ((step, shape, batch), (eps, t, noise, drop))
+        return eps, t, noise, drop
+
+    def make_inputs(self, step: int, micro: int, x: torch.Tensor, labels: torch.Tensor, order: StepOrder) -> StepInputs:
+        """The micro-batch's inputs with randomness drawn for the global batch (seed, step) and sliced."""
+        eps, t, noise, drop = self._step_randomness(step, self._latent_shape(x), order.batch_size)
         part = order.local_slice(micro)
         device = self.device
-        images, latents = (None, x.to(device)) if getattr(self.dataset, "kind", "images") == "latents" else (
-            x.to(device), None)
+        non_blocking = device.type == "cuda"
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if non_blocking:
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=non_blocking)
+
+        images, latents = (None, move(x)) if getattr(self.dataset, "kind", "images") == "latents" else (
+            move(x), None)
         return StepInputs(
-            labels=labels.to(device), images=images, latents=latents, eps_posterior=eps[part].to(device),
-            t=t[part].to(device), noise=noise[part].to(device), drop_labels=drop[part].to(device),
+            labels=move(labels), images=images, latents=latents, eps_posterior=move(eps[part]),
+            t=move(t[part]), noise=move(noise[part]), drop_labels=move(drop[part]),
         )
 
     # -- state -----------------------------------------------------------------------------------------------------
@@ -321,7 +358,21 @@ class Trainer:
         state = {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
         return {"models": models, "optimizers": optimizers, "state": state}
 
-    def load_state(self, checkpoint: Mapping[str, Any]) -> None:
+    def load_state(self, checkpoint: Mapping[str, Any], *, source: str = "the checkpoint") -> None:
+        """Restore a checkpoint; the optimizers keep the settings of the current recipe (lr, betas, ...)."""
+        try:
+            self._load_state(checkpoint)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(
+                f"{source} does not fit this recipe's components ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                "A recipe that adds, removes or resizes a trained part cannot continue an old run: pass a new --out."
+            ) from None
+        for name, optimizer in self.optimizers.items():
+            cfg = self._optimizer_config(name)
+            for group in optimizer.param_groups:
+                group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+    def _load_state(self, checkpoint: Mapping[str, Any]) -> None:
         models = checkpoint["models"]
         for name, module in self.parts.items():
             module.load_state_dict(models[name])
@@ -369,9 +420,9 @@ class Trainer:
         topo_rank, world = distributed.rank(), distributed.world_size()
         is_main = topo_rank == 0
         self.setup()
-        found = latest_checkpoint(run_dir)
+        found = distributed.broadcast_object(latest_checkpoint(run_dir) if is_main else None)
         if found is not None:
-            self.load_state(load_checkpoint(found))
+            self.load_state(load_checkpoint(found), source=str(found))
             if is_main:
                 _say(f"resuming from {found} (step {self.step} of {self.config.steps})")
         order = StepOrder(len(self.dataset), self.config.batch_size, self.config.grad_accum, world, topo_rank,
@@ -392,6 +443,7 @@ class Trainer:
         loader = iter(self._loader(order, self.step, cfg.steps))
         started = time.perf_counter()
         pending: dict[str, torch.Tensor] = {}
+        pending_steps = 0
         while self.step < cfg.steps:
             step = self.step
             micro = []
@@ -401,11 +453,12 @@ class Trainer:
             logs = self.train_step(micro, step)
             for key, value in logs.items():
                 pending[key] = pending.get(key, 0.0) + value.detach().float()
+            pending_steps += 1
             done = self.step
             if done % cfg.log_every == 0 or done == cfg.steps:
-                count = cfg.log_every if done % cfg.log_every == 0 else (done % cfg.log_every)
-                values = {k: v / count for k, v in summarize(pending).items()}
+                values = {k: v / pending_steps for k, v in summarize(pending).items()}
                 pending.clear()
+                pending_steps = 0
                 speed = bar.update(done, {k: v for k, v in values.items() if not k.endswith("grad_norm")})
                 if metrics is not None:
                     metrics.write(done, {**values, **speed, "elapsed_s": time.perf_counter() - started})
