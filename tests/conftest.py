@@ -109,3 +109,27 @@ def build_section(registry, kind: str, name: str, /, device: str = "cpu", **sect
     config, issues = entry.parse(section)
     assert not issues, issues
     return build_component(entry, config, BuildContext(device=device))
+
+
+QUICK_RUN_OVERRIDES = [
+    "dataset.size=64", "trainer.batch_size=8", "trainer.steps=4", "trainer.log_every=2", "trainer.checkpoint_every=2",
+    "trainer.sample_every=0", "trainer.num_workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory) -> Path:
+    """A finished 4-step run of recipes/quickstart.yaml (checkpoints at steps 2 and 4), shared by the tests of the
+    commands that read runs (sample, analyze, export, compare). Treat it as read-only."""
+    from repae.build import build_recipe
+    from repae.plugins import load_plugins
+    from repae.recipe import read_recipe
+    from repae.rundir import prepare_run_dir
+
+    run_dir = tmp_path_factory.mktemp("quick_run")
+    resolved = read_recipe(ROOT / "recipes" / "quickstart.yaml", QUICK_RUN_OVERRIDES,
+                           load_plugins(select={"repae"}).registry)
+    prepare_run_dir(resolved, run_dir)
+    built = build_recipe(resolved, device="cpu")
+    built[-1].component.run(run_dir, progress=False)
+    return run_dir

@@ -1,0 +1,139 @@
+"""Opening a finished (or running) training run: its recipe, its components, the weights of one checkpoint.
+
+``repae sample``, ``repae analyze`` and ``repae export`` take a run directory or one of its checkpoint folders::
+
+    run = open_run("runs/quickstart")                      # latest checkpoint
+    run = open_run("runs/quickstart/checkpoints/step-0000300")
+    run.denoiser        # EMA weights by default (use_ema=False for the raw ones)
+    run.normalizer      # the EMA'd latent normaliser when the run has one
+    run.tokenizer       # the end-to-end-tuned weights when the tokenizer trained, else the recipe's
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from repae.errors import UserError
+
+__all__ = ["OpenedRun", "open_run", "resolve_run_path"]
+
+
+def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint_dir)`` for a run directory (its latest checkpoint) or a checkpoint folder."""
+    from repae.train.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "state.json").is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist; pass a run directory (from `repae run --out`) or a checkpoint folder")
+    found = latest_checkpoint(path)
+    if found is None:
+        raise UserError(f"{path} holds no checkpoint (checkpoints/step-*/state.json); has its training saved one?")
+    return path, found
+
+
+@dataclass
+class OpenedRun:
+    """A run's resolved recipe, built components with the checkpoint's weights, and where they came from."""
+
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    recipe: Any
+    components: dict[str, Any] = field(default_factory=dict)
+    use_ema: bool = True
+
+    @property
+    def denoiser(self) -> Any:
+        return self.components.get("denoiser")
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.components.get("tokenizer")
+
+    @property
+    def normalizer(self) -> Any:
+        return self.components.get("latent_norm")
+
+    @property
+    def encoders(self) -> list[Any]:
+        return [v for k, v in sorted(self.components.items()) if k.startswith("encoders.")]
+
+    @property
+    def sampler(self) -> Any:
+        return self.components.get("sampler")
+
+    @property
+    def dataset(self) -> Any:
+        return self.components.get("dataset")
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the denoiser's latents."""
+        denoiser = self.denoiser
+        side = getattr(denoiser, "grid_size", None)
+        patch = getattr(denoiser, "patch_size", None)
+        channels = getattr(denoiser, "in_channels", None)
+        if side and patch and channels:
+            return channels, side * patch, side * patch
+        tokenizer = self.tokenizer
+        resolution = self.recipe.get("denoiser")[0].config.resolution
+        f = tokenizer.downsample
+        return tokenizer.latent_channels, resolution // f, resolution // f
+
+
+def open_run(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    use_ema: bool = True,
+    slots: tuple[str, ...] = ("tokenizer", "encoders", "latent_norm", "denoiser", "sampler", "dataset"),
+) -> OpenedRun:
+    """Rebuild a run's components from its ``recipe.yaml`` and load checkpoint weights into them (EMA by default).
+
+    Only ``slots`` are built (losses and the trainer are not needed to use a trained model). Pretrained weights the
+    recipe names are not loaded for parts the checkpoint holds (it overrides them).
+    """
+    import torch
+
+    from repae.build import BuildContext, build_component
+    from repae.plugins import load_plugins
+    from repae.recipe import read_recipe
+    from repae.rundir import RECIPE_FILE
+    from repae.train.checkpoint import load_checkpoint
+
+    run_dir, checkpoint_dir = resolve_run_path(path)
+    recipe_path = run_dir / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise UserError(f"{run_dir} has no {RECIPE_FILE}; it was not written by `repae run`")
+    resolved = read_recipe(recipe_path, [], load_plugins().registry)
+    checkpoint = load_checkpoint(checkpoint_dir)
+    models = checkpoint.models
+    held = {"tokenizer": "tokenizer", "denoiser": "ema-denoiser" if use_ema else "denoiser",
+            "latent_norm": "ema-latent_norm" if use_ema else "latent_norm"}
+    built: dict[str, Any] = {}
+    components: dict[str, Any] = {}
+    for spec in resolved.components:
+        if spec.slot not in slots:
+            continue
+        from_checkpoint = held.get(spec.slot) in models
+        context = BuildContext(device=device, built=dict(built), seed=resolved.seed,
+                               load_weights=not from_checkpoint)
+        component = build_component(spec.entry, spec.config, context, label=spec.label)
+        if from_checkpoint:
+            state = models[held[spec.slot]]
+            try:
+                component.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise UserError(f"{checkpoint_dir}: the {spec.slot} weights do not fit the recipe's {spec.slot} "
+                                f"({str(exc).splitlines()[0]})") from None
+        if isinstance(component, torch.nn.Module):
+            component.to(device).eval().requires_grad_(False)
+        components[spec.label] = component
+        if spec.key is None:
+            built[spec.slot] = component
+        elif isinstance(spec.key, int):
+            built.setdefault(spec.slot, []).append(component)
+    return OpenedRun(run_dir, checkpoint_dir, int(checkpoint.state["step"]), resolved, components, use_ema)
