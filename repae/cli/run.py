@@ -84,29 +84,13 @@ def run(
 
 
 def _train(resolved, run_dir: Path, device: str, allow_recipe_change: bool) -> None:
-    """Join the process group (torchrun), write the run directory on rank 0, build on this rank's device, train."""
     import os
 
-    from repae.build import build_recipe
-    from repae.rundir import prepare_run_dir
-    from repae.train import distributed
+    from repae.train.launch import train_recipe
 
-    if device.startswith("cuda"):
-        _pick_device(device)  # a clear error when CUDA is missing
+    train_recipe(resolved, run_dir, device=device, allow_recipe_change=allow_recipe_change)
     if os.environ.get("RANK", "0") == "0":
-        prepare_run_dir(resolved, run_dir, allow_recipe_change=allow_recipe_change)
-    topology = distributed.init(device)
-    try:
-        distributed.barrier()
-        built = build_recipe(resolved, device=str(topology.device))
-        trainer = built[-1].component if built[-1].slot == "trainer" else None
-        if trainer is None or not callable(getattr(trainer, "run", None)):
-            raise UserError("the recipe's trainer has no run(run_dir) method; its plugin is broken")
-        trainer.run(run_dir)
-        if topology.is_main:
-            stdout().print(f"done: {run_dir}")
-    finally:
-        distributed.shutdown()
+        stdout().print(f"done: {run_dir}")
 
 
 def _trainable(component, trainer=None) -> int | None:

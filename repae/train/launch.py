@@ -1,0 +1,40 @@
+"""Train a resolved recipe in this process: the body of ``repae run`` (also used by ``repae sweep``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from repae.errors import UserError
+
+__all__ = ["train_recipe"]
+
+
+def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_recipe_change: bool = False,
+                 progress: bool = True) -> Path:
+    """Join the process group (under torchrun), write the run directory on rank 0, build the components on this
+    process's device and run the recipe's trainer (resuming from the run directory's latest checkpoint)."""
+    from repae.build import build_recipe
+    from repae.rundir import prepare_run_dir
+    from repae.train import distributed
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        prepare_run_dir(resolved, run_dir, allow_recipe_change=allow_recipe_change)
+    topology = distributed.init(device)
+    try:
+        distributed.barrier()
+        built = build_recipe(resolved, device=str(topology.device))
+        trainer = built[-1].component if built and built[-1].slot == "trainer" else None
+        if trainer is None or not callable(getattr(trainer, "run", None)):
+            raise UserError("the recipe's trainer has no run(run_dir) method; its plugin is broken")
+        trainer.run(run_dir, progress=progress)
+    finally:
+        distributed.shutdown()
+    return run_dir
