@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from repae_samplers import ODESamplerConfig
-from repae_samplers.base import Sampler, VelocityField
+from repae_samplers.base import NoiseSource, Sampler, VelocityField
 
 __all__ = ["EulerSampler", "HeunSampler", "build_euler", "build_heun", "time_grid"]
 
@@ -29,7 +29,7 @@ def time_grid(steps: int, device: torch.device | str | None = None) -> Tensor:
 class EulerSampler(Sampler):
     """Euler integration of the probability-flow ODE (registry name ``euler``)."""
 
-    def integrate(self, field: VelocityField, x: Tensor) -> Tensor:
+    def integrate(self, field: VelocityField, x: Tensor, noise: NoiseSource | None = None) -> Tensor:
         t = time_grid(self.config.steps, x.device)
         for t_cur, t_next in zip(t[:-1], t[1:]):
             x = x + (t_next - t_cur) * field(x, t_cur, field.guided_at(t_cur))
@@ -39,7 +39,7 @@ class EulerSampler(Sampler):
 class HeunSampler(Sampler):
     """Heun (trapezoidal predictor-corrector) integration, last step Euler (registry name ``heun``)."""
 
-    def integrate(self, field: VelocityField, x: Tensor) -> Tensor:
+    def integrate(self, field: VelocityField, x: Tensor, noise: NoiseSource | None = None) -> Tensor:
         t = time_grid(self.config.steps, x.device)
         last = self.config.steps - 1
         for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
