@@ -1,18 +1,46 @@
-"""Latent-space diagnostics of the paper (Table 1): spatial variance and total variation of latents.
+"""Latent-space diagnostics of REPA-E (Leng et al., 2025, arXiv 2504.10483) for ``repae analyze``.
 
-Both take latents ``[B, C, H, W]`` (the tokenizer posterior's mean, un-normalised) and return a per-image value
-averaged over the batch. A latent space collapsed by the diffusion loss (REPA-E without the stop-gradient) has both
-near zero: a constant latent is trivially easy to denoise.
+- Table 1: spatial variance and total variation of the latents. Both take latents ``[B, C, H, W]`` (the tokenizer
+  posterior's mean, un-normalised). A latent space collapsed by the diffusion loss (REPA-E without the stop-gradient)
+  has both near zero: a constant latent is trivially easy to denoise.
+- Fig. 3b: CKNNA (Huh et al., 2024, "The Platonic Representation Hypothesis", arXiv 2405.07987), the alignment between
+  the denoiser's hidden tokens and a pretrained encoder's tokens.
+- Fig. 2a: the latents' first three principal components shown as RGB.
+- Reconstruction quality: PSNR.
+
+The metric functions are pure (torch only); :func:`analyze_batch` runs a trained run's models on a batch of images and
+collects everything ``repae analyze`` writes to ``analysis.json``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["spatial_variance", "total_variation"]
+__all__ = [
+    "BatchAnalysis",
+    "analyze_batch",
+    "cknna",
+    "denoiser_features",
+    "image_grid",
+    "latent_pca_rgb",
+    "psnr",
+    "spatial_variance",
+    "spatial_variance_per_channel",
+    "to_uint8",
+    "total_variation",
+    "total_variation_per_channel",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Table 1: spatial variance and total variation
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def spatial_variance(z: Tensor) -> float:
@@ -20,10 +48,283 @@ def spatial_variance(z: Tensor) -> float:
     return z.float().var(dim=(2, 3)).mean().item()
 
 
+def spatial_variance_per_channel(z: Tensor) -> list[float]:
+    """Variance over spatial positions of each channel, averaged over images: ``C`` values (their mean is
+    :func:`spatial_variance`)."""
+    return z.float().var(dim=(2, 3)).mean(dim=0).tolist()
+
+
+def _abs_differences(z: Tensor) -> Tensor:
+    """Per image and channel: summed absolute differences of vertically and horizontally adjacent pixels ``[B, C]``."""
+    z = z.float()
+    vertical = (z[:, :, 1:, :] - z[:, :, :-1, :]).abs().sum(dim=(2, 3))
+    horizontal = (z[:, :, :, 1:] - z[:, :, :, :-1]).abs().sum(dim=(2, 3))
+    return vertical + horizontal
+
+
 def total_variation(z: Tensor) -> float:
     """Sum of absolute differences between vertically and horizontally adjacent latent pixels over all channels,
     averaged over images (anisotropic total variation)."""
-    z = z.float()
-    vertical = (z[:, :, 1:, :] - z[:, :, :-1, :]).abs().sum(dim=(1, 2, 3))
-    horizontal = (z[:, :, :, 1:] - z[:, :, :, :-1]).abs().sum(dim=(1, 2, 3))
-    return (vertical + horizontal).mean().item()
+    return _abs_differences(z).sum(dim=1).mean().item()
+
+
+def total_variation_per_channel(z: Tensor) -> list[float]:
+    """:func:`total_variation` of each channel alone, averaged over images: ``C`` values (they sum to it)."""
+    return _abs_differences(z).mean(dim=0).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CKNNA
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _knn_mask(kernel: Tensor, k: int) -> Tensor:
+    """bool ``[n, n]``: ``mask[i, j]`` when ``j != i`` is among the ``k`` nearest neighbours of ``i`` (largest
+    kernel values)."""
+    import torch
+
+    n = kernel.shape[0]
+    scores = kernel.clone()
+    scores.fill_diagonal_(-math.inf)
+    nearest = scores.topk(k, dim=1).indices
+    mask = torch.zeros(n, n, dtype=torch.bool, device=kernel.device)
+    mask.scatter_(1, nearest, True)
+    return mask
+
+
+def _row_centred(kernel: Tensor) -> Tensor:
+    """``K_ij - mean_l K_il``: each similarity relative to the average similarity of ``i`` to the batch."""
+    return kernel - kernel.mean(dim=1, keepdim=True)
+
+
+def cknna(a: Tensor, b: Tensor, *, k: int = 10, normalize: bool = True) -> float:
+    """Centered kernel nearest-neighbour alignment of two representations of the same ``n`` samples.
+
+    ``a`` ``[n, d_a]`` and ``b`` ``[n, d_b]`` (more dimensions are flattened). With linear kernels
+    ``K = a a^T``, ``L = b b^T`` (cosine similarities when ``normalize``: rows are L2-normalised first), centred per
+    row as in the paper (``K_ij - mean_l K_il``), and ``alpha(i, j)`` the indicator that ``j != i`` is among the ``k``
+    nearest neighbours of ``i`` under *both* kernels (mutual k-NN)::
+
+        align(K, L) = sum_ij alpha(i, j) Kc_ij Lc_ij
+        CKNNA       = align(K, L) / sqrt(align(K, K) * align(L, L))
+
+    where ``align(K, K)`` uses the neighbours under ``K`` alone. Identical representations (or ones that differ by a
+    rotation and scale) give 1; independent ones give about 0 (of the order ``k / n``). CKA is the special case
+    ``k = n - 1``. ``k`` is capped at ``n - 1``.
+    """
+    import torch
+
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"cknna: {a.shape[0]} and {b.shape[0]} samples; both need the same samples")
+    n = a.shape[0]
+    if n < 3:
+        raise ValueError(f"cknna needs at least 3 samples, got {n}")
+    if k < 1:
+        raise ValueError(f"cknna: k must be >= 1, got {k}")
+    k = min(k, n - 1)
+    a, b = a.reshape(n, -1).double(), b.reshape(n, -1).double()
+    if normalize:
+        a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    kernel_a, kernel_b = a @ a.T, b @ b.T
+    mask_a, mask_b = _knn_mask(kernel_a, k), _knn_mask(kernel_b, k)
+    centred_a, centred_b = _row_centred(kernel_a), _row_centred(kernel_b)
+    cross = (centred_a * centred_b)[mask_a & mask_b].sum()
+    self_a = centred_a.square()[mask_a].sum()
+    self_b = centred_b.square()[mask_b].sum()
+    denominator = torch.sqrt(self_a * self_b)
+    return 0.0 if denominator.item() == 0.0 else (cross / denominator).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pictures and reconstruction quality
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def latent_pca_rgb(z: Tensor) -> Tensor:
+    """The first three principal components of the latent channels as RGB in ``[0, 1]``: ``[B, 3, H, W]``.
+
+    Every position of every image of ``z`` ``[B, C, H, W]`` is one sample of ``C`` channels; the components are those
+    of the whole batch (so colours compare across images), each min-max scaled to ``[0, 1]`` over the batch. Signs are
+    fixed (the largest loading of each component is positive); with fewer than three channels the missing colours are
+    0.
+    """
+    import torch
+
+    b, c, h, w = z.shape
+    samples = z.detach().double().permute(0, 2, 3, 1).reshape(-1, c)
+    samples = samples - samples.mean(dim=0)
+    covariance = samples.T @ samples / max(samples.shape[0] - 1, 1)
+    values, vectors = torch.linalg.eigh(covariance)
+    vectors = vectors[:, values.argsort(descending=True)[:3]]
+    largest = vectors.abs().argmax(dim=0)
+    signs = vectors[largest, torch.arange(vectors.shape[1])].sign()
+    vectors = vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+    projected = samples @ vectors
+    low, high = projected.min(dim=0).values, projected.max(dim=0).values
+    scaled = (projected - low) / (high - low).clamp_min(1e-12)
+    if scaled.shape[1] < 3:
+        scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], 3 - scaled.shape[1])], dim=1)
+    return scaled.reshape(b, h, w, 3).permute(0, 3, 1, 2).float().contiguous()
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in ``[-1, 1]`` to uint8 ``[0, 255]`` (clamped, rounded), as the trainer saves samples."""
+    import torch
+
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def psnr(reference: Tensor, estimate: Tensor, *, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB, per image over all pixels and channels, averaged over images.
+
+    ``10 log10(data_range^2 / mse)``; an exact copy (``mse = 0``) counts as 100 dB so the result stays finite.
+    """
+    if reference.shape != estimate.shape:
+        raise ValueError(f"psnr: shapes {tuple(reference.shape)} and {tuple(estimate.shape)} differ")
+    error = (reference.double() - estimate.double()).square().flatten(1).mean(dim=1)
+    error = error.clamp_min(data_range**2 * 1e-10)
+    return (10.0 * (data_range**2 / error).log10()).mean().item()
+
+
+def image_grid(rows: Sequence[Tensor], *, padding: int = 2, pad_value: int = 255) -> Tensor:
+    """Lay out rows of uint8 images ``[n_i, 3, H, W]`` (same ``H``, ``W``) as one uint8 ``[3, H', W']`` picture,
+    one given row per picture row, ``padding`` pixels of ``pad_value`` between and around them."""
+    import torch
+
+    height, width = rows[0].shape[-2:]
+    columns = max(row.shape[0] for row in rows)
+    grid = torch.full(
+        (3, padding + len(rows) * (height + padding), padding + columns * (width + padding)),
+        pad_value,
+        dtype=torch.uint8,
+    )
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            top, left = padding + r * (height + padding), padding + c * (width + padding)
+            grid[:, top : top + height, left : left + width] = image
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a trained model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def denoiser_features(
+    denoiser: Any,
+    normalizer: Any,
+    transport: Any,
+    z: Tensor,
+    labels: Tensor,
+    noise: Tensor,
+    *,
+    t: float,
+    depth: int,
+) -> Tensor:
+    """The denoiser's hidden tokens after block ``depth`` (1-based), mean-pooled per image: ``[B, hidden]``.
+
+    ``z`` are tokenizer latents; they are normalised by ``normalizer`` (its running statistics, eval mode), noised to
+    time ``t`` (1 = noise) with ``noise`` by ``transport.interpolate`` and fed with ``labels``. A transport with
+    integer steps (DDPM: ``num_timesteps``) gets ``round(t * (T - 1))``.
+    """
+    import torch
+
+    b = z.shape[0]
+    steps = getattr(transport, "num_timesteps", None)
+    if steps:
+        times = torch.full((b,), round(t * (int(steps) - 1)), dtype=torch.long, device=z.device)
+    else:
+        times = torch.full((b,), float(t), dtype=z.dtype, device=z.device)
+    x0 = normalizer.normalize(z) if normalizer is not None else z
+    x_t = transport.interpolate(x0, noise, times)
+    out = denoiser(x_t, transport.model_time(times), labels, feature_depths=(depth,), features_only=True)
+    return out.hidden[depth].float().mean(dim=1)
+
+
+@dataclass
+class BatchAnalysis:
+    """What :func:`analyze_batch` measured: JSON-ready ``metrics``, uint8 picture grids ``[3, H, W]`` and the uint8
+    reconstructions ``[N, 3, H, W]`` (for an rFID)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    pictures: dict[str, Tensor] = field(default_factory=dict)
+    reconstructions: Tensor | None = None
+
+
+def analyze_batch(
+    *,
+    tokenizer: Any,
+    images: Tensor,
+    labels: Tensor,
+    denoiser: Any = None,
+    normalizer: Any = None,
+    transport: Any = None,
+    encoders: Mapping[str, Any] | None = None,
+    depth: int | None = None,
+    t: float = 0.5,
+    k: int = 10,
+    seed: int = 0,
+    batch_size: int = 32,
+    grid_images: int = 8,
+    device: str = "cpu",
+) -> BatchAnalysis:
+    """Measure a run's latent space on ``images`` (uint8 ``[N, 3, H, W]``, CPU) with ``labels`` (``[N]``).
+
+    - latents: the tokenizer posterior's mean (un-normalised): spatial variance and total variation, overall and
+      per channel; their PCA picture (``latent_pca``: a row of inputs over a row of PCA maps, upsampled nearest);
+    - reconstructions: ``decode(mean)`` quantised to uint8 against the inputs: ``psnr`` (and a ``reconstructions``
+      picture, inputs over reconstructions);
+    - CKNNA (k = ``k``): the denoiser's hidden tokens at ``depth``, at time ``t`` with noise drawn from ``seed``,
+      mean-pooled per image, against each encoder's tokens mean-pooled per image. Skipped (``None``) without a
+      denoiser, encoders or depth, or with fewer than 3 images.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    latents, reconstructions, hidden = [], [], []
+    encoded: dict[str, list[Tensor]] = {label: [] for label in (encoders or {})}
+    with_cknna = denoiser is not None and bool(encoders) and depth is not None and transport is not None and n >= 3
+    noise = None
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            raw = images[start : start + batch_size].to(device)
+            posterior = tokenizer.encode(raw.float() / 127.5 - 1.0)
+            z = posterior.mean.float()
+            latents.append(z.cpu())
+            reconstructions.append(to_uint8(tokenizer.decode(z)).cpu())
+            if not with_cknna:
+                continue
+            if noise is None:
+                generator = torch.Generator().manual_seed(seed)
+                noise = torch.randn((n, *z.shape[1:]), generator=generator)
+            batch_noise = noise[start : start + batch_size].to(device, z.dtype)
+            batch_labels = labels[start : start + batch_size].to(device)
+            hidden.append(denoiser_features(denoiser, normalizer, transport, z, batch_labels, batch_noise,
+                                            t=t, depth=depth).cpu())
+            for label, encoder in (encoders or {}).items():
+                encoded[label].append(encoder(raw).float().mean(dim=1).cpu())
+    z = torch.cat(latents)
+    recon = torch.cat(reconstructions)
+    metrics: dict[str, Any] = {
+        "spatial_variance": spatial_variance(z),
+        "spatial_variance_per_channel": spatial_variance_per_channel(z),
+        "total_variation": total_variation(z),
+        "total_variation_per_channel": total_variation_per_channel(z),
+        "latent_shape": list(z.shape[1:]),
+        "psnr": psnr(images.float(), recon.float()),
+    }
+    per_encoder = {label: cknna(torch.cat(hidden), torch.cat(tokens), k=k) for label, tokens in encoded.items()
+                   if with_cknna}
+    metrics["cknna"] = next(iter(per_encoder.values()), None)
+    metrics["cknna_per_encoder"] = per_encoder
+    shown = images[:grid_images]
+    pca = latent_pca_rgb(z)[: shown.shape[0]]
+    pca = F.interpolate(pca, size=tuple(shown.shape[-2:]), mode="nearest")
+    pca = (pca * 255.0).round().to(torch.uint8)
+    pictures = {
+        "latent_pca": image_grid([shown, pca]),
+        "reconstructions": image_grid([shown, recon[: shown.shape[0]]]),
+    }
+    return BatchAnalysis(metrics, pictures, recon)
