@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from repae.cli import cache, components, plugins, recipe, run
+from repae.cli import analyze, cache, compare, components, export, plugins, recipe, run, sample, sweep
+from repae.cli import eval as eval_cli
 
 app = typer.Typer(
     name="repae",
@@ -39,6 +40,12 @@ app.command("plugins")(plugins.list_plugins)
 app.add_typer(recipe.app, name="recipe")
 app.command("run")(run.run)
 app.command("cache-latents")(cache.cache_latents)
+app.command("sample")(sample.sample)
+app.command("eval")(eval_cli.evaluate)
+app.command("analyze")(analyze.analyze)
+app.command("export")(export.export)
+app.command("sweep")(sweep.sweep)
+app.command("compare")(compare.compare)
 
 
 def main() -> None:

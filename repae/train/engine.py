@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from repae.errors import UserError
+from repae.generate import decode_latents
 from repae.train import distributed
 from repae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from repae.train.config import OptimizerConfig, TrainerConfig
@@ -399,14 +400,9 @@ class Trainer:
         example = self._sample_shape()
         noise = torch.randn(count, *example, generator=step_generator(self.seed, self.step, stream=2)).to(self.device)
         denoiser = self.ema["denoiser"]
-        latents = self.sampler(denoiser, noise, labels).to(torch.float32)
-        if "latent_norm" in self.ema.shadows:
-            latents = self.ema["latent_norm"].denormalize(latents)
-        was_training = self.tokenizer.training
-        self.tokenizer.eval()
-        images = self.tokenizer.decode(latents)
-        self.tokenizer.train(was_training)
-        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        latents = self.sampler(denoiser, noise, labels, generator=step_generator(self.seed, self.step, stream=3))
+        norm = self.ema["latent_norm"] if "latent_norm" in self.ema.shadows else None
+        images = decode_latents(self.tokenizer, norm, latents).cpu()
         return save_grid(images, path)
 
     def _sample_shape(self) -> tuple[int, int, int]:
