@@ -74,3 +74,15 @@ def plain_table(**kwargs: Any):
             super().add_row(*(Text(v) if isinstance(v, str) else v for v in values), **kw)
 
     return PlainTable(**kwargs)
+
+
+def pick_device(device: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; an explicit CUDA device on a machine without one is a clear
+    error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device

@@ -91,10 +91,10 @@ def run_analysis(
 ) -> dict[str, Any]:
     """Analyse a run's checkpoint and write ``analysis.json`` and the pictures into ``out``; returns the JSON."""
     from repae.analysis import analyze_batch
-    from repae.cli.run import _pick_device
+    from repae.cli._common import pick_device
     from repae.runs import open_run
 
-    device = _pick_device(device)
+    device = pick_device(device)
     slots = ("tokenizer", "encoders", "latent_norm", "denoiser") + (() if images_dir else ("dataset",))
     run = open_run(run_path, device=device, use_ema=use_ema, slots=slots)
     if run.tokenizer is None:

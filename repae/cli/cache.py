@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from repae.cli._common import load_host, stdout, user_errors
+from repae.cli._common import pick_device, load_host, stdout, user_errors
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
 
@@ -45,7 +45,9 @@ def cache_latents(
         if batch_size < 1 or workers < 0:
             raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
         dataset_spec, tokenizer_spec = specs["dataset"][0], specs["tokenizer"][0]
-        device = _pick_device(device)
+        if device == "meta":
+            raise UserError("--device meta cannot encode images; use cpu or cuda")
+        device = pick_device(device)
         subset = ResolvedRecipe(resolved.source, [dataset_spec, tokenizer_spec], resolved.seed, resolved.description)
         built = {b.slot: b.component for b in build_recipe(subset, device=device)}
         dataset, tokenizer = built["dataset"], built["tokenizer"]
@@ -86,14 +88,3 @@ def cache_latents(
             f"`dataset: {{name: latent-cache, root: {path}}}`."
         )
 
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    if device == "meta":
-        raise UserError("--device meta cannot encode images; use cpu or cuda")
-    return device

@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from repae.cli._common import load_host, plain_table, print_json, stderr, stdout, user_errors
+from repae.cli._common import pick_device, load_host, plain_table, print_json, stderr, stdout, user_errors
 from repae.errors import UserError
 
 METRIC_ALIASES = {"is": "inception-score", "pr": "precision-recall"}
@@ -48,7 +48,7 @@ def evaluate(
     from repae.evaluate import evaluate as run_evaluation
 
     with user_errors():
-        device = _pick_device(device)
+        device = pick_device(device)
         built = _build_metrics(metrics, device, settings or [])
         report = run_evaluation(
             samples, ref, built, inception_weights=inception_weights, device=device,
@@ -121,15 +121,6 @@ def _build_metrics(names: str | None, device: str, settings: List[str]) -> list:
         built.append(build_component(entry, config, BuildContext(device=device)))
     return built
 
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from repae.cli._common import plain_table, load_host, stdout, user_errors
+from repae.cli._common import pick_device, plain_table, load_host, stdout, user_errors
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
 
@@ -64,7 +64,7 @@ def run(
         if not host.registry.entries("trainer"):
             run_dir = prepare_run_dir(resolved, out or Path("runs") / recipe.stem,
                                       allow_recipe_change=allow_recipe_change)
-            device = _pick_device(device)
+            device = pick_device(device)
             start = time.perf_counter()
             built = build_recipe(resolved, device=device)
             console.print(
@@ -106,12 +106,3 @@ def _trainable(component, trainer=None) -> int | None:
     owned = component.parts() if callable(getattr(component, "parts", None)) else {}
     return sum(p.numel() for module in owned.values() for p in module.parameters())
 
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device

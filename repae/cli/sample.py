@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Tuple
 
 import typer
 
-from repae.cli._common import stdout, user_errors
+from repae.cli._common import pick_device, stdout, user_errors
 from repae.errors import UserError
 
 SETTINGS_FILE = "sampling.json"
@@ -100,8 +100,8 @@ def sample_run(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if labels not in LABEL_MODES:
         raise UserError(f"--labels {labels}: use one of {', '.join(LABEL_MODES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if device != "auto":
+        pick_device(device)  # a clear error for CUDA on a machine without it
 
     topology = distributed.init(device)
     try:
