@@ -77,12 +77,7 @@ def plain_table(**kwargs: Any):
 
 
 def pick_device(device: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``; an explicit CUDA device on a machine without one is a clear
-    error."""
-    import torch
+    """``auto`` -> ``cuda`` when available, else ``cpu``; CUDA asked for on a machine without it is a clear error."""
+    from repae.train.distributed import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
+    return resolve_device(device)

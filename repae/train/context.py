@@ -16,7 +16,7 @@ Losses read what they need::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +115,7 @@ class StepContext:
             posterior = self.tokenizer.encode(self.images)
             z = posterior.sample(self.inputs.eps_posterior)
             recon = self.tokenizer.decode(z) if self._needs_recon else None
-        self.shared.update(posterior=posterior, z=z, recon=recon, z_phase=self.phase)
+        self.shared.update(posterior=posterior, z=z, recon=recon)
 
     @property
     def _needs_recon(self) -> bool:
@@ -218,7 +218,3 @@ class StepContext:
             shared=self.shared, num_classes=self.num_classes, autocast=self.autocast,
         )
 
-
-def scalar_terms(terms: Mapping[str, Tensor]) -> dict[str, float]:
-    """Loss terms as floats for logging (one host sync per call; the engine calls it once per logged step)."""
-    return {k: float(v.detach()) for k, v in terms.items()}

@@ -9,7 +9,7 @@ keeps the phase structure of REPA-E (parts frozen and unfrozen within a step) fr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +19,11 @@ __all__ = [
     "Topology",
     "all_reduce_mean_",
     "barrier",
-    "broadcast_",
     "broadcast_object",
     "init",
     "is_distributed",
     "rank",
+    "resolve_device",
     "shutdown",
     "world_size",
 ]
@@ -55,13 +55,22 @@ class Topology:
         return self.rank == 0
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; asking for CUDA on a machine without it is a clear error."""
+    from repae.errors import UserError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
 def init(device: str = "auto") -> Topology:
     """Join the process group described by torchrun's environment (if any) and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
+    target = torch.device(resolve_device(device))
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", local_rank)
     if target.type == "cuda":
@@ -133,11 +142,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total)
     return tensor + (total - tensor.detach())
-
-
-def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
-    """Copy tensors from process ``src`` to all others (e.g. buffers after loading a checkpoint on rank 0)."""
-    if not is_distributed():
-        return
-    for t in tensors:
-        dist.broadcast(t, src)

@@ -19,11 +19,7 @@ def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_re
     from repae.rundir import prepare_run_dir
     from repae.train import distributed
 
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    distributed.resolve_device(device)  # fail before writing anything when the device does not exist
     run_dir = Path(run_dir)
     if os.environ.get("RANK", "0") == "0":
         prepare_run_dir(resolved, run_dir, allow_recipe_change=allow_recipe_change)
