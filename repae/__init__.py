@@ -1,26 +1,163 @@
 """repae: latent diffusion transformers with representation alignment (REPA-E, REPA, vanilla), from plugins and
 YAML recipes.
 
-The public API for plugin authors is small:
+This namespace is the public API (timm-style: every public name is re-exported here; the modules behind it are
+internal and may change). Plugin authors import only from ``repae``; the built-in plugins do too (a test checks).
 
-- :data:`hookimpl` marks hook implementations (see :mod:`repae.hookspecs` for the hooks);
-- :func:`option` declares a documented config field;
-- :func:`load_plugins` discovers installed plugins and returns a host with the component registry.
+- Python API: :func:`create` (one component, as a recipe section would build it), :func:`list_components`,
+  :func:`load_recipe`, :func:`compose_recipe` (check a recipe whole on ``meta``), :func:`open_run` (a trained run's
+  components), :func:`load_plugins`.
+- Writing a plugin: :data:`hookimpl`, :func:`option`, :class:`BuildContext`; the contract of every kind and its
+  optional capabilities (:class:`Tokenizer`, :class:`Denoiser`, ..., :class:`Exportable`, :func:`require`); a loss
+  subclasses :class:`Loss` with a :class:`LossConfig` and reads a :class:`StepContext`; a trainer may subclass
+  :class:`PhasedTrainer`.
+- What plugins share with the core: weights (:func:`resolve_weights`, :func:`load_state_dict`, :func:`load_into`,
+  ...), :class:`GlobalBatchNorm`, atomic writes, :func:`progress`, latent caches, the ADM metric formulas, errors.
 
-Importing :mod:`repae` does not import torch.
+Importing :mod:`repae` does not import torch: names are loaded on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from repae.config import option
 from repae.hookspecs import hookimpl
-from repae.plugins import load_plugins
 
 try:
     __version__ = version("repae")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "hookimpl", "load_plugins", "option"]
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "repae.build": ("BuildContext", "create", "list_components"),
+    "repae.recipe": ("load_recipe",),
+    "repae.compose": ("compose_recipe",),
+    "repae.plugins": ("Register", "load_plugins"),
+    "repae.runs": ("open_run",),
+    "repae.registry": ("KINDS", "PRESET_FIELD", "ComponentEntry"),
+    "repae.config": ("FieldError",),
+    "repae.interfaces": (
+        "AffineNormalizer", "CarriesLatentNormState", "ChecksTokenizer", "Dataset", "Denoiser", "DenoiserOutput",
+        "ExportContext", "Exportable", "HasLatentStatistics", "LatentNormalizer", "LatentStatistics",
+        "LoadsLatentNormState", "LossConfig", "Metric", "PhasePlan", "Posterior", "ReadsImages", "RecordsWeights",
+        "ReferenceFeatures", "RepresentationEncoder", "Sampler", "StepPlan", "Tokenizer", "Trainer", "Transport",
+        "WeightsInfo", "require", "supports",
+    ),
+    "repae.loss": ("Loss",),
+    "repae.train.context": ("StepContext", "StepInputs"),
+    "repae.train.config": ("OptimizerConfig", "TrainerConfig"),
+    "repae.train.engine": ("PhasedTrainer",),
+    "repae.train.checkpoint": ("latest_checkpoint", "load_checkpoint", "save_checkpoint"),
+    "repae.weights": ("file_sha256", "load_into", "load_state_dict", "load_weights", "read_checkpoint",
+                      "resolve_weights", "select_entry"),
+    "repae.batchnorm": ("GlobalBatchNorm",),
+    "repae.fileio": ("atomic_path", "atomic_write", "write_json"),
+    "repae.reporting": ("progress",),
+    "repae.generate": ("decode_latents", "to_uint8"),
+    "repae.latent_cache": ("LatentCache", "write_latent_cache"),
+    "repae.evaluate.inputs": ("IMAGE_SUFFIXES",),
+    "repae.evaluate.metrics": ("feature_statistics", "frechet_distance", "frechet_distance_to_features",
+                               "inception_score", "precision_recall"),
+    "repae.errors": ("CapabilityError", "ComponentBuildError", "PluginError", "Problem", "RecipeError",
+                     "UnknownComponentError", "UserError", "WeightsMismatchError"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(["__version__", "hookimpl", "option", *_WHERE])
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'repae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from repae.batchnorm import GlobalBatchNorm
+    from repae.build import BuildContext, create, list_components
+    from repae.compose import compose_recipe
+    from repae.config import FieldError
+    from repae.errors import (
+        CapabilityError,
+        ComponentBuildError,
+        PluginError,
+        Problem,
+        RecipeError,
+        UnknownComponentError,
+        UserError,
+        WeightsMismatchError,
+    )
+    from repae.evaluate.inputs import IMAGE_SUFFIXES
+    from repae.evaluate.metrics import (
+        feature_statistics,
+        frechet_distance,
+        frechet_distance_to_features,
+        inception_score,
+        precision_recall,
+    )
+    from repae.fileio import atomic_path, atomic_write, write_json
+    from repae.generate import decode_latents, to_uint8
+    from repae.interfaces import (
+        AffineNormalizer,
+        CarriesLatentNormState,
+        ChecksTokenizer,
+        Dataset,
+        Denoiser,
+        DenoiserOutput,
+        Exportable,
+        ExportContext,
+        HasLatentStatistics,
+        LatentNormalizer,
+        LatentStatistics,
+        LoadsLatentNormState,
+        LossConfig,
+        Metric,
+        PhasePlan,
+        Posterior,
+        ReadsImages,
+        RecordsWeights,
+        ReferenceFeatures,
+        RepresentationEncoder,
+        Sampler,
+        StepPlan,
+        Tokenizer,
+        Trainer,
+        Transport,
+        WeightsInfo,
+        require,
+        supports,
+    )
+    from repae.latent_cache import LatentCache, write_latent_cache
+    from repae.loss import Loss
+    from repae.plugins import Register, load_plugins
+    from repae.recipe import load_recipe
+    from repae.registry import KINDS, PRESET_FIELD, ComponentEntry
+    from repae.reporting import progress
+    from repae.runs import open_run
+    from repae.train.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from repae.train.config import OptimizerConfig, TrainerConfig
+    from repae.train.context import StepContext, StepInputs
+    from repae.train.engine import PhasedTrainer
+    from repae.weights import (
+        file_sha256,
+        load_into,
+        load_state_dict,
+        load_weights,
+        read_checkpoint,
+        resolve_weights,
+        select_entry,
+    )

@@ -8,23 +8,38 @@
 - Fig. 2a: the latents' first three principal components shown as RGB.
 - Reconstruction quality: PSNR.
 
-The metric functions are pure (torch only); :func:`analyze_batch` runs a trained run's models on a batch of images and
-collects everything ``repae analyze`` writes to ``analysis.json``.
+The metric functions are pure (torch only); :func:`analyze_batch` runs a trained run's models on a batch of images;
+:func:`analyze_run` (what ``repae analyze`` runs) opens a run, picks the images, and writes ``analysis.json`` (the
+:class:`AnalysisSettings` and the results) and the pictures. Everything a run's components must provide for it is in
+their contracts: the tokenizer's ``encode``/``decode``; for CKNNA the denoiser's hidden states, the encoders' tokens,
+the alignment depth and the diffusion process its losses declare (``feature_depths``, ``transport``); for
+``--images`` the dataset's :class:`repae.ReadsImages`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from repae.errors import UserError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from repae.runs import OpenedRun
+
 __all__ = [
+    "ANALYSIS_FILE",
+    "AnalysisSettings",
     "BatchAnalysis",
     "analyze_batch",
+    "analyze_run",
     "cknna",
     "denoiser_features",
     "image_grid",
@@ -226,12 +241,12 @@ def denoiser_features(
 
     ``z`` are tokenizer latents; they are normalised by ``normalizer`` (its running statistics, eval mode), noised to
     time ``t`` (1 = noise) with ``noise`` by ``transport.interpolate`` and fed with ``labels``. A transport with
-    integer steps (DDPM: ``num_timesteps``) gets ``round(t * (T - 1))``.
+    integer steps (``transport.discrete_steps = T``, DDPM) gets ``round(t * (T - 1))``.
     """
     import torch
 
     b = z.shape[0]
-    steps = getattr(transport, "num_timesteps", None)
+    steps = transport.discrete_steps
     if steps:
         times = torch.full((b,), round(t * (int(steps) - 1)), dtype=torch.long, device=z.device)
     else:
@@ -301,6 +316,7 @@ def analyze_batch(
                 noise = torch.randn((n, *z.shape[1:]), generator=generator)
             batch_noise = noise[start : start + batch_size].to(device, z.dtype)
             batch_labels = labels[start : start + batch_size].to(device)
+            assert depth is not None  # with_cknna
             hidden.append(denoiser_features(denoiser, normalizer, transport, z, batch_labels, batch_noise,
                                             t=t, depth=depth).cpu())
             for label, encoder in (encoders or {}).items():
@@ -328,3 +344,243 @@ def analyze_batch(
         "reconstructions": image_grid([shown, recon[: shown.shape[0]]]),
     }
     return BatchAnalysis(metrics, pictures, recon)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------------------------------------------
+
+ANALYSIS_FILE = "analysis.json"
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What ``repae analyze`` measures on (written to ``analysis.json`` with the results)."""
+
+    num_images: int = 256
+    """Images analysed, evenly spread over the set (all of them when it holds fewer)."""
+    images: str | None = None
+    """A folder of image files to analyse (read as the run's dataset prepares images); ``None``: the run's dataset."""
+    t: float = 0.5
+    """Diffusion time of the CKNNA features (1 = noise)."""
+    k: int = 10
+    """Nearest neighbours of CKNNA (capped at images - 1)."""
+    depth: int | None = None
+    """Denoiser block whose tokens CKNNA uses; ``None``: the depth the run's losses align."""
+    seed: int = 0
+    """Seed of the diffusion noise of the CKNNA features."""
+    ema: bool = True
+    """Use the EMA denoiser and latent normaliser."""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1 or self.k < 1:
+            raise UserError(f"--num-images and --k must be >= 1, got {self.num_images} and {self.k}")
+        if not 0.0 <= self.t <= 1.0:
+            raise UserError(f"--t must lie in [0, 1] (1 = noise), got {self.t}")
+        if self.depth is not None and self.depth < 1:
+            raise UserError(f"--depth must be >= 1 (1-based block index), got {self.depth}")
+
+
+def _spread(total: int, count: int) -> list[int]:
+    """``count`` indices evenly spread over ``range(total)`` (every index when ``count >= total``)."""
+    if count >= total:
+        return list(range(total))
+    return [int(i * total // count) for i in range(count)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from repae.evaluate.inputs import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        raise UserError(f"--images {folder}: not a folder; pass a folder holding image files")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _load_images(run: OpenedRun, settings: AnalysisSettings) -> tuple[Any, Any, str, str]:
+    """``(uint8 [N, 3, H, W], labels [N], source, label source)`` from ``settings.images`` (read by the dataset's
+    :class:`repae.ReadsImages`) or the run's dataset items."""
+    import numpy as np
+    import torch
+
+    from repae.interfaces import ReadsImages, require
+
+    denoiser = run.denoiser
+    null_label = int(getattr(denoiser, "num_classes", 0) or 0) if denoiser is not None else 0
+    if not getattr(denoiser, "class_dropout_prob", 0):
+        null_label = 0  # no null row in the label table: class 0
+    dataset = run.dataset
+    spec = next((s for s in run.recipe.components if s.slot == "dataset"), None)
+    what = f"dataset '{spec.name}' (plugin {spec.entry.plugin.label})" if spec is not None else "the run's dataset"
+    if settings.images is not None:
+        if dataset is None:
+            raise UserError(f"{run.run_dir}: the recipe has no dataset to say how images are prepared")
+        reader = require(dataset, ReadsImages, what=what, needed_for="repae analyze --images")
+        files = _image_files(Path(settings.images))
+        pixels = torch.stack([reader.load_image(files[i]) for i in _spread(len(files), settings.num_images)])
+        labels = torch.full((pixels.shape[0],), null_label, dtype=torch.long)
+        return pixels, labels, str(settings.images), "null class" if null_label else "class 0"
+    if dataset is None or getattr(dataset, "kind", "images") != "images":
+        kind = getattr(dataset, "kind", None)
+        raise UserError(f"the run's dataset gives {kind!r} items, not images; pass --images DIR (a folder of images)")
+    if len(dataset) == 0:
+        raise UserError("the run's dataset is empty; pass --images DIR (a folder of images)")
+    items = [dataset[i] for i in _spread(len(dataset), settings.num_images)]
+    pixels = torch.stack([torch.as_tensor(np.asarray(image)) for image, _ in items])
+    labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
+    return pixels, labels, "run dataset", "dataset labels"
+
+
+def analyze_run(
+    run_path: str | Path,
+    settings: AnalysisSettings,
+    *,
+    out: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    inception_weights: str | None = None,
+    registry: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Analyse a run's checkpoint and write ``analysis.json`` and the pictures into ``out`` (default
+    ``RUN/analysis/<checkpoint>``); returns the JSON."""
+    from repae.fileio import write_json
+    from repae.reporting import progress as progress_bar
+    from repae.runs import open_run
+    from repae.train.distributed import resolve_device
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    device = resolve_device(device)
+    slots = ("tokenizer", "encoders", "latent_norm", "denoiser", "losses", "dataset")
+    with progress_bar("analyze: open the run", None, enabled=progress, transient=True):
+        run = open_run(run_path, device=device, use_ema=settings.ema, slots=slots, registry=registry,
+                       meta_slots=("losses", "dataset") if settings.images is not None else ("losses",))
+    if run.tokenizer is None:
+        raise UserError(f"{run.run_dir}: the recipe has no tokenizer; `repae analyze` measures a tokenizer's latents")
+    pixels, labels, source, label_source = _load_images(run, settings)
+    depth = settings.depth if settings.depth is not None else run.alignment_depth()
+    transport = run.transport()
+    encoders = {spec.label: run.components[spec.label] for spec in run.recipe.get("encoders")
+                if run.components.get(spec.label) is not None}
+    with progress_bar(f"analyze {pixels.shape[0]} images", None, enabled=progress, transient=True):
+        analysis = analyze_batch(
+            tokenizer=run.tokenizer, images=pixels, labels=labels, denoiser=run.denoiser, normalizer=run.normalizer,
+            transport=transport, encoders=encoders, depth=depth, t=settings.t, k=settings.k, seed=settings.seed,
+            batch_size=batch_size, device=device,
+        )
+        rfid, rfid_reason = _rfid(pixels, analysis.reconstructions, device, inception_weights)
+    metrics = analysis.metrics
+    folder = Path(out) if out is not None else run.run_dir / "analysis" / run.checkpoint.name
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: str(folder / f"{name}.png") for name in analysis.pictures}
+    for name, picture in analysis.pictures.items():
+        _save_png(picture, folder / f"{name}.png")
+    files["analysis"] = str(folder / ANALYSIS_FILE)
+    result: dict[str, Any] = {
+        "step": run.step,
+        "checkpoint": str(run.checkpoint),
+        "run": str(run.run_dir),
+        "num_images": int(pixels.shape[0]),
+        "spatial_variance": metrics["spatial_variance"],
+        "spatial_variance_per_channel": metrics["spatial_variance_per_channel"],
+        "total_variation": metrics["total_variation"],
+        "total_variation_per_channel": metrics["total_variation_per_channel"],
+        "cknna": metrics["cknna"],
+        "cknna_per_encoder": metrics["cknna_per_encoder"],
+        "cknna_reason": None if metrics["cknna"] is not None else _cknna_reason(run, encoders, depth, transport,
+                                                                                pixels),
+        "psnr": metrics["psnr"],
+        "rfid": rfid,
+        "rfid_reason": rfid_reason,
+        "latent_shape": metrics["latent_shape"],
+        "settings": {
+            **dataclasses.asdict(settings),
+            "images_source": source,
+            "labels": label_source,
+            "latents": "tokenizer posterior mean, un-normalised",
+            "reconstruction": "decode(posterior mean), quantised to uint8",
+            "cknna_features": "denoiser hidden tokens after block `depth`, mean-pooled per image, vs the encoder's "
+                              "tokens mean-pooled per image; cosine kernels",
+            "k_used": min(settings.k, max(int(pixels.shape[0]) - 1, 1)),
+            "depth_used": depth,
+            "transport": repr(transport) if transport is not None else None,
+            "batch_size": batch_size,
+            "device": device,
+        },
+        "files": files,
+    }
+    write_json(folder / ANALYSIS_FILE, result)
+    return result
+
+
+def _cknna_reason(run: OpenedRun, encoders: dict[str, Any], depth: int | None, transport: Any, pixels: Any) -> str:
+    if run.denoiser is None:
+        return "the recipe has no denoiser"
+    if not encoders:
+        return "the recipe has no representation encoder"
+    if depth is None:
+        return "no loss of the recipe reads denoiser features (feature_depths) to take the depth from; pass --depth"
+    if transport is None:
+        return "no loss of the recipe defines the diffusion process (transport) that noises the latents"
+    return f"CKNNA needs at least 3 images, got {pixels.shape[0]}"
+
+
+def _rfid(pixels: Any, reconstructions: Any, device: str, weights: str | None) -> tuple[float | None, str | None]:
+    """rFID (Inception pool features, Frechet distance; :mod:`repae.evaluate`) of the reconstructions against the
+    inputs when the Inception weights are on this machine (never downloaded here); else ``(None, reason)``. Never
+    raises: a missing rFID must not fail the analysis."""
+    try:
+        from repae.evaluate.features import (
+            extract_features,
+            find_inception_weights,
+            load_inception,
+        )
+        from repae.evaluate.metrics import feature_statistics, frechet_distance
+    except Exception as exc:  # noqa: BLE001 - the evaluation package or torch-fidelity may be missing
+        return None, f"the evaluation package is not available ({type(exc).__name__}: {_first_line(exc)})"
+    try:
+        with _no_downloads():
+            path = find_inception_weights(weights)
+        extractor = load_inception(path, features=("pool",), device=device)
+
+        def batches(images: Any) -> Any:
+            for start in range(0, images.shape[0], 50):
+                yield images[start : start + 50].permute(0, 2, 3, 1).contiguous().numpy()
+
+        real = extract_features(batches(pixels), extractor)["pool"]
+        fake = extract_features(batches(reconstructions), extractor)["pool"]
+        return frechet_distance(*feature_statistics(real), *feature_statistics(fake)), None
+    except Exception as exc:  # noqa: BLE001 - rFID is optional: record why it is missing
+        return None, _first_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+@contextlib.contextmanager
+def _no_downloads() -> Iterator[None]:
+    """Forbid downloads (``HF_HUB_OFFLINE=1``) for the duration: analyze uses only weights already present."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def _save_png(picture: Any, path: Path) -> None:
+    from PIL import Image
+
+    from repae.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")

@@ -1,24 +1,32 @@
-"""Building components from a validated recipe.
+"""Building components: from a validated config (a recipe section, or keyword arguments to :func:`create`).
 
-A factory is called as ``factory(config, context)``. The :class:`BuildContext` tells it where to build (``meta``
-for dry runs: no memory, no weights), whether to load pretrained weights, and which components were built before it
-(a denoiser reads the latent channels of the tokenizer and the embedding sizes of the encoders from there when its
-config leaves them to ``null``). It never sees the recipe.
+A factory is called as ``factory(config, context)``. The :class:`BuildContext` tells it where to build (``meta`` for
+dry runs: no memory, no weights, no data), whether to load pretrained weights, and which components were built before
+it. It never sees the recipe. Build order is the order of the recipe's component slots
+(:data:`repae.recipe.SLOTS`): dataset, tokenizer, encoders, latent_norm, denoiser, losses, sampler, metrics, trainer.
 
-Build order is the order of the recipe's component slots (:data:`repae.recipe.SLOTS`).
+**Derived fields.** Values that follow from other components are derived unless the recipe sets them: a config class
+may define ``derive(self, context) -> Mapping[str, object]``, returning values for its fields computed from the
+components built before it (the denoiser's ``input_size`` from the dataset's resolution and the tokenizer's
+downsampling, its ``in_channels`` from the tokenizer, its projector widths from the encoders; a normaliser's
+``channels``). The core applies those for the fields the recipe left unset (:attr:`repae.recipe.ComponentSpec.explicit`)
+before calling the factory, checks them like recipe values, and records them in the run's resolved recipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from repae.errors import ComponentBuildError, UserError
+from repae.config import ConfigIssue, _coerce, config_to_dict, type_name
+from repae.errors import ComponentBuildError, Problem, RecipeError, UserError
 
 if TYPE_CHECKING:
-    from repae.recipe import ResolvedRecipe
+    from repae.recipe import ComponentSpec, ResolvedRecipe
+    from repae.registry import ComponentEntry, Registry
 
 __all__ = [
     "BuildContext",
@@ -27,36 +35,114 @@ __all__ = [
     "build_recipe",
     "component_seed",
     "count_parameters",
+    "create",
+    "derive_config",
 ]
 
 
 @dataclass
 class BuildContext:
-    """What a factory may know besides its own config."""
+    """What a factory (and a config's ``derive``) may know besides its own config.
+
+    The components built before it are in :attr:`built` by recipe slot and through the typed accessors below
+    (``None`` / empty when the recipe has none).
+    """
 
     device: str = "cpu"
     """Target device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"meta"`` (shape-only, for dry runs)."""
     load_weights: bool = True
     """Load pretrained weights named in the config. Always false on ``meta``."""
     built: Mapping[str, Any] = field(default_factory=dict)
-    """Components built earlier in this build, by slot: ``tokenizer``, ``encoders`` (a list), ``denoiser``, ..."""
+    """Components built earlier, by slot: ``dataset``, ``tokenizer``, ``encoders`` (a list), ``latent_norm``,
+    ``denoiser``, ``losses`` (a dict by label), ``sampler``, ``metrics`` (a list)."""
     seed: int = 0
     """The recipe's seed."""
+    names: Mapping[str, str] = field(default_factory=dict)
+    """The registered (or qualified) name of each component built so far, by slot label (``losses.repa``: ``repa``):
+    for messages and plans."""
 
     def __post_init__(self) -> None:
         if self.device == "meta":
             self.load_weights = False
 
+    @property
+    def dry_run(self) -> bool:
+        """Shape-only build (``meta``): touch no weights and no data (a dataset may read a small index)."""
+        return self.device == "meta"
+
+    @property
+    def dataset(self) -> Any:
+        return self.built.get("dataset")
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.built.get("tokenizer")
+
+    @property
+    def encoders(self) -> list[Any]:
+        encoders = self.built.get("encoders") or []
+        return list(encoders.values()) if isinstance(encoders, Mapping) else list(encoders)
+
+    @property
+    def normalizer(self) -> Any:
+        return self.built.get("latent_norm")
+
+    @property
+    def denoiser(self) -> Any:
+        return self.built.get("denoiser")
+
+    @property
+    def losses(self) -> dict[str, Any]:
+        return dict(self.built.get("losses") or {})
+
+    @property
+    def sampler(self) -> Any:
+        return self.built.get("sampler")
+
+    def describe(self) -> str:
+        """What the components built so far say about shapes, for messages about derived fields."""
+        parts = []
+        dataset, tokenizer = self.dataset, self.tokenizer
+        if dataset is not None:
+            if getattr(dataset, "kind", None) == "latents":
+                parts.append(f"the latent cache's latents {list(getattr(dataset, 'latent_shape', None) or [])}")
+            else:
+                parts.append(f"dataset.resolution {getattr(dataset, 'resolution', '?')} px")
+        if tokenizer is not None:
+            parts.append(f"the tokenizer's downsampling {tokenizer.downsample} and {tokenizer.latent_channels} latent "
+                         "channels")
+        if self.encoders:
+            parts.append(f"the encoders' widths {[int(e.embed_dim) for e in self.encoders]}")
+        return ", ".join(parts) or "no component"
+
+    def latent_shape(self) -> tuple[int, int, int] | None:
+        """``(C, h, w)`` of the latents the denoiser will see, from the components built so far: a latents dataset's
+        ``latent_shape``, else the tokenizer's ``latent_channels`` and the dataset's ``resolution`` divided by the
+        tokenizer's ``downsample``. ``None`` when they do not tell (no dataset, or a resolution that the factor does
+        not divide: :mod:`repae.compose` reports that one)."""
+        dataset, tokenizer = self.dataset, self.tokenizer
+        if dataset is not None and getattr(dataset, "kind", None) == "latents":
+            shape = getattr(dataset, "latent_shape", None)
+            return tuple(int(v) for v in shape) if shape else None  # type: ignore[return-value]
+        resolution = getattr(dataset, "resolution", None) if dataset is not None else None
+        if tokenizer is None or not resolution:
+            return None
+        f, channels = int(tokenizer.downsample), int(tokenizer.latent_channels)
+        if f < 1 or resolution % f:
+            return None
+        return channels, resolution // f, resolution // f
+
 
 @dataclass
 class BuiltComponent:
-    """A built component with where it came from (slot, label, registry entry)."""
+    """A built component with where it came from (slot, label, registry entry, the config it was built with)."""
 
     slot: str
     label: str
     entry: Any
     config: Any
     component: Any
+    derived: frozenset[str] = frozenset()
 
     @property
     def num_parameters(self) -> int | None:
@@ -77,9 +163,68 @@ def component_seed(seed: int, label: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(label.encode())) % (2**63 - 1)
 
 
-def build_component(entry: Any, config: Any, context: BuildContext, *, label: str | None = None) -> Any:
-    """Call an entry's factory under ``context.device`` (as the default device for new tensors). With ``label`` the
-    global torch RNG is seeded from (recipe seed, label) first, so random initialisation is reproducible."""
+def derive_config(config: Any, explicit: Iterable[str], context: BuildContext, *, what: str) -> tuple[Any, frozenset[str]]:
+    """``config`` with the values its ``derive(context)`` proposes for the fields not in ``explicit``; returns the new
+    config and the fields derived (every one proposed, whether or not it differs from the default). A proposal that
+    is not of its field's type is the plugin's bug (:class:`ComponentBuildError`); a derived config that fails its
+    own checks is the user's (the message names the fields that were derived)."""
+    derive = getattr(config, "derive", None)
+    if not callable(derive):
+        return config, frozenset()
+    proposals = dict(derive(context) or {})
+    fields = {f.name: f for f in dataclasses.fields(config) if f.init}
+    explicit = set(explicit)
+    changes: dict[str, Any] = {}
+    derived: set[str] = set()
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for name, value in proposals.items():
+        if name not in fields:
+            raise ComponentBuildError(f"{what}: its config's derive() proposes {name!r}, which is not a field")
+        if name in explicit:
+            continue
+        issues: list[ConfigIssue] = []
+        value = _coerce(value, hints[name], name, issues)
+        if issues:
+            raise ComponentBuildError(f"{what}: derive() proposes {name}={value!r}, which is not {type_name(hints[name])}")
+        derived.add(name)  # derived even when it equals the default: the value came from the context
+        if getattr(config, name) != value:
+            changes[name] = value
+    if not changes:
+        return config, frozenset(derived)
+    try:
+        return dataclasses.replace(config, **changes), frozenset(derived)
+    except (TypeError, ValueError) as exc:
+        derived = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+        problem = str(exc)
+        raise ComponentBuildError(
+            f"{what}: {problem}. The values {derived} were derived from {context.describe()}: change those (e.g. "
+            f"dataset.resolution), or set the field(s) in the recipe"
+        ) from exc
+
+
+def build_component(
+    entry: ComponentEntry,
+    config: Any,
+    context: BuildContext,
+    *,
+    label: str | None = None,
+    explicit: Iterable[str] | None = None,
+) -> Any:
+    """Build ``entry`` with ``config`` under ``context.device`` (the default device for new tensors). With
+    ``explicit`` (the fields a recipe sets), the config's other fields are first derived (:func:`derive_config`);
+    with ``label`` the global torch RNG is seeded from (recipe seed, label), so random initialisation is
+    reproducible. A ``ValueError`` from the factory becomes a :class:`ComponentBuildError` naming the component."""
+    return _build(entry, config, context, label=label, explicit=explicit)[0]
+
+
+def _build(entry: ComponentEntry, config: Any, context: BuildContext, *, label: str | None,
+           explicit: Iterable[str] | None) -> tuple[Any, Any, frozenset[str]]:
+    what = f"{entry.kind} '{entry.name}'" + (f" ({label})" if label and label != entry.kind else "")
+    derived: frozenset[str] = frozenset()
+    if explicit is not None:
+        config, derived = derive_config(config, explicit, context, what=what)
     factory = entry.load_factory()
     try:
         import torch
@@ -87,29 +232,149 @@ def build_component(entry: Any, config: Any, context: BuildContext, *, label: st
         if label is not None:
             torch.manual_seed(component_seed(context.seed, label))
         with torch.device(context.device):
-            return factory(config, context)
+            component = factory(config, context)
     except UserError:
         raise
     except ValueError as exc:
-        raise ComponentBuildError(f"{entry.kind} '{entry.name}' rejected its config: {exc}") from exc
+        raise ComponentBuildError(f"{what} rejected its config: {exc}") from exc
+    return component, config, derived
 
 
-def build_recipe(recipe: ResolvedRecipe, *, device: str = "cpu") -> list[BuiltComponent]:
-    """Build every component of a resolved recipe, in slot order, each with its own seeded initialisation.
+class RecipeBuild:
+    """The components of a recipe as they are built one after the other: the :class:`BuildContext` each one gets
+    (``context.built`` holds those built before it: the component for a ``one`` slot, a list for a ``list`` slot, a
+    dict by label for a ``named`` slot) and the :class:`BuiltComponent` records. Used by :func:`build_recipe` and by
+    the meta build of :func:`repae.compose.compose_recipe`."""
 
-    ``context.built`` grows as components are built: ``built[slot]`` is the component for a ``one`` slot, a list for
-    a ``list`` slot and a dict by label for a ``named`` slot.
-    """
-    built: dict[str, Any] = {}
-    out: list[BuiltComponent] = []
-    for spec in recipe.components:
-        context = BuildContext(device=device, built=dict(built), seed=recipe.seed)
-        component = build_component(spec.entry, spec.config, context, label=spec.label)
-        out.append(BuiltComponent(spec.slot, spec.label, spec.entry, spec.config, component))
+    def __init__(self, recipe: ResolvedRecipe, *, device: str = "cpu", load_weights: bool | None = None) -> None:
+        self.recipe, self.device, self.load_weights = recipe, device, load_weights
+        self.built: list[BuiltComponent] = []
+        self._context_built: dict[str, Any] = {}
+        self._names: dict[str, str] = {}
+
+    def build(self, spec: ComponentSpec) -> BuiltComponent:
+        """Build ``spec`` in the context of the components added so far (not added itself: see :meth:`add`)."""
+        context = BuildContext(device=self.device, built=dict(self._context_built), seed=self.recipe.seed,
+                               names=dict(self._names))
+        if self.load_weights is not None and self.device != "meta":
+            context.load_weights = self.load_weights
+        component, config, derived = _build(spec.entry, spec.config, context, label=spec.label,
+                                            explicit=spec.explicit)
+        return BuiltComponent(spec.slot, spec.label, spec.entry, config, component, derived | spec.derived)
+
+    def add(self, spec: ComponentSpec, built: BuiltComponent) -> None:
+        """Make ``built`` visible to the components built after it."""
+        self.built.append(built)
+        self._names[spec.label] = spec.name
         if spec.key is None:
-            built[spec.slot] = component
+            self._context_built[spec.slot] = built.component
         elif isinstance(spec.key, int):
-            built.setdefault(spec.slot, []).append(component)
+            self._context_built.setdefault(spec.slot, []).append(built.component)
         else:
-            built.setdefault(spec.slot, {})[spec.key] = component
-    return out
+            self._context_built.setdefault(spec.slot, {})[spec.key] = built.component
+
+
+def build_recipe(
+    recipe: ResolvedRecipe, *, device: str = "cpu", slots: Sequence[str] | None = None,
+    load_weights: bool | None = None,
+) -> list[BuiltComponent]:
+    """Build the components of a resolved recipe (those of ``slots`` only, when given), in slot order, each with its
+    own seeded initialisation and its unset fields derived from the components built before it (see
+    :class:`RecipeBuild`)."""
+    run = RecipeBuild(recipe, device=device, load_weights=load_weights)
+    for spec in recipe.components:
+        if slots is None or spec.slot in slots:
+            run.add(spec, run.build(spec))
+    return run.built
+
+
+def with_built_configs(recipe: ResolvedRecipe, built: Sequence[BuiltComponent]) -> ResolvedRecipe:
+    """``recipe`` whose component configs are the ones the components were built with (derived fields filled in and
+    marked explicit, so that building it again derives nothing and its YAML records the values)."""
+    by_label = {b.label: b for b in built}
+    specs: list[ComponentSpec] = []
+    for spec in recipe.components:
+        b = by_label.get(spec.label)
+        if b is None or not b.derived:
+            specs.append(spec)
+            continue
+        specs.append(dataclasses.replace(spec, config=b.config, explicit=spec.explicit | b.derived,
+                                         derived=spec.derived | b.derived))
+    return recipe.replace(specs)
+
+
+def create(
+    kind: str,
+    name: str,
+    /,
+    *,
+    device: str = "cpu",
+    load_weights: bool = True,
+    built: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+    fields: Mapping[str, Any] | None = None,
+    **more_fields: Any,
+) -> Any:
+    """Build one component as a recipe section ``{name: NAME, **fields}`` would be built: presets (``size=``),
+    validation of every field (a :class:`~repae.errors.RecipeError` listing the problems), derived fields from
+    ``built`` (components it depends on, by slot: ``{"tokenizer": vae}``), weights unless ``load_weights`` is false,
+    under ``device``; its random initialisation is seeded as a recipe's with seed 0 would seed it. ``registry``
+    defaults to the installed plugins (``REPAE_PLUGINS`` etc. honoured). Config fields are keyword arguments, or the
+    mapping ``fields`` for one whose name is taken by an argument of ``create`` (``device``, ``built``, ...)::
+
+        sit = repae.create("denoiser", "sit", size="S/2")
+        vae = repae.create("tokenizer", "sd-vae", size="tiny")
+        sit = repae.create("denoiser", "sit", size="S/2", built={"tokenizer": vae})   # in_channels from the VAE
+    """
+    fields = {**(fields or {}), **more_fields}
+    from repae.registry import KINDS
+
+    if kind not in KINDS:
+        from repae.errors import did_you_mean
+
+        raise UserError(f"unknown kind {kind!r}.{did_you_mean(kind, KINDS)} Kinds: {', '.join(KINDS)}")
+    registry = registry if registry is not None else default_registry()
+    entry = registry.get(kind, name)
+    config, issues = entry.parse(fields)
+    if issues:
+        raise RecipeError([Problem(f"create({kind!r}, {name!r})", i.path, i.message, i.hint) for i in issues],
+                          title=f"invalid fields for {kind} '{name}'")
+    context = BuildContext(device=device, load_weights=load_weights, built=dict(built or {}))
+    return build_component(entry, config, context, label=kind, explicit=entry.explicit_fields(fields))
+
+
+def list_components(kind: str | None = None, *, registry: Registry | None = None) -> list[ComponentEntry]:
+    """The registered components (of ``kind`` if given), sorted by kind and name: each entry has ``kind``, ``name``,
+    ``qualified_name``, ``summary``, ``config`` (its dataclass), ``presets`` and ``plugin``."""
+    from repae.registry import KINDS
+
+    if kind is not None and kind not in KINDS:
+        from repae.errors import did_you_mean
+
+        raise UserError(f"unknown kind {kind!r}.{did_you_mean(kind, KINDS)} Kinds: {', '.join(KINDS)}")
+    return (registry if registry is not None else default_registry()).entries(kind)
+
+
+_HOSTS: dict[tuple[str | None, ...], Any] = {}
+
+
+def default_registry() -> Registry:
+    """The registry of the installed plugins, loaded once per selection (``REPAE_PLUGINS``,
+    ``REPAE_DISABLE_PLUGINS``, ``REPAE_STRICT_PLUGINS``)."""
+    import os
+
+    from repae.plugins import ENV_DISABLE, ENV_SELECT, ENV_STRICT, load_plugins
+
+    key = tuple(os.environ.get(name) for name in (ENV_SELECT, ENV_DISABLE, ENV_STRICT))
+    if key not in _HOSTS:
+        _HOSTS[key] = load_plugins()
+    return _HOSTS[key].registry  # type: ignore[no-any-return]
+
+
+def describe_derived(built: Sequence[BuiltComponent]) -> list[str]:
+    """``["denoiser.input_size = 32", ...]``: the values derived while building, for messages and the dry run."""
+    lines: list[str] = []
+    for b in built:
+        values = config_to_dict(b.config)
+        lines.extend(f"{b.label}.{name} = {values[name]!r}" for name in sorted(b.derived))
+    return lines

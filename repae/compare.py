@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from repae.errors import UserError
+from repae.recipe import flatten_recipe
 
 __all__ = [
     "Comparison",
@@ -73,21 +74,6 @@ class RunRecord:
     """The ``eval/*`` and ``analysis/*`` metrics shown by default."""
     files: dict[str, Path] = field(default_factory=dict)
     """Prefix (``eval``, ``analysis``) -> the file its metrics were read from."""
-
-
-def flatten_recipe(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of a nested recipe; lists of mappings are flattened by index, other lists kept whole."""
-    if isinstance(data, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten_recipe(value, f"{prefix}{key}."))
-        return out
-    if isinstance(data, list) and data and all(isinstance(v, Mapping) for v in data):
-        out = {}
-        for i, value in enumerate(data):
-            out.update(flatten_recipe(value, f"{prefix}{i}."))
-        return out
-    return {prefix.rstrip("."): data}
 
 
 def _numbers(data: Any, prefix: str, sep: str = "") -> dict[str, float | None]:
@@ -151,11 +137,11 @@ def load_run(path: str | Path, label: str | None = None) -> RunRecord:
             for key, value in entry.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
                     continue
-                finite = value is not None and math.isfinite(value)
-                record.metrics[key] = float(value) if finite else None
-                if finite:
+                if value is not None and math.isfinite(value):
+                    record.metrics[key] = float(value)
                     curves.setdefault(key, {})[step] = float(value)
                 else:
+                    record.metrics[key] = None
                     curves.setdefault(key, {}).pop(step, None)
         record.curves = {k: sorted(v.items()) for k, v in curves.items()}
     for prefix in EXTRA_FILES:

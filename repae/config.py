@@ -24,7 +24,17 @@ from typing import Any, Literal, Union
 
 from repae.errors import did_you_mean
 
-__all__ = ["ConfigIssue", "FieldInfo", "option", "parse_config", "describe_config", "config_to_dict", "type_name"]
+__all__ = [
+    "ConfigIssue",
+    "FieldError",
+    "FieldInfo",
+    "check_config_class",
+    "config_to_dict",
+    "describe_config",
+    "option",
+    "parse_config",
+    "type_name",
+]
 
 _DOC = "repae_doc"
 
@@ -37,6 +47,16 @@ def option(default: Any = MISSING, *, doc: str = "", default_factory: Any = MISS
     if isinstance(default, (list, dict, set)):
         raise TypeError("use default_factory= for a mutable default")
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_DOC: doc})
+
+
+class FieldError(ValueError):
+    """Raise it from a config's ``__post_init__`` to blame one field: the problem is then reported at that field's key
+    path (``losses.repa.weight``) instead of the whole section. A plain ``ValueError`` blames the section."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -160,7 +180,7 @@ def _coerce(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> Any:
             _coerce(k, key_tp, f"{path}.{k}", issues)
             out[k] = _coerce(v, val_tp, f"{path}.{k}", issues)
         return out
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             bad()
             return value
@@ -190,9 +210,101 @@ def _parse(cls: type, data: Mapping[str, Any], prefix: str, issues: list[ConfigI
         return None
     try:
         return cls(**kwargs)
+    except FieldError as exc:  # __post_init__ blaming one field
+        issues.append(ConfigIssue(f"{prefix}{exc.field}", exc.message))
+        return None
     except (TypeError, ValueError) as exc:  # __post_init__ checks across fields
         issues.append(ConfigIssue(prefix.rstrip("."), str(exc)))
         return None
+
+
+def _unsupported(tp: Any) -> str | None:
+    """Why annotation ``tp`` cannot be a config field's type (``None`` when it can). Supported: ``int``, ``float``,
+    ``str``, ``bool``, ``None`` in unions, ``Literal`` of those, ``list[T]``, ``tuple[T, ...]``, ``tuple[T1, T2]``,
+    ``dict[str, T]`` and nested config dataclasses: what a YAML recipe can hold and :func:`parse_config` checks."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp in (int, float, str, bool, type(None)):
+        return None
+    if origin is Literal:
+        bad = [a for a in args if not isinstance(a, (int, float, str, bool, type(None)))]
+        return f"Literal values must be plain scalars, got {bad!r}" if bad else None
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            reason = _unsupported(arg)
+            if reason:
+                return reason
+        return None
+    if origin is list:
+        return _unsupported(args[0]) if args else "give the item type: list[int], list[str], ..."
+    if origin is tuple:
+        if not args:
+            return "give the item types: tuple[float, float] or tuple[int, ...]"
+        items = args[:1] if len(args) == 2 and args[1] is Ellipsis else args
+        for arg in items:
+            reason = _unsupported(arg)
+            if reason:
+                return reason
+        return None
+    if origin is dict:
+        if not args:
+            return "give the key and value types: dict[str, float]"
+        if args[0] is not str:
+            return f"dict keys must be str (recipe keys are strings), got {type_name(args[0])}"
+        return _unsupported(args[1])
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return None
+    return (f"{type_name(tp)} is not a supported config type (use int, float, str, bool, None, Literal, list, tuple, "
+            "dict[str, ...] or a nested dataclass)")
+
+
+def check_config_class(cls: type) -> list[str]:
+    """Problems with a config dataclass as a plugin declares it, one line each (empty when it is fine).
+
+    Every field needs a supported type (see :func:`parse_config`); every default (or ``default_factory`` value) must
+    be of its field's type; a nested dataclass is checked the same way; and when every field has a default, the
+    default config must pass its own ``__post_init__`` checks. Run at registration, so that a wrong default is the
+    plugin's error, not the user's.
+    """
+    problems: list[str] = []
+    try:
+        hints = _hints(cls)
+    except Exception as exc:  # noqa: BLE001 - an annotation that does not resolve (a typo, a missing import)
+        return [f"its field annotations do not resolve ({type(exc).__name__}: {exc})"]
+    complete = True
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        reason = _unsupported(tp)
+        if reason:
+            problems.append(f"field {f.name!r}: {reason}")
+            continue
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            problems.extend(f"field {f.name!r}: {p}" for p in check_config_class(tp))
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            try:
+                default = f.default_factory()
+            except Exception as exc:  # noqa: BLE001 - a broken default_factory
+                problems.append(f"field {f.name!r}: default_factory failed ({type(exc).__name__}: {exc})")
+                continue
+        else:
+            complete = False
+            continue
+        default = _plain(default)
+        issues: list[ConfigIssue] = []
+        _coerce(default, tp, f.name, issues)
+        if issues:
+            problems.append(f"field {f.name!r}: its default {f.default if f.default is not MISSING else default!r} "
+                            f"is not {type_name(tp)} ({issues[0].message})")
+    if complete and not problems:
+        try:
+            cls()
+        except (TypeError, ValueError) as exc:
+            problems.append(f"its default values fail its own checks: {exc}")
+    return problems
 
 
 def parse_config(cls: type, data: Mapping[str, Any]) -> tuple[Any, list[ConfigIssue]]:

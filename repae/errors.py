@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "CapabilityError",
     "ComponentBuildError",
-    "DuplicateComponentError",
     "PluginError",
     "Problem",
     "RecipeError",
@@ -83,18 +83,17 @@ class RecipeError(UserError):
 class UnknownComponentError(UserError, KeyError):
     """A component name that no loaded plugin registered."""
 
-    def __init__(self, kind: str | None, name: str, known: Iterable[str]) -> None:
+    def __init__(self, kind: str | None, name: str, known: Iterable[str], *, detail: str = "") -> None:
         self.kind, self.name = kind, name
         what = f"{kind} '{name}'" if kind else f"component '{name}'"
         listing = f"repae list {kind}" if kind else "repae list"
-        super().__init__(f"unknown {what}.{did_you_mean(name, known)} Run `{listing}` to see what is available.")
+        detail = f" ({detail})" if detail else ""
+        super().__init__(
+            f"unknown {what}{detail}.{did_you_mean(name, known)} Run `{listing}` to see what is available."
+        )
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-class DuplicateComponentError(UserError):
-    """Two plugins registered the same (kind, name)."""
 
 
 class PluginError(UserError):
@@ -107,3 +106,7 @@ class WeightsMismatchError(UserError):
 
 class ComponentBuildError(UserError):
     """A component's factory rejected its (validated) configuration."""
+
+
+class CapabilityError(UserError):
+    """A command needs an optional capability (see :mod:`repae.interfaces`) that a component does not declare."""

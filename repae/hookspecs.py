@@ -46,16 +46,19 @@ def register_components(register: Register) -> None:
                 summary="a KL autoencoder with 8 latent channels",
                 config=MyVAEConfig,                       # a dataclass; fields documented with repae.option
                 factory="my_package.vae:build_my_vae",    # imported only when the component is built
-                presets={"small": {"width": 64}},         # optional named field values ...
-                preset_field="size",                      # ... selected by this config field
-            )
+                presets={"small": {"width": 64}},         # optional named field values, selected by the
+            )                                             # config field `size` (see repae.registry)
 
     The factory is called as ``factory(config, context)`` with the validated config instance and a
-    :class:`repae.build.BuildContext` (target device, whether to load weights, components built so far).
+    :class:`repae.BuildContext` (target device, whether to load weights, components built so far). What the built
+    component must provide is the contract of its kind in :mod:`repae.interfaces`.
 
-    :param register: callback with signature ``register(kind, name, *, summary, config, factory, presets=None,
-        preset_field=None)``. It raises ``repae.errors.PluginError`` for invalid input; the whole plugin is then
-        reported as failed and none of its components is registered.
+    :param register: callback with signature ``register(kind, name, *, summary, config, factory, presets=None)``.
+        It raises ``repae.errors.PluginError`` for invalid input (an unknown kind, a name that is not lower-case words,
+        a config field of an unsupported type, a default that is not of its field's type, presets without a ``size``
+        field); the whole plugin is then reported as failed and none of its components is registered. A name another
+        plugin already registered is not an error: the first plugin keeps the plain name, this one's component is
+        reachable as ``DISTRIBUTION:NAME`` (see :mod:`repae.registry`).
 
     Use in plugins: registration must stay cheap. Keep torch and model imports out of the module that holds the
     hook implementation and name the factory by its import path, so that ``repae list`` stays fast.

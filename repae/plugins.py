@@ -15,6 +15,7 @@ a :class:`PluginFailure` and reported by ``repae plugins`` (and on stderr by the
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,8 +25,15 @@ from typing import Any, Protocol
 import pluggy
 
 from repae import hookspecs
-from repae.errors import DuplicateComponentError, PluginError, RepaeError, did_you_mean
-from repae.registry import ComponentEntry, PluginInfo, Registry, validate_entry
+from repae.errors import PluginError, RepaeError, did_you_mean
+from repae.registry import (
+    BUILTIN_DISTRIBUTION,
+    Clash,
+    ComponentEntry,
+    PluginInfo,
+    Registry,
+    validate_entry,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -54,7 +62,6 @@ class Register(Protocol):
         config: type,
         factory: Callable[..., Any] | str,
         presets: Mapping[str, Mapping[str, Any]] | None = None,
-        preset_field: str | None = None,
     ) -> None: ...
 
 
@@ -103,6 +110,7 @@ class PluginHost:
         self.registry = Registry()
         self.plugins: dict[str, LoadedPlugin] = {}
         self.failures: list[PluginFailure] = []
+        self._in_process = 0
 
     # -- loading ---------------------------------------------------------------------------------------------------
     def load_entry_points(
@@ -127,6 +135,17 @@ class PluginHost:
             dist = getattr(ep, "dist", None)
             return (dist.metadata["Name"], dist.version) if dist is not None else (None, None)
 
+        def installed(ep: metadata.EntryPoint, dist_name: str | None) -> float:
+            """When the distribution was installed (its metadata folder's time): earlier plugins keep plain names
+            in a clash; repae's own distribution always comes first."""
+            if dist_name == BUILTIN_DISTRIBUTION:
+                return -math.inf
+            path = getattr(getattr(ep, "dist", None), "_path", None)  # importlib.metadata.PathDistribution
+            try:
+                return os.stat(path).st_mtime if path is not None else math.inf
+            except OSError:
+                return math.inf
+
         if select is not None:
             known = {ep.name for ep in available} | {d for ep in available if (d := dist_of(ep)[0])}
             for missing in sorted(select - known):
@@ -144,7 +163,7 @@ class PluginHost:
                 continue
             if names & disable:
                 continue
-            info = PluginInfo(ep.name, dist_name, dist_version)
+            info = PluginInfo(ep.name, dist_name, dist_version, installed(ep, dist_name))
             if ep.name in self.plugins:
                 self._fail(PluginFailure(ep.name, dist_name, dist_version, "import",
                                          f"another plugin is already loaded under the name '{ep.name}'"))
@@ -163,7 +182,8 @@ class PluginHost:
         and undo it with :meth:`remove_plugin`.
         """
         if isinstance(info, str):
-            info = PluginInfo(info)
+            self._in_process += 1
+            info = PluginInfo(info, installed=1e300 + self._in_process)  # after every installed one, in order
         try:
             self.pm.register(plugin, name=info.name)
         except pluggy.PluginValidationError as exc:
@@ -213,12 +233,10 @@ class PluginHost:
             config: type,
             factory: Callable[..., Any] | str,
             presets: Mapping[str, Mapping[str, Any]] | None = None,
-            preset_field: str | None = None,
         ) -> None:
             entry = ComponentEntry(
                 kind=kind, name=name, summary=summary.strip() if isinstance(summary, str) else summary,
-                config=config, factory=factory, plugin=loaded.info,
-                presets=dict(presets or {}), preset_field=preset_field,
+                config=config, factory=factory, plugin=loaded.info, presets=dict(presets or {}),
             )
             validate_entry(entry)
             staged.append(entry)
@@ -227,14 +245,21 @@ class PluginHost:
             if impl.plugin is plugin:
                 kwargs = {"register": register}
                 impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
-        for entry in staged:
-            try:
+        added: list[ComponentEntry] = []
+        try:
+            for entry in staged:
                 self.registry.add(entry)
-            except DuplicateComponentError as exc:
-                # Both plugins stay loaded; the contested name is unusable (lookups fail naming both providers).
-                info = loaded.info
-                self._fail(PluginFailure(info.name, info.distribution, info.version, "register", str(exc)))
-            loaded.components.append((entry.kind, entry.name))
+                added.append(entry)
+        except PluginError:
+            for entry in added:
+                self.registry.remove_plugin(entry.plugin.name)
+            raise
+        loaded.components.extend((entry.kind, entry.name) for entry in staged)
+
+    @property
+    def clashes(self) -> list[Clash]:
+        """Names several plugins registered: who keeps the plain name and how to reach the others."""
+        return self.registry.clashes
 
     def _fail(self, failure: PluginFailure) -> None:
         self.failures.append(failure)

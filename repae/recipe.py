@@ -38,7 +38,10 @@ __all__ = [
     "SLOTS",
     "Slot",
     "apply_overrides",
+    "diff_keys",
+    "flatten_recipe",
     "load_recipe",
+    "load_source",
     "parse_override",
     "read_recipe",
     "resolve_recipe",
@@ -314,7 +317,7 @@ def apply_overrides(source: RecipeSource, overrides: Sequence[str], problems: li
         source.origins[path] = where
 
 
-def load_recipe(
+def load_source(
     path: str | Path, overrides: Sequence[str] = (), *, problems: list[Problem] | None = None
 ) -> RecipeSource:
     """Read a recipe file with its ``extends`` chain and apply overrides.
@@ -336,10 +339,30 @@ def load_recipe(
     return source
 
 
+def load_recipe(
+    path: str | Path, overrides: Sequence[str] = (), *, registry: Registry | None = None, check: bool = False
+) -> ResolvedRecipe:
+    """The resolved recipe at ``path`` with ``overrides`` (``["denoiser.depth=12", ...]``): ``extends`` merged, every
+    section validated against its component's config, defaults and presets filled in. With ``check`` the components
+    are also built on ``meta`` and checked against each other (:func:`repae.compose.compose_recipe`), and the recipe
+    returned holds the derived fields. Raises :class:`RecipeError` listing every problem. ``registry`` defaults to
+    the installed plugins."""
+    if registry is None:
+        from repae.build import default_registry
+
+        registry = default_registry()
+    resolved = read_recipe(path, overrides, registry)
+    if check:
+        from repae.compose import compose_recipe
+
+        resolved = compose_recipe(resolved).recipe
+    return resolved
+
+
 def read_recipe(path: str | Path, overrides: Sequence[str], registry: Registry) -> ResolvedRecipe:
     """Load, override and validate in one go, reporting the problems of all three stages together."""
     problems: list[Problem] = []
-    source = load_recipe(path, overrides, problems=problems)
+    source = load_source(path, overrides, problems=problems)
     if any(p.message.startswith("not valid YAML") or p.path == "extends" for p in problems):
         raise RecipeError(problems)  # the content is incomplete: validating it would only add noise
     return resolve_recipe(source, registry, problems=problems)
@@ -359,6 +382,13 @@ class ComponentSpec:
     """Index in a ``list`` slot, label in a ``named`` slot, ``None`` in a ``one`` slot."""
     entry: ComponentEntry
     config: Any
+    explicit: frozenset[str] = frozenset()
+    """Config fields the recipe (or the selected preset) sets; the others hold defaults, which a config may derive
+    from the components built before it (:meth:`repae.build.BuildContext`, ``derive``)."""
+    requested: str | None = None
+    """The name as the recipe wrote it (a qualified ``DISTRIBUTION:NAME`` stays qualified)."""
+    derived: frozenset[str] = frozenset()
+    """Fields whose values were derived from other components (set by :func:`repae.compose.compose_recipe`)."""
 
     @property
     def kind(self) -> str:
@@ -366,11 +396,16 @@ class ComponentSpec:
 
     @property
     def name(self) -> str:
-        return self.entry.name
+        return self.requested or self.entry.name
 
     @property
     def label(self) -> str:
         return self.slot if self.key is None else f"{self.slot}.{self.key}"
+
+    @property
+    def path(self) -> tuple[Any, ...]:
+        """The key path of this component's section (``("encoders", 0)``, ``("losses", "repa")``)."""
+        return (self.slot,) if self.key is None else (self.slot, self.key)
 
 
 @dataclass
@@ -384,6 +419,14 @@ class ResolvedRecipe:
 
     def get(self, slot: str) -> list[ComponentSpec]:
         return [c for c in self.components if c.slot == slot]
+
+    def spec(self, label: str) -> ComponentSpec | None:
+        """The component with slot label ``label`` (``denoiser``, ``encoders.0``, ``losses.repa``)."""
+        return next((c for c in self.components if c.label == label), None)
+
+    def replace(self, components: list[ComponentSpec]) -> ResolvedRecipe:
+        """The same recipe with other component specs (e.g. derived configs)."""
+        return ResolvedRecipe(self.source, components, seed=self.seed, description=self.description)
 
     @property
     def plugins(self) -> dict[str, PluginInfo]:
@@ -493,7 +536,43 @@ def _resolve_section(
         problems.append(Problem(src.where(full), _dotted(full), issue.message, issue.hint))
     if config is None:
         return None
-    return ComponentSpec(slot.key, key, entry, config)
+    explicit = entry.explicit_fields({k: v for k, v in section.items() if k != "name"})
+    return ComponentSpec(slot.key, key, entry, config, explicit, requested=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Comparing recipes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def flatten_recipe(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key paths of a nested recipe (or any JSON-like data) -> values: the paths an override names.
+
+    Mappings are flattened by key and lists of mappings by index (``encoders.0.name``); a list of plain values is one
+    value (``losses.diffusion.updates``: ``[denoiser, tokenizer]``), as it is one setting. An empty mapping stays one
+    value (``{}``).
+    """
+    if isinstance(data, Mapping):
+        if not data and prefix:
+            return {prefix.rstrip("."): {}}
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten_recipe(value, f"{prefix}{key}."))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, Mapping) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(flatten_recipe(value, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted key paths (:func:`flatten_recipe`) whose values differ between two recipes, added and removed keys
+    included."""
+    a, b = flatten_recipe(old), flatten_recipe(new)
+    missing = object()
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
 
 
 def _article(noun: str) -> str:

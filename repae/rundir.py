@@ -6,49 +6,22 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-from importlib import metadata
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from repae.errors import UserError
+from repae.fileio import atomic_write, write_json
+from repae.recipe import diff_keys
 
-__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "diff_keys", "prepare_run_dir", "versions", "write_atomic"]
+__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "prepare_run_dir", "versions"]
 
 RECIPE_FILE = "recipe.yaml"
 VERSIONS_FILE = "versions.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out or {prefix.rstrip("."): {}}
-    if isinstance(data, list):
-        out = {}
-        for i, value in enumerate(data):
-            out.update(_flatten(value, f"{prefix}{i}."))
-        return out or {prefix.rstrip("."): []}
-    return {prefix.rstrip("."): data}
-
-
-def diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted key paths whose values differ between two recipes (added and removed keys included)."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, object()) != b.get(k, object()))
 
 
 def versions(plugins: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,8 +69,8 @@ def prepare_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool =
             n = 1
             while (run_dir / f"recipe.previous-{n}.yaml").exists():
                 n += 1
-            (run_dir / f"recipe.previous-{n}.yaml").write_text(old_text, encoding="utf-8")
+            atomic_write(run_dir / f"recipe.previous-{n}.yaml", old_text)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(existing, text)
-    write_atomic(run_dir / VERSIONS_FILE, json.dumps(versions(resolved.plugins), indent=2) + "\n")
+    atomic_write(existing, text)
+    write_json(run_dir / VERSIONS_FILE, versions(resolved.plugins))
     return run_dir

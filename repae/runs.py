@@ -71,17 +71,27 @@ class OpenedRun:
         return self.components.get("dataset")
 
     def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, h, w)`` of the denoiser's latents."""
+        """``(C, h, w)`` of the denoiser's latents (:class:`repae.Denoiser`: ``in_channels``, ``input_size``)."""
         denoiser = self.denoiser
-        side = getattr(denoiser, "grid_size", None)
-        patch = getattr(denoiser, "patch_size", None)
-        channels = getattr(denoiser, "in_channels", None)
-        if side and patch and channels:
-            return channels, side * patch, side * patch
-        tokenizer = self.tokenizer
-        resolution = self.recipe.get("denoiser")[0].config.resolution
-        f = tokenizer.downsample
-        return tokenizer.latent_channels, resolution // f, resolution // f
+        if denoiser is None:
+            raise UserError(f"{self.run_dir}: the recipe has no denoiser")
+        return int(denoiser.in_channels), int(denoiser.input_size), int(denoiser.input_size)
+
+    @property
+    def losses(self) -> dict[str, Any]:
+        """The recipe's losses by label, when ``open_run`` built them (``slots`` with ``losses``; built on ``meta``:
+        for what they declare, such as ``transport`` and ``feature_depths``)."""
+        return {k.split(".", 1)[1]: v for k, v in self.components.items() if k.startswith("losses.")}
+
+    def transport(self) -> Any:
+        """The diffusion process of the run: the transport of the loss that defines it (``None`` without one)."""
+        return next((loss.transport for loss in self.losses.values()
+                     if getattr(loss, "transport", None) is not None), None)
+
+    def alignment_depth(self) -> int | None:
+        """The hidden-state depth the run aligns (``feature_depths`` of its losses; the deepest when several)."""
+        depths = {int(d) for loss in self.losses.values() for d in getattr(loss, "feature_depths", ())}
+        return max(depths) if depths else None
 
 
 def open_run(
@@ -90,16 +100,19 @@ def open_run(
     device: str = "cpu",
     use_ema: bool = True,
     slots: tuple[str, ...] = ("tokenizer", "encoders", "latent_norm", "denoiser", "sampler", "dataset"),
+    registry: Any = None,
+    meta_slots: tuple[str, ...] = ("losses",),
 ) -> OpenedRun:
     """Rebuild a run's components from its ``recipe.yaml`` and load checkpoint weights into them (EMA by default).
 
-    Only ``slots`` are built (losses and the trainer are not needed to use a trained model). Pretrained weights the
-    recipe names are not loaded for parts the checkpoint holds (it overrides them).
+    Only ``slots`` are built (losses and the trainer are not needed to use a trained model). Those also in
+    ``meta_slots`` are built on ``meta``, for what they declare (a loss's ``transport`` and ``feature_depths``; a
+    dataset's image preprocessing without reading its data). Pretrained weights the recipe names are not loaded for
+    parts the checkpoint holds (it overrides them). ``registry`` defaults to the installed plugins.
     """
     import torch
 
-    from repae.build import BuildContext, build_component
-    from repae.plugins import load_plugins
+    from repae.build import BuildContext, build_component, default_registry
     from repae.recipe import read_recipe
     from repae.rundir import RECIPE_FILE
     from repae.train.checkpoint import load_checkpoint
@@ -108,7 +121,7 @@ def open_run(
     recipe_path = run_dir / RECIPE_FILE
     if not recipe_path.is_file():
         raise UserError(f"{run_dir} has no {RECIPE_FILE}; it was not written by `repae run`")
-    resolved = read_recipe(recipe_path, [], load_plugins().registry)
+    resolved = read_recipe(recipe_path, [], registry if registry is not None else default_registry())
     checkpoint = load_checkpoint(checkpoint_dir)
     models = checkpoint.models
     held = {"tokenizer": "tokenizer", "denoiser": "ema-denoiser" if use_ema else "denoiser",
@@ -119,21 +132,30 @@ def open_run(
         if spec.slot not in slots:
             continue
         from_checkpoint = held.get(spec.slot) in models
-        context = BuildContext(device=device, built=dict(built), seed=resolved.seed,
+        on = "meta" if spec.slot in meta_slots else device
+        context = BuildContext(device=on, built=dict(built), seed=resolved.seed,
                                load_weights=not from_checkpoint)
-        component = build_component(spec.entry, spec.config, context, label=spec.label)
+        component = build_component(spec.entry, spec.config, context, label=spec.label, explicit=spec.explicit)
         if from_checkpoint:
             state = models[held[spec.slot]]
             try:
                 component.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise UserError(f"{checkpoint_dir}: the {spec.slot} weights do not fit the recipe's {spec.slot} "
-                                f"({str(exc).splitlines()[0]})") from None
-        if isinstance(component, torch.nn.Module):
+                                f"({_mismatch(exc)})") from None
+        if isinstance(component, torch.nn.Module) and on != "meta":
             component.to(device).eval().requires_grad_(False)
         components[spec.label] = component
         if spec.key is None:
             built[spec.slot] = component
         elif isinstance(spec.key, int):
             built.setdefault(spec.slot, []).append(component)
+        else:
+            built.setdefault(spec.slot, {})[spec.key] = component
     return OpenedRun(run_dir, checkpoint_dir, int(checkpoint.state["step"]), resolved, components, use_ema)
+
+
+def _mismatch(exc: BaseException) -> str:
+    """The informative lines of a ``load_state_dict`` error (its first line only says where)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[1:4] or lines[:1])

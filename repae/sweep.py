@@ -235,12 +235,9 @@ class Sweep:
 
     def write_index(self) -> Path:
         """Write ``OUT/sweep.json`` atomically."""
-        from repae.rundir import write_atomic
+        from repae.fileio import write_json
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / SWEEP_FILE
-        write_atomic(path, json.dumps(self.to_json(), indent=2, default=str) + "\n")
-        return path
+        return write_json(self.out / SWEEP_FILE, self.to_json())
 
 
 def point_progress(point: SweepPoint) -> tuple[int | None, int | None]:
@@ -269,14 +266,16 @@ def plan_sweep(recipe: str | Path, args: Sequence[str], registry: Any, out: str 
                allow_recipe_change: bool = False) -> Sweep:
     """Expand the grid and resolve every point against ``registry``.
 
-    Problems of all points are collected in :attr:`Sweep.problems` (a problem shared by several points is reported
-    once, naming them), as are run directories that already hold a different recipe (unless
+    Every point is checked whole (:func:`repae.compose.compose_recipe`: its components built on ``meta`` and checked
+    against each other). Problems of all points are collected in :attr:`Sweep.problems` (a problem shared by several
+    points is reported once, naming them), as are run directories that already hold a different recipe (unless
     ``allow_recipe_change``). Argument errors and a missing recipe file raise :class:`RecipeError` at once.
     """
-    from repae.recipe import read_recipe
-    from repae.rundir import RECIPE_FILE, diff_keys
-
     import yaml
+
+    from repae.compose import compose_recipe
+    from repae.recipe import diff_keys, read_recipe
+    from repae.rundir import RECIPE_FILE
 
     recipe = Path(recipe)
     if not recipe.is_file():
@@ -300,7 +299,7 @@ def plan_sweep(recipe: str | Path, args: Sequence[str], registry: Any, out: str 
         points.append(point)
         problems: list[Problem] = []
         try:
-            point.resolved = read_recipe(recipe, overrides, registry)
+            point.resolved = compose_recipe(read_recipe(recipe, overrides, registry)).recipe
         except RecipeError as exc:
             problems.extend(exc.problems)
         if point.resolved is not None:

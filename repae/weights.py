@@ -33,6 +33,8 @@ from repae.errors import UserError, WeightsMismatchError
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from repae.interfaces import WeightsInfo
+
 __all__ = [
     "WEIGHT_SUFFIXES",
     "LoadReport",
@@ -40,6 +42,7 @@ __all__ = [
     "hub_cache_dir",
     "load_into",
     "load_state_dict",
+    "load_weights",
     "read_checkpoint",
     "select_entry",
     "offline",
@@ -142,8 +145,8 @@ def _resolve_hf(src: HfSource, default_filename: str | None) -> Path:
     if not filename:
         raise UserError(f"weights source {src} names no file: write hf://{src.repo_id}/<file in the repo>")
     try:
-        from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hf_errors
+        from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency of timm
         raise UserError(f"{src} needs the huggingface_hub package: pip install huggingface_hub") from exc
 
@@ -248,6 +251,24 @@ def load_state_dict(
     obj, digest = read_checkpoint(path)
     state, _ = select_entry(obj, key, path, missing_key=missing_key)
     return state, digest
+
+
+def load_weights(
+    source: str,
+    *,
+    key: str | None = None,
+    missing_key: str = "error",
+    default_filename: str | None = None,
+) -> tuple[dict[str, Tensor], WeightsInfo]:
+    """Resolve a weights ``source`` (:func:`resolve_weights`), read it safely and pick entry ``key``
+    (:func:`select_entry`); return the state dict and the :class:`~repae.interfaces.WeightsInfo` a component records
+    in its ``loaded_weights`` (:class:`~repae.interfaces.RecordsWeights`)."""
+    from repae.interfaces import WeightsInfo
+
+    path = resolve_weights(source, default_filename=default_filename)
+    obj, digest = read_checkpoint(path)
+    state, entry = select_entry(obj, key, path, missing_key=missing_key)
+    return state, WeightsInfo(source=str(source), path=str(path), sha256=digest, entry=entry)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:

@@ -6,7 +6,8 @@ Modules, one concern each:
   batches (ADM ``mu``/``sigma``/``mu_s``/``sigma_s``/``arr_0``, or a folder); writing ADM reference batches;
 - :mod:`repae.evaluate.features`: Inception-v3 features through torch-fidelity's port, with the ADM sFID features
   added by a registered torch-fidelity feature extractor; finding the weights offline;
-- :mod:`repae.evaluate.metrics`: Fréchet distance, Inception Score, improved precision/recall, and the metric objects;
+- :mod:`repae.evaluate.metrics`: the formulas (Fréchet distance, Inception Score, improved precision/recall); the
+  metric components that use them are registered by the ``repae_metrics`` plugin;
 - :mod:`repae.evaluate.report`: the result and its provenance;
 - :mod:`repae.evaluate.pipeline`: :func:`evaluate`, tying them together (``repae eval``).
 

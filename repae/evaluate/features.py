@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # type: ignore[import-untyped]
 
 from repae.errors import UserError
 
@@ -68,6 +68,9 @@ class ADMInceptionV3(FeatureExtractorInceptionV3):
     Construct it through torch-fidelity (``create_feature_extractor``) or :func:`load_inception`;
     ``feature_extractor_weights_path`` is required (a local file; safetensors or a tensors-only PyTorch file).
     """
+
+    features_list: list[str]
+    weights_sha256: str
 
     def __init__(
         self,
@@ -132,8 +135,8 @@ class ADMInceptionV3(FeatureExtractorInceptionV3):
 
 
 def _ensure_registered() -> None:
-    from torch_fidelity import register_feature_extractor
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity import register_feature_extractor  # type: ignore[import-untyped]
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY  # type: ignore[import-untyped]
 
     if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(EXTRACTOR_NAME, ADMInceptionV3)
@@ -195,7 +198,7 @@ def load_inception(
 ) -> ADMInceptionV3:
     """Build the registered extractor with the given weights file, returning repae's ``features`` (see
     :data:`FEATURE_LAYERS`) in that order, on ``device``."""
-    from torch_fidelity.utils import create_feature_extractor
+    from torch_fidelity.utils import create_feature_extractor  # type: ignore[import-untyped]
 
     layers = [FEATURE_LAYERS[f] for f in features]
     extractor = create_feature_extractor(

@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 
@@ -45,7 +45,8 @@ __all__ = [
     "write_reference_npz",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+"""File endings read as images everywhere in repae (compared case-insensitively: ImageNet's ``.JPEG`` counts)."""
 STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
 """repae feature name -> the (mean, covariance) keys of an ADM reference batch."""
 
@@ -85,7 +86,7 @@ class NpzImages(ImageSource):
             raise UserError(f"{self.path}: {key} is stored in Fortran order; save it with np.ascontiguousarray")
 
     @contextlib.contextmanager
-    def _open(self) -> Iterator[BinaryIO]:
+    def _open(self) -> Iterator[IO[bytes]]:
         try:
             archive = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as exc:
@@ -258,10 +259,10 @@ def write_reference_npz(
     The file is what ``np.savez`` would write (readable by ``np.load`` and ADM's evaluator). Written to a temporary
     name and renamed, so a failure never leaves a half-written reference behind.
     """
+    from repae.fileio import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, (mu, sigma) in stats.items():
                 for key, value in zip(STAT_KEYS[name], (mu, sigma)):
@@ -269,9 +270,6 @@ def write_reference_npz(
                         np.lib.format.write_array(fh, np.asarray(value), allow_pickle=False)
             if images is not None:
                 _write_streamed(archive, "arr_0.npy", images)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

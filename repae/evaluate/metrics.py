@@ -8,34 +8,24 @@
   feature of one set; precision is the fraction of samples inside some reference ball, recall the fraction of
   reference features inside some sample ball. Distances in batches of 10,000 rows and columns, as ADM.
 
-The functions take NumPy arrays; the :class:`Metric` objects (built by the ``repae-metrics`` plugin's components
-``fid``, ``sfid``, ``inception-score``, ``precision-recall``) are what ``repae eval`` runs.
+The functions take NumPy arrays and are public (``repae.frechet_distance`` ...): the ``repae-metrics`` plugin's
+components (``fid``, ``sfid``, ``inception-score``, ``precision-recall``; :class:`repae.Metric`) and the rFID of
+``repae analyze`` are made of them.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from repae.errors import UserError
 
 __all__ = [
-    "FrechetDistance",
-    "InceptionScore",
-    "Metric",
-    "PrecisionRecall",
-    "ReferenceFeatures",
     "feature_statistics",
     "frechet_distance",
     "frechet_distance_to_features",
     "inception_score",
     "precision_recall",
 ]
-
-Feature = Literal["pool", "spatial", "logits"]
 
 
 # -- the formulas ----------------------------------------------------------------------------------------------------
@@ -152,11 +142,12 @@ def _radii(points, norms, k: int, batch_size: int):
     out = []
     for start in range(0, len(points), batch_size):
         rows, row_norms = points[start:start + batch_size], norms[start:start + batch_size]
-        best = None
+        best: torch.Tensor | None = None
         for col in range(0, len(points), batch_size):
             d = _squared_distances(rows, points[col:col + batch_size], row_norms, norms[col:col + batch_size])
             d = d if best is None else torch.cat([best, d], 1)
             best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+        assert best is not None, "no points"
         out.append(best[:, k])
     return torch.cat(out)
 
@@ -200,79 +191,3 @@ def precision_recall(
         precision = _inside_any_ball(fake, fake_norms, real, real_norms, real_radii, batch_size)
         recall = _inside_any_ball(real, real_norms, fake, fake_norms, fake_radii, batch_size)
         return float(precision.double().mean()), float(recall.double().mean())
-
-
-# -- metric objects --------------------------------------------------------------------------------------------------
-@dataclass
-class ReferenceFeatures:
-    """What the metrics know about the reference: stored statistics and/or features computed from its images."""
-
-    stats: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    features: Mapping[str, np.ndarray] = field(default_factory=dict)
-
-
-class Metric:
-    """A metric over Inception features of the samples (and the reference).
-
-    ``feature`` names the sample features it reads (``pool``: pool_3 2048-d, ``spatial``: mixed_6/conv 2023-d,
-    ``logits``: 1008 unbiased logits). :meth:`reference_features` says which features must be computed from the
-    reference images (empty when stored statistics suffice or no reference is needed).
-    """
-
-    name: str = ""
-    feature: Feature = "pool"
-    outputs: tuple[str, ...] = ()
-
-    def reference_features(self, stored_stats: Mapping[str, object]) -> set[str]:
-        return set()
-
-    def compute(self, samples: Mapping[str, np.ndarray], reference: ReferenceFeatures) -> dict[str, float]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name})"
-
-
-class FrechetDistance(Metric):
-    """FID (``feature="pool"``) or sFID (``feature="spatial"``) against the reference's statistics."""
-
-    def __init__(self, name: str, feature: Feature, output: str, *, use_reference_stats: bool = True) -> None:
-        self.name, self.feature, self.outputs = name, feature, (output,)
-        self.use_reference_stats = use_reference_stats
-
-    def reference_features(self, stored_stats: Mapping[str, object]) -> set[str]:
-        return set() if self.use_reference_stats and self.feature in stored_stats else {self.feature}
-
-    def compute(self, samples: Mapping[str, np.ndarray], reference: ReferenceFeatures) -> dict[str, float]:
-        if self.use_reference_stats and self.feature in reference.stats:
-            ref_mu, ref_sigma = reference.stats[self.feature]
-        else:
-            ref_mu, ref_sigma = feature_statistics(reference.features[self.feature])
-        return {self.outputs[0]: frechet_distance_to_features(samples[self.feature], ref_mu, ref_sigma)}
-
-
-class InceptionScore(Metric):
-    """Inception Score of the samples over ``splits`` unshuffled splits."""
-
-    def __init__(self, name: str = "inception-score", *, splits: int = 10) -> None:
-        self.name, self.feature, self.outputs, self.splits = name, "logits", ("inception_score",), splits
-
-    def compute(self, samples: Mapping[str, np.ndarray], reference: ReferenceFeatures) -> dict[str, float]:
-        return {"inception_score": inception_score(samples["logits"], self.splits)}
-
-
-class PrecisionRecall(Metric):
-    """Improved precision and recall on pool_3 features against the reference images' features."""
-
-    def __init__(self, name: str = "precision-recall", *, k: int = 3, batch_size: int = 10000, device: str = "cpu",
-                 dtype: str = "float32") -> None:
-        self.name, self.feature, self.outputs = name, "pool", ("precision", "recall")
-        self.k, self.batch_size, self.device, self.dtype = k, batch_size, device, dtype
-
-    def reference_features(self, stored_stats: Mapping[str, object]) -> set[str]:
-        return {"pool"}
-
-    def compute(self, samples: Mapping[str, np.ndarray], reference: ReferenceFeatures) -> dict[str, float]:
-        precision, recall = precision_recall(samples["pool"], reference.features["pool"], k=self.k,
-                                             batch_size=self.batch_size, device=self.device, dtype=self.dtype)
-        return {"precision": precision, "recall": recall}

@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import ContextManager
 
 from repae.errors import UserError
-from repae.evaluate.inputs import STAT_KEYS, open_reference, open_samples, write_reference_npz
-from repae.evaluate.metrics import FrechetDistance, Metric, ReferenceFeatures, feature_statistics
+from repae.evaluate.inputs import (
+    STAT_KEYS,
+    open_reference,
+    open_samples,
+    write_reference_npz,
+)
+from repae.evaluate.metrics import feature_statistics
 from repae.evaluate.report import EvalReport
+from repae.interfaces import Metric, ReferenceFeatures
 
 __all__ = ["Progress", "evaluate"]
 
@@ -44,7 +50,12 @@ def evaluate(
     :class:`~repae.errors.UserError`, or is listed in ``report.skipped`` when ``skip_unavailable``.
     ``save_reference`` also writes the reference's statistics (and images) as an ADM reference batch.
     """
-    from repae.evaluate.features import EXTRACTOR_NAME, extract_features, find_inception_weights, load_inception
+    from repae.evaluate.features import (
+        EXTRACTOR_NAME,
+        extract_features,
+        find_inception_weights,
+        load_inception,
+    )
 
     if not metrics:
         raise UserError("no metrics to compute")
@@ -65,7 +76,7 @@ def evaluate(
         if need and ref.images is None:
             stats = [STAT_KEYS[name] for name in sorted(need) if name in STAT_KEYS and name not in ref.stats]
             short = "the reference has no images (arr_0)"
-            if isinstance(metric, FrechetDistance) and stats:
+            if stats and metric.feature in STAT_KEYS:
                 short = f"the reference has neither {'/'.join(stats[0])} nor images (arr_0)"
             held = ", ".join(k for name in ref.stats for k in STAT_KEYS[name])
             if not skip_unavailable:
@@ -96,6 +107,7 @@ def evaluate(
         sample_features = extract_features(source.batches(batch_size), extractor, progress=advance)
     reference_data = ReferenceFeatures(stats=ref.stats)
     if ref_needed:
+        assert ref.images is not None  # checked above: metrics that need reference images were skipped or refused
         with progress("reference", len(ref.images)) as advance:
             reference_data.features = extract_features(ref.images.batches(batch_size), extractor, progress=advance)
     stored = [m.feature for m in active if m.feature in ref.stats and not m.reference_features(ref.stats)]
@@ -105,8 +117,8 @@ def evaluate(
         report.metrics.update(metric.compute(sample_features, reference_data))
 
     if save_reference is not None:
-        stats = {name: ref.stats.get(name) or feature_statistics(reference_data.features[name]) for name in STAT_KEYS}
+        saved = {name: ref.stats.get(name) or feature_statistics(reference_data.features[name]) for name in STAT_KEYS}
         images = ref.images.batches(batch_size) if ref.images is not None else None
-        write_reference_npz(Path(save_reference), stats, images)
+        write_reference_npz(Path(save_reference), saved, images)
     report.seconds = round(time.perf_counter() - start, 3)
     return report

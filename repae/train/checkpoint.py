@@ -13,7 +13,6 @@ folder, then renamed), so a run killed mid-save leaves the previous checkpoint i
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -82,24 +81,20 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically and delete all but the ``keep`` latest. Returns its folder."""
+    from repae.fileio import atomic_path
+
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     meta: dict[str, Any] = {"step": step, **state, "optimizers": {}}
-    for name, tensors in models.items():
-        save_file(_tensors(tensors), str(tmp / f"model-{name}.safetensors"))
-    for part, opt_state in optimizers.items():
-        tensors, opt_meta = _optimizer_split(opt_state)
-        save_file(tensors, str(tmp / f"optimizer-{part}.safetensors"))
-        meta["optimizers"][part] = opt_meta
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        for name, tensors in models.items():
+            save_file(_tensors(tensors), str(tmp / f"model-{name}.safetensors"))
+        for part, opt_state in optimizers.items():
+            tensors, opt_meta = _optimizer_split(opt_state)
+            save_file(tensors, str(tmp / f"optimizer-{part}.safetensors"))
+            meta["optimizers"][part] = opt_meta
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -110,11 +105,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (``RUN/checkpoints/step-NNNNNNN``), ``None`` when none."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

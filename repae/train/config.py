@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from repae.config import option
+from repae.config import FieldError, option
 
 __all__ = ["OptimizerConfig", "TrainerConfig"]
 
@@ -21,7 +21,7 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise FieldError("lr", f"must be > 0, got {self.lr}")
 
 
 @dataclass(kw_only=True)
@@ -60,10 +60,10 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+            raise FieldError("ema_decay", f"must be in [0, 1], got {self.ema_decay}")
         if len(set(self.phases)) != len(self.phases):
             raise ValueError(f"phases lists a part twice: {self.phases}")

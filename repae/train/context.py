@@ -1,21 +1,48 @@
 """What one training step computes, shared by every loss component, computed lazily and at most once.
 
 A step runs one *phase* per trainable part (``tokenizer``, then loss-owned parts such as ``discriminator``, then
-``denoiser``; see :mod:`repae.train.engine`). Quantities of the tokenizer forward pass (posterior, ``z``, ``recon``),
-the encoder targets, ``t`` and the noise are computed once per step and shared by every phase; outside the tokenizer
-phase ``z`` and ``recon`` are detached (the stop-gradient of REPA-E). Quantities that depend on the modes of the
-denoiser and the normaliser (the normalised latent, ``x_t``, the denoiser pass) are computed once per phase.
+``denoiser``; :meth:`repae.PhasedTrainer.plan`). Quantities of the tokenizer pass (``posterior``, ``z``, ``recon``),
+the encoder ``targets``, ``t`` and ``noise`` are computed once per step and shared by every phase; outside the
+tokenizer phase ``z`` and ``recon`` are detached (REPA-E's stop-gradient). Quantities that depend on the modes of the
+denoiser and the normaliser (``x0``, ``x_t``, ``target``, the denoiser pass) are computed once per phase.
 
-Losses read what they need::
+What a loss may read (``B`` the micro-batch, ``C, h, w`` the latent shape, ``H = h * f`` the image side; "float" is
+float32, or the autocast dtype inside mixed precision):
 
-    ctx.recon            # decoded images, [-1, 1]
-    ctx.targets          # list of encoder token tensors [B, N, D]
-    ctx.denoised         # DenoiserOutput of this phase's single denoiser pass
-    ctx.x0, ctx.x_t, ctx.t, ctx.noise, ctx.target
+=================  ==============================  ===================================================================
+member             shape, dtype                    meaning
+=================  ==============================  ===================================================================
+``phase``          str                             the part this phase trains (``tokenizer``, ``discriminator``, ...)
+``step``           int                             the step being computed (0-based)
+``labels``         int64 ``[B]``                   class labels in ``[0, num_classes)`` (before label dropout)
+``raw_images``     uint8 ``[B, 3, H, W]``          the batch's images; ``None`` when training from cached latents
+``images``         float32 ``[B, 3, H, W]``        ``raw_images / 127.5 - 1`` in ``[-1, 1]``; ``None`` likewise
+``posterior``      :class:`Posterior`              the tokenizer's posterior (``None`` from cached latents); with
+                                                   gradients in the tokenizer phase
+``z``              float ``[B, C, h, w]``          the posterior sample ``mean + std * eps`` (un-normalised);
+                                                   **detached outside the tokenizer phase** (the stop-gradient)
+``recon``          float ``[B, 3, H, W]``          ``decode(z)`` in about ``[-1, 1]``, when some loss
+                                                   ``needs_recon``; **detached outside the tokenizer phase**
+``targets``        list of float32 ``[B, N, D_k]`` each encoder's tokens of the raw images; no gradient
+``t``              ``[B]``                         float32 in ``[0, 1]`` (1 = noise) for a continuous transport; int64
+                                                   steps in ``[0, T)`` for a discrete one (``transport.discrete_steps``)
+``noise``          float32 ``[B, C, h, w]``        standard normal, the same in every phase of the step
+``x0``             float ``[B, C, h, w]``          ``normalizer.normalize(z)`` in this phase's mode (eval: running
+                                                   statistics; denoiser phase: batch statistics)
+``x_t``            float ``[B, C, h, w]``          ``transport.interpolate(x0, noise, t)``
+``target``         float ``[B, C, h, w]``          ``transport.target(x0, noise, t)`` (velocity, or the noise)
+``denoised``       :class:`DenoiserOutput`         this phase's single denoiser pass on ``x_t`` with every
+                                                   ``feature_depths`` of the phase's losses; ``prediction`` is
+                                                   ``None`` unless some loss ``needs_prediction``
+``prediction``     float ``[B, C_out, h, w]``      ``denoised.prediction`` (velocity, or noise [+ variance]); an
+                                                   error when no loss of the phase ``needs_prediction``
+``denoiser``, ``tokenizer``, ``normalizer``, ``encoders``, ``transport``: the components themselves (read-only)
+=================  ==============================  ===================================================================
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,27 +52,35 @@ import torch
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from repae.interfaces import DenoiserOutput, Transport
+    from repae.interfaces import DenoiserOutput, Posterior, Transport
 
-__all__ = ["StepContext", "StepInputs", "DenoiserPlan"]
+__all__ = ["DETACHED_OUTSIDE_TOKENIZER_PHASE", "DenoiserPlan", "StepContext", "StepInputs"]
+
+DETACHED_OUTSIDE_TOKENIZER_PHASE = ("z", "recon")
+"""What every phase but the tokenizer's reads detached: the stop-gradient of REPA-E (the denoiser trains on
+``z.detach()``, the discriminator on ``recon.detach()``, both pre-update)."""
 
 
 @dataclass
 class StepInputs:
-    """The batch and the randomness a step consumes. Anything left ``None`` is drawn by the engine from a generator
-    seeded with (recipe seed, step), so that a step is a pure function of its inputs (exact resume, DDP = single
-    process). Tests inject every tensor to reproduce a reference step."""
+    """The batch and the randomness a step consumes. The engine draws every tensor from a generator seeded with
+    (recipe seed, step) for the whole global batch and slices it per process, so that a step is a pure function of
+    its inputs (exact resume, N processes = one process). Tests inject every tensor to reproduce a reference step."""
 
     labels: Tensor
+    """int64 ``[B]``."""
     images: Tensor | None = None
     """uint8 ``[B, 3, H, W]`` (the dataset's images), or ``None`` when training from cached latents."""
     latents: Tensor | None = None
     """Cached posterior parameters ``[B, 2C, h, w]`` (mean and std concatenated), for frozen-tokenizer trainings."""
     eps_posterior: Tensor | None = None
+    """Standard normal ``[B, C, h, w]``: ``z = mean + std * eps_posterior``."""
     t: Tensor | None = None
+    """``[B]``, as the transport's ``sample_time`` draws it."""
     noise: Tensor | None = None
+    """Standard normal ``[B, C, h, w]``: the diffusion noise."""
     drop_labels: Tensor | None = None
-    """bool ``[B]``: labels replaced by the null class (classifier-free guidance dropout)."""
+    """bool ``[B]``: labels replaced by the null class in the denoiser's phase (classifier-free guidance dropout)."""
     targets: list[Tensor] | None = None
     """Precomputed representation targets, one ``[B, N, D]`` tensor per encoder (else the encoders run)."""
 
@@ -60,7 +95,8 @@ class DenoiserPlan:
 
 @dataclass
 class StepContext:
-    """Lazy, cached quantities of one step for the phase ``phase``. Built by the engine; read by losses."""
+    """Lazy, cached quantities of one step in the phase ``phase`` (see the module's table). Built by the engine; read
+    by losses (:class:`repae.Loss`)."""
 
     phase: str
     inputs: StepInputs
@@ -68,11 +104,11 @@ class StepContext:
     denoiser: Any
     normalizer: Any
     encoders: Sequence[Any]
-    transport: Transport
+    transport: Transport | None
     plan: DenoiserPlan
     step: int = 0
     shared: dict[str, Any] = field(default_factory=dict)
-    """Per-step cache shared by all phases (tokenizer pass, targets, t, noise)."""
+    """Per-step cache shared by all phases (tokenizer pass, targets)."""
     cache: dict[str, Any] = field(default_factory=dict)
     """Per-phase cache."""
     num_classes: int | None = None
@@ -90,25 +126,22 @@ class StepContext:
 
     @property
     def images(self) -> Tensor | None:
-        """The batch's images as float in ``[-1, 1]`` (``uint8 / 127.5 - 1``)."""
+        """The batch's images as float32 in ``[-1, 1]`` (``uint8 / 127.5 - 1``)."""
         if self.inputs.images is None:
             return None
         if "images" not in self.shared:
             self.shared["images"] = self.inputs.images.float() / 127.5 - 1.0
-        return self.shared["images"]
+        return self.shared["images"]  # type: ignore[no-any-return]
 
     def _tokenizer_pass(self) -> None:
         """Encode, sample and decode once per step; with gradients when the tokenizer is being trained."""
         if "z" in self.shared:
             return
-        import torch
-
+        eps = self.inputs.eps_posterior
         if self.inputs.latents is not None:  # cached posterior (mean, std)
             mean, std = self.inputs.latents.float().chunk(2, dim=1)
-            eps = self.inputs.eps_posterior
-            self.shared["posterior"] = None
-            self.shared["z"] = mean + std * eps
-            self.shared["recon"] = None
+            z = mean + std * (eps if eps is not None else torch.randn_like(std))
+            self.shared.update(posterior=None, z=z, recon=None)
             return
         grad = self.phase == "tokenizer"
         with torch.set_grad_enabled(grad), self._autocast():
@@ -121,24 +154,29 @@ class StepContext:
     def _needs_recon(self) -> bool:
         return bool(self.shared.get("needs_recon", True))
 
+    def _stopped(self, name: str, value: Tensor | None) -> Tensor | None:
+        if value is None or self.phase == "tokenizer" or name not in DETACHED_OUTSIDE_TOKENIZER_PHASE:
+            return value
+        return value.detach()
+
     @property
-    def posterior(self) -> Any:
+    def posterior(self) -> Posterior | None:
         self._tokenizer_pass()
-        return self.shared["posterior"]
+        return self.shared["posterior"]  # type: ignore[no-any-return]
 
     @property
     def z(self) -> Tensor:
         """Tokenizer latents (un-normalised). Detached outside the tokenizer phase: the stop-gradient."""
         self._tokenizer_pass()
-        z = self.shared["z"]
-        return z if self.phase == "tokenizer" else z.detach()
+        z = self._stopped("z", self.shared["z"])
+        assert z is not None
+        return z
 
     @property
     def recon(self) -> Tensor | None:
         """The decoded latents; detached outside the tokenizer phase (the discriminator sees the pre-update recon)."""
         self._tokenizer_pass()
-        recon = self.shared["recon"]
-        return recon if recon is None or self.phase == "tokenizer" else recon.detach()
+        return self._stopped("recon", self.shared["recon"])
 
     @property
     def targets(self) -> list[Tensor]:
@@ -146,18 +184,18 @@ class StepContext:
         if "targets" not in self.shared and self.inputs.targets is not None:
             self.shared["targets"] = list(self.inputs.targets)
         if "targets" not in self.shared:
-            import torch
-
             with torch.no_grad(), self._autocast():
                 self.shared["targets"] = [enc(self.inputs.images).float() for enc in self.encoders]
-        return self.shared["targets"]
+        return self.shared["targets"]  # type: ignore[no-any-return]
 
     @property
     def t(self) -> Tensor:
+        assert self.inputs.t is not None
         return self.inputs.t
 
     @property
     def noise(self) -> Tensor:
+        assert self.inputs.noise is not None
         return self.inputs.noise
 
     # -- per phase -----------------------------------------------------------------------------------------------
@@ -167,20 +205,28 @@ class StepContext:
         if "x0" not in self.cache:
             z = self.z
             self.cache["x0"] = self.normalizer.normalize(z) if self.normalizer is not None else z
-        return self.cache["x0"]
+        return self.cache["x0"]  # type: ignore[no-any-return]
+
+    def _transport(self) -> Transport:
+        if self.transport is None:
+            from repae.errors import UserError
+
+            raise UserError("a loss reads x_t or the target, but no loss defines the diffusion process: add a "
+                            "diffusion objective, e.g. `diffusion: {name: flow-matching}`")
+        return self.transport
 
     @property
     def x_t(self) -> Tensor:
         if "x_t" not in self.cache:
-            self.cache["x_t"] = self.transport.interpolate(self.x0, self.noise, self.t)
-        return self.cache["x_t"]
+            self.cache["x_t"] = self._transport().interpolate(self.x0, self.noise, self.t)
+        return self.cache["x_t"]  # type: ignore[no-any-return]
 
     @property
     def target(self) -> Tensor:
         """The denoiser's regression target (velocity or noise) for this phase's ``x0``."""
         if "target" not in self.cache:
-            self.cache["target"] = self.transport.target(self.x0, self.noise, self.t)
-        return self.cache["target"]
+            self.cache["target"] = self._transport().target(self.x0, self.noise, self.t)
+        return self.cache["target"]  # type: ignore[no-any-return]
 
     @property
     def denoised(self) -> DenoiserOutput:
@@ -189,13 +235,24 @@ class StepContext:
             with self._autocast():
                 self.cache["denoised"] = self.denoiser(
                     self.x_t,
-                    self.transport.model_time(self.t),
+                    self._transport().model_time(self.t),
                     self.labels,
                     feature_depths=self.plan.feature_depths,
                     features_only=not self.plan.needs_prediction,
                     force_drop=self._drop_labels(),
                 )
-        return self.cache["denoised"]
+        return self.cache["denoised"]  # type: ignore[no-any-return]
+
+    @property
+    def prediction(self) -> Tensor:
+        """``denoised.prediction``: ``[B, C_out, h, w]``, for a loss that declares ``needs_prediction = True``."""
+        prediction = self.denoised.prediction
+        if prediction is None:
+            from repae.errors import UserError
+
+            raise UserError("a loss reads the denoiser's prediction, but no loss of this phase declares "
+                            "needs_prediction = True (the pass stopped after the deepest feature depth)")
+        return prediction
 
     def _drop_labels(self) -> Tensor | None:
         """The label-dropout mask in the denoiser's own (training) phase; no dropout when the denoiser is frozen in
@@ -206,8 +263,6 @@ class StepContext:
         return torch.zeros_like(drop)
 
     def _autocast(self) -> Any:
-        import contextlib
-
         return self.autocast() if self.autocast is not None else contextlib.nullcontext()
 
     def for_phase(self, phase: str, plan: DenoiserPlan) -> StepContext:
@@ -217,4 +272,3 @@ class StepContext:
             normalizer=self.normalizer, encoders=self.encoders, transport=self.transport, plan=plan, step=self.step,
             shared=self.shared, num_classes=self.num_classes, autocast=self.autocast,
         )
-

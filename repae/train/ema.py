@@ -33,8 +33,8 @@ class EMA(nn.Module):
         weight = 1.0 - self.decay
         for name, shadow in self.shadows.items():
             live = modules[name]
-            targets = list(shadow.parameters())
-            sources = [p.detach() for p in live.parameters()]
+            targets: list[torch.Tensor] = list(shadow.parameters())
+            sources: list[torch.Tensor] = [p.detach() for p in live.parameters()]
             for ema_b, b in zip(shadow.buffers(), live.buffers()):
                 if ema_b.is_floating_point():
                     targets.append(ema_b)

@@ -12,8 +12,11 @@ Which training a recipe runs follows from its losses:
 
 - vanilla: ``flow-matching`` updating ``[denoiser]``; the tokenizer is frozen (or replaced by a latent cache);
 - REPA: + ``repa`` (weight 0.5) updating ``[denoiser]``;
-- REPA-E: + VAE regularisers and ``repa`` (weight 1.5) updating ``[tokenizer]``, a ``patchgan`` updating
-  ``[tokenizer, discriminator]``, and the latent ``batchnorm`` normaliser.
+- REPA-E: ``repa`` updating ``[denoiser, tokenizer]`` (weights 0.5 and 1.5), the VAE regularisers updating
+  ``[tokenizer]``, a ``patchgan`` updating ``[tokenizer, discriminator]``, and the latent ``batchnorm`` normaliser.
+
+The phases, modes and stop-gradients are computed once into a :class:`~repae.interfaces.StepPlan`
+(:meth:`PhasedTrainer.plan`); the step applies that plan, and ``repae run --dry-run`` prints it.
 
 Randomness a step consumes (posterior noise, t, diffusion noise, label dropout) is drawn for the whole global batch
 from a generator seeded by (seed, step) and sliced per process, so a step is a pure function of the recipe and the
@@ -26,64 +29,69 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from repae.errors import UserError
+from repae.errors import Problem, RecipeError, UserError
 from repae.generate import decode_latents
+from repae.interfaces import (
+    CarriesLatentNormState,
+    ChecksTokenizer,
+    LoadsLatentNormState,
+    PhasePlan,
+    StepPlan,
+    Transport,
+    supports,
+)
+from repae.reporting import progress as progress_bar
 from repae.train import distributed
 from repae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from repae.train.config import OptimizerConfig, TrainerConfig
-from repae.train.context import DenoiserPlan, StepContext, StepInputs
+from repae.train.context import (
+    DETACHED_OUTSIDE_TOKENIZER_PHASE,
+    DenoiserPlan,
+    StepContext,
+    StepInputs,
+)
 from repae.train.data import StepOrder, step_generator
 from repae.train.ema import EMA
-from repae.train.losses import check_updates
-from repae.train.observe import MetricsLog, Progress, save_grid, summarize
+from repae.train.observe import MetricsLog, save_grid, summarize
 
-__all__ = ["Trainer", "build_trainer", "default_transport"]
+if TYPE_CHECKING:
+    from repae.build import BuildContext
+
+__all__ = ["PhasedTrainer", "build_trainer"]
 
 
-def build_trainer(config: TrainerConfig, context: Any) -> Trainer:
+def build_trainer(config: TrainerConfig, context: BuildContext) -> PhasedTrainer:
     """Factory of the ``default`` trainer: takes the components built before it from ``context.built``."""
-    return Trainer(config, context.built, seed=getattr(context, "seed", 0))
+    return PhasedTrainer(config, context.built, seed=context.seed, names=context.names)
 
 
-class _LinearFlow:
-    """The default forward process when no loss provides one: linear interpolant, v target, t ~ U[0, 1)."""
+class PhasedTrainer:
+    """Trains the components of a recipe (the ``default`` trainer; :class:`repae.interfaces.Trainer`).
 
-    def sample_time(self, batch: int, *, generator: torch.Generator) -> torch.Tensor:
-        return torch.rand(batch, generator=generator)
+    Built through the registry (``trainer: {name: default}``) from the components built before it. A plugin's trainer
+    may subclass it and override the step functions :meth:`make_inputs`, :meth:`compute_gradients`,
+    :meth:`apply_gradients` or :meth:`train_step` (whose returned terms are what ``metrics.jsonl`` logs).
+    """
 
-    def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
-        return (1 - t) * x0 + t * noise
-
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return noise - x0
-
-    def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-
-def default_transport() -> _LinearFlow:
-    return _LinearFlow()
-
-
-class Trainer:
-    """Trains the components of a recipe. Build it through the registry (``trainer: {name: default}``)."""
-
-    def __init__(self, config: TrainerConfig, built: Mapping[str, Any], *, seed: int = 0) -> None:
+    def __init__(self, config: TrainerConfig, built: Mapping[str, Any], *, seed: int = 0,
+                 names: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.seed = seed
-        self.dataset = built.get("dataset")
-        self.tokenizer = built.get("tokenizer")
-        self.encoders: list[nn.Module] = list(built.get("encoders") or [])
-        self.normalizer = built.get("latent_norm")
-        self.denoiser = built.get("denoiser")
+        self.names = dict(names or {})
+        """Registered name of each component by slot label (``losses.repa``: ``repa``), for the plan."""
+        # The components, through their contracts (repae.interfaces): typed Any, a plugin's classes are its own.
+        self.dataset = _component(built, "dataset")
+        self.tokenizer = _component(built, "tokenizer")
+        self.encoders: list[Any] = list(built.get("encoders") or [])
+        self.normalizer = _component(built, "latent_norm")
+        self.denoiser = _component(built, "denoiser")
         self.losses: dict[str, Any] = dict(built.get("losses") or {})
-        self.sampler = built.get("sampler")
+        self.sampler = _component(built, "sampler")
         problems = []
         if self.denoiser is None:
             problems.append("a `denoiser`")
@@ -93,16 +101,16 @@ class Trainer:
             problems.append("`losses` (e.g. losses: {diffusion: {name: flow-matching}})")
         if problems:
             raise UserError(f"the trainer needs {', '.join(problems)} in the recipe")
-        if getattr(self.dataset, "kind", "images") == "images" and self.tokenizer is None:
+        self.from_latents = getattr(self.dataset, "kind", "images") == "latents"
+        if not self.from_latents and self.tokenizer is None:
             raise UserError("an image dataset needs a `tokenizer` to turn images into latents")
-        if getattr(self.dataset, "kind", "images") == "latents" and self.tokenizer is not None:
-            check = getattr(self.dataset, "check_tokenizer", None)
-            if callable(check):
-                check(self.tokenizer)  # the cache must come from this very tokenizer
+        if self.from_latents and self.tokenizer is not None and supports(self.dataset, ChecksTokenizer):
+            if not _on_meta(self.tokenizer):  # a dry run has no weights to compare
+                self.dataset.check_tokenizer(self.tokenizer)  # the cache must come from this very tokenizer
 
         self.parts: dict[str, nn.Module] = {"denoiser": self.denoiser}
         if any("tokenizer" in loss.updates for loss in self.losses.values()):
-            if self.tokenizer is None or getattr(self.dataset, "kind", "images") == "latents":
+            if self.tokenizer is None or self.from_latents:
                 raise UserError("a loss updates the tokenizer, but the recipe trains from cached latents or has none")
             self.parts["tokenizer"] = self.tokenizer
         self.loss_parts: set[str] = set()
@@ -111,10 +119,10 @@ class Trainer:
                 self.parts[name] = module
                 self.loss_parts.add(name)
         for label, loss in self.losses.items():
-            try:
-                check_updates(loss, set(self.parts), label)
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
+            unknown_parts = [p for p in loss.updates if p not in self.parts]
+            if unknown_parts:
+                raise UserError(f"loss '{label}' lists updates {unknown_parts}, but the parts of this training are "
+                                f"{sorted(self.parts)}")
         unknown = [p for p in self.parts if p not in config.phases]
         if unknown:
             raise UserError(f"trainer.phases {config.phases} does not list the trainable part(s) {unknown}")
@@ -139,7 +147,11 @@ class Trainer:
         transports = [(label, loss.transport) for label, loss in self.losses.items() if loss.transport is not None]
         if len(transports) > 1:
             raise UserError(f"several losses define the diffusion process: {[t[0] for t in transports]}; keep one")
-        self.transport = transports[0][1] if transports else default_transport()
+        self.transport: Transport | None = transports[0][1] if transports else None
+        if self.transport is None and any(self._plan(p).feature_depths or self._plan(p).needs_prediction
+                                          for p in self.phases):
+            raise UserError("the losses run the denoiser on noisy latents, but none defines the diffusion process: "
+                            "add a diffusion objective, e.g. `diffusion: {name: flow-matching}`")
         self._frozen = [m for m in (self.tokenizer, *self.encoders) if m is not None and m not in self.parts.values()]
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.ema: EMA | None = None
@@ -173,13 +185,11 @@ class Trainer:
                 raise UserError(f"the trainable part '{name}' has no parameters")
             cfg = self._optimizer_config(name)
             self.optimizers[name] = torch.optim.AdamW(
-                params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps
+                params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay, eps=cfg.eps
             )
         tracked = {"denoiser": self.denoiser}
         if self.normalizer is not None:
-            adopt = getattr(self.normalizer, "init_from_denoiser", None)
-            if callable(adopt):  # a REPA-E checkpoint's latent BatchNorm statistics, loaded with the denoiser
-                adopt(self.denoiser)
+            adopt_latent_norm_state(self.normalizer, self.denoiser)
             tracked["latent_norm"] = self.normalizer
         self.ema = EMA(tracked, self.config.ema_decay)
         if self._precision(device) == "fp16":
@@ -211,23 +221,130 @@ class Trainer:
         device_type = self.device.type
         return lambda: torch.autocast(device_type=device_type, dtype=dtype)
 
-    # -- one step --------------------------------------------------------------------------------------------------
+    # -- the plan --------------------------------------------------------------------------------------------------
+    def _modes(self, phase: str) -> dict[str, bool]:
+        """Train (``True``) or eval mode of every module in the phase of ``phase``: the denoiser and its normaliser
+        train only in the denoiser's own phase (REPA-E's alignment pass through the frozen denoiser runs in eval mode,
+        with the running statistics); a trainable tokenizer and loss-owned parts (the discriminator, whose BatchNorm
+        keeps batch statistics, as in REPA-E) stay in train mode; frozen components are in eval mode."""
+        modes = {"denoiser": phase == "denoiser"}
+        if self.normalizer is not None:
+            modes["latent_norm"] = phase == "denoiser"
+        if "tokenizer" in self.parts:
+            modes["tokenizer"] = True
+        for name in self.loss_parts:
+            modes[name] = True
+        return modes
+
     def _enter_phase(self, phase: str) -> None:
         for name, module in self.parts.items():
             module.requires_grad_(name == phase)
-        in_denoiser_phase = phase == "denoiser"
-        self.denoiser.train(in_denoiser_phase)
-        if self.normalizer is not None:
-            self.normalizer.train(in_denoiser_phase)
-        if "tokenizer" in self.parts:
-            self.tokenizer.train(True)
-        for name in self.loss_parts:  # a loss-owned part (the discriminator) stays in train mode, as in REPA-E
-            self.parts[name].train(True)
+        modules = {"denoiser": self.denoiser, "latent_norm": self.normalizer, "tokenizer": self.tokenizer,
+                   **{name: self.parts[name] for name in self.loss_parts}}
+        for name, train in self._modes(phase).items():
+            modules[name].train(train)
 
     def _plan(self, phase: str) -> DenoiserPlan:
         losses = [loss for _, loss in self._phase_losses(phase)]
         depths = sorted({d for loss in losses for d in loss.feature_depths})
         return DenoiserPlan(tuple(depths), any(loss.needs_prediction for loss in losses))
+
+    def plan(self) -> StepPlan:
+        """The step plan: per phase the part that trains, the others' modes, the normaliser's statistics, the losses
+        with their weights, the stop-gradients and the denoiser pass. Generated from the same methods the step runs
+        (:meth:`_modes`, :meth:`_plan`, ``DETACHED_OUTSIDE_TOKENIZER_PHASE``)."""
+        phases = []
+        reads_targets = {p: any(loss.needs_targets for _, loss in self._phase_losses(p)) for p in self.phases}
+        needs_recon = any(loss.needs_recon for loss in self.losses.values())
+        for phase in self.phases:
+            modes = self._modes(phase)
+            other = []
+            for name in ("tokenizer", "denoiser", *sorted(self.loss_parts)):
+                if name == phase or (name == "tokenizer" and self.tokenizer is None):
+                    continue
+                if name in self.parts:
+                    other.append((name, f"frozen, {'train' if modes[name] else 'eval'} mode"))
+                elif name == "tokenizer":
+                    other.append((name, "frozen, eval mode (not trained)"))
+            if self.encoders:
+                other.append(("encoders", "frozen, eval mode" + (" (the alignment targets)" if
+                                                                  reads_targets[phase] else ", not run")))
+            norm = None
+            if self.normalizer is not None:
+                norm = ("batch statistics (global batch), running statistics updated" if modes["latent_norm"]
+                        else "running statistics")
+            detached = []
+            if phase != "tokenizer" and "tokenizer" in self.parts:
+                detached = [f"{name}.detach()" for name in DETACHED_OUTSIDE_TOKENIZER_PHASE
+                            if name != "recon" or needs_recon]
+            plan = self._plan(phase)
+            pass_kind = "full" if plan.needs_prediction else ("features only" if plan.feature_depths else "none")
+            losses = tuple((label, self.names.get(f"losses.{label}", type(loss).__name__), loss.weight(phase))
+                           for label, loss in self._phase_losses(phase))
+            phases.append(PhasePlan(phase, losses, tuple(other), norm, tuple(detached), plan.feature_depths,
+                                    pass_kind))
+        transport = repr(self.transport) if self.transport is not None else "none"
+        return StepPlan(tuple(phases), transport, self._label_dropout())
+
+    def check_step(self, batch_size: int = 2) -> None:
+        """Run one step's forward passes (every phase, every loss) on the components' device without a backward
+        pass, with inputs of the shapes the data would have. Meant for ``meta`` (dry runs): a shape mismatch between
+        components then surfaces as a :class:`RecipeError` naming the phase, the loss and the message, before any
+        data is read. (On a real device it would update BatchNorm statistics.)"""
+        device = self.device
+        shape = self.latent_shape()
+        images = latents = None
+        if self.from_latents:
+            latents = torch.zeros(batch_size, 2 * shape[0], *shape[1:], device=device)
+        else:
+            side = int(self.dataset.resolution)
+            images = torch.zeros(batch_size, 3, side, side, dtype=torch.uint8, device=device)
+        g = torch.Generator().manual_seed(0)
+        t = self.transport.sample_time(batch_size, generator=g) if self.transport is not None \
+            else torch.zeros(batch_size)
+        inputs = StepInputs(
+            labels=torch.zeros(batch_size, dtype=torch.long, device=device), images=images, latents=latents,
+            eps_posterior=torch.zeros(batch_size, *shape, device=device), t=t.to(device),
+            noise=torch.zeros(batch_size, *shape, device=device),
+            drop_labels=torch.zeros(batch_size, dtype=torch.bool, device=device),
+        )
+        problems = []
+        root = self._root_context(inputs, step=0)
+        try:
+            for phase in self.phases:
+                self._enter_phase(phase)
+                ctx = root.for_phase(phase, self._plan(phase))
+                for label, loss in self._phase_losses(phase):
+                    try:
+                        terms = loss(ctx)
+                        value = terms["loss"]
+                        if value.numel() != 1:
+                            raise ValueError(f"its 'loss' term has shape {tuple(value.shape)}, not a scalar")
+                    except (UserError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+                        problems.append(Problem(
+                            "", f"losses.{label}",
+                            f"one step on meta failed in the {phase} phase, loss '{label}': "
+                            f"{type(exc).__name__}: {_first_line(exc)}",
+                            "the shapes of the components do not fit (see the message); run `repae run --dry-run` "
+                            "after each change"))
+                        break
+                if problems:
+                    break
+        finally:
+            for module in self.parts.values():
+                module.requires_grad_(True)
+        if problems:
+            raise RecipeError(problems)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def _root_context(self, inputs: StepInputs, *, step: int) -> StepContext:
+        root = StepContext(
+            phase="", inputs=inputs, tokenizer=self.tokenizer, denoiser=self.denoiser,
+            normalizer=self.normalizer, encoders=self.encoders, transport=self.transport, plan=DenoiserPlan(),
+            step=step, autocast=self._autocast(), num_classes=getattr(self.denoiser, "num_classes", None),
+        )
+        root.shared["needs_recon"] = any(loss.needs_recon for loss in self.losses.values())
+        return root
 
     def compute_gradients(
         self, micro_batches: Sequence[StepInputs], step: int, *, on_phase_end: Callable[[str], None] | None = None
@@ -236,16 +353,7 @@ class Trainer:
         ``on_phase_end(phase)`` is called after each phase's backward pass (benchmarks time phases with it)."""
         logs: dict[str, torch.Tensor] = {}
         n = len(micro_batches)
-        needs_recon = any(loss.needs_recon for loss in self.losses.values())
-        roots = []
-        for inputs in micro_batches:
-            root = StepContext(
-                phase="", inputs=inputs, tokenizer=self.tokenizer, denoiser=self.denoiser,
-                normalizer=self.normalizer, encoders=self.encoders, transport=self.transport, plan=DenoiserPlan(),
-                step=step, autocast=self._autocast(), num_classes=getattr(self.denoiser, "num_classes", None),
-            )
-            root.shared["needs_recon"] = needs_recon
-            roots.append(root)
+        roots = [self._root_context(inputs, step=step) for inputs in micro_batches]
         # Phases outside, micro-batches inside: every micro-batch's tokenizer phase sees the same latent statistics
         # (the denoiser phases, which update them, come after), as one large batch would.
         for phase in self.phases:
@@ -253,7 +361,7 @@ class Trainer:
             plan = self._plan(phase)
             for root in roots:
                 ctx = root.for_phase(phase, plan)
-                objective: torch.Tensor | float = 0.0
+                objective = torch.zeros((), device=self.device)
                 for label, loss in self._phase_losses(phase):
                     terms = loss(ctx)
                     objective = objective + loss.weight(phase) * terms["loss"]
@@ -279,7 +387,7 @@ class Trainer:
             params = [p for p in self.parts[name].parameters() if p.grad is not None]
             if not params:
                 continue
-            distributed.all_reduce_mean_([p.grad for p in params])
+            distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
             norms[f"{name}/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -290,10 +398,15 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
-        self.ema.update(self._ema_sources())
+        self._shadow().update(self._ema_sources())
         return norms
 
-    def _ema_sources(self) -> dict[str, nn.Module]:
+    def _shadow(self) -> EMA:
+        if self.ema is None:
+            raise RuntimeError("the trainer is not set up: call setup() first")  # a bug, not a user error
+        return self.ema
+
+    def _ema_sources(self) -> dict[str, Any]:
         sources = {"denoiser": self.denoiser}
         if self.normalizer is not None:
             sources["latent_norm"] = self.normalizer
@@ -306,8 +419,18 @@ class Trainer:
         return logs
 
     # -- inputs ----------------------------------------------------------------------------------------------------
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents, from the contracts of the dataset and the tokenizer (no data is read)."""
+        if self.from_latents:
+            shape = self.dataset.latent_shape
+            if not shape:
+                raise UserError("the latent dataset does not know its latent shape (is the cache there?)")
+            return int(shape[0]), int(shape[1]), int(shape[2])
+        side, f = int(self.dataset.resolution), int(self.tokenizer.downsample)
+        return int(self.tokenizer.latent_channels), side // f, side // f
+
     def _latent_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
-        if getattr(self.dataset, "kind", "images") == "latents":
+        if self.from_latents:
             return x.shape[1] // 2, x.shape[2], x.shape[3]
         f = self.tokenizer.downsample
         return self.tokenizer.latent_channels, x.shape[2] // f, x.shape[3] // f
@@ -323,7 +446,7 @@ class Trainer:
             return self._randomness_cache[1]
         g = step_generator(self.seed, step)
         eps = torch.randn(batch, *shape, generator=g)
-        t = self.transport.sample_time(batch, generator=g)
+        t = self.transport.sample_time(batch, generator=g) if self.transport is not None else torch.zeros(batch)
         noise = torch.randn(batch, *shape, generator=g)
         drop = torch.rand(batch, generator=g) < self._label_dropout()
         self._randomness_cache = ((step, shape, batch), (eps, t, noise, drop))
@@ -341,8 +464,7 @@ class Trainer:
                 tensor = tensor.pin_memory()
             return tensor.to(device, non_blocking=non_blocking)
 
-        images, latents = (None, move(x)) if getattr(self.dataset, "kind", "images") == "latents" else (
-            move(x), None)
+        images, latents = (None, move(x)) if self.from_latents else (move(x), None)
         return StepInputs(
             labels=move(labels), images=images, latents=latents, eps_posterior=move(eps[part]),
             t=move(t[part]), noise=move(noise[part]), drop_labels=move(drop[part]),
@@ -353,7 +475,7 @@ class Trainer:
         models = {name: module.state_dict() for name, module in self.parts.items()}
         if self.normalizer is not None:
             models["latent_norm"] = self.normalizer.state_dict()
-        for name, shadow in self.ema.shadows.items():
+        for name, shadow in self._shadow().shadows.items():
             models[f"ema-{name}"] = shadow.state_dict()
         optimizers = {name: opt.state_dict() for name, opt in self.optimizers.items()}
         state = {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -379,7 +501,7 @@ class Trainer:
             module.load_state_dict(models[name])
         if self.normalizer is not None and "latent_norm" in models:
             self.normalizer.load_state_dict(models["latent_norm"])
-        for name, shadow in self.ema.shadows.items():
+        for name, shadow in self._shadow().shadows.items():
             shadow.load_state_dict(models[f"ema-{name}"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(checkpoint["optimizers"][name])
@@ -397,17 +519,13 @@ class Trainer:
         count = self.config.sample_count
         num_classes = getattr(self.denoiser, "num_classes", 1)
         labels = torch.arange(count, device=self.device) % num_classes
-        example = self._sample_shape()
-        noise = torch.randn(count, *example, generator=step_generator(self.seed, self.step, stream=2)).to(self.device)
-        denoiser = self.ema["denoiser"]
+        noise = torch.randn(count, *self.latent_shape(),
+                            generator=step_generator(self.seed, self.step, stream=2)).to(self.device)
+        denoiser = self._shadow()["denoiser"]
         latents = self.sampler(denoiser, noise, labels, generator=step_generator(self.seed, self.step, stream=3))
-        norm = self.ema["latent_norm"] if "latent_norm" in self.ema.shadows else None
+        norm = self._shadow()["latent_norm"] if "latent_norm" in self._shadow().shadows else None
         images = decode_latents(self.tokenizer, norm, latents).cpu()
         return save_grid(images, path)
-
-    def _sample_shape(self) -> tuple[int, int, int]:
-        x, _ = self.dataset[0]
-        return self._latent_shape(x.unsqueeze(0))
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def run(self, run_dir: Path, *, progress: bool = True) -> None:
@@ -417,7 +535,7 @@ class Trainer:
         is_main = topo_rank == 0
         self.setup()
         found = distributed.broadcast_object(latest_checkpoint(run_dir) if is_main else None)
-        if found is not None:
+        if isinstance(found, Path):
             self.load_state(load_checkpoint(found), source=str(found))
             if is_main:
                 _say(f"resuming from {found} (step {self.step} of {self.config.steps})")
@@ -426,20 +544,21 @@ class Trainer:
         metrics = MetricsLog(run_dir / "metrics.jsonl",
                              tensorboard_dir=run_dir / "tensorboard" if self.config.tensorboard else None) \
             if is_main else None
-        bar = Progress(self.config.steps, self.step, enabled=progress and is_main, batch_size=self.config.batch_size)
         try:
-            self._loop(run_dir, order, metrics, bar, is_main)
+            with progress_bar("train", self.config.steps, completed=self.step, unit="it",
+                              enabled=progress and is_main) as bar:
+                self._loop(run_dir, order, metrics, bar, is_main)
         finally:
-            bar.close()
             if metrics is not None:
                 metrics.close()
 
-    def _loop(self, run_dir: Path, order: StepOrder, metrics: MetricsLog | None, bar: Progress, is_main: bool) -> None:
+    def _loop(self, run_dir: Path, order: StepOrder, metrics: MetricsLog | None, bar: Any, is_main: bool) -> None:
         cfg = self.config
         loader = iter(self._loader(order, self.step, cfg.steps))
         started = time.perf_counter()
         pending: dict[str, torch.Tensor] = {}
         pending_steps = 0
+        last_time, last_step = started, self.step
         while self.step < cfg.steps:
             step = self.step
             micro = []
@@ -455,9 +574,15 @@ class Trainer:
                 values = {k: v / pending_steps for k, v in summarize(pending).items()}
                 pending.clear()
                 pending_steps = 0
-                speed = bar.update(done, {k: v for k, v in values.items() if not k.endswith("grad_norm")})
+                now = time.perf_counter()
+                seconds = max(now - last_time, 1e-9)
+                speed = {"it_per_s": (done - last_step) / seconds,
+                         "img_per_s": (done - last_step) * cfg.batch_size / seconds}
+                last_time, last_step = now, done
+                losses = [f"{k}={v:.4g}" for k, v in values.items() if not k.endswith("grad_norm")][:4]
+                bar.update(done, text="  ".join(losses))
                 if metrics is not None:
-                    metrics.write(done, {**values, **speed, "elapsed_s": time.perf_counter() - started})
+                    metrics.write(done, {**values, **speed, "elapsed_s": now - started})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 self._save(run_dir, is_main)
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and is_main:
@@ -487,7 +612,38 @@ class Trainer:
             step = last
 
 
+def _component(built: Mapping[str, Any], slot: str) -> Any:
+    """The component of a slot (``None`` when the recipe has none), typed ``Any``: it is a plugin's own class."""
+    return built.get(slot)
+
+
 def _say(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(message)
+    Console(stderr=True, highlight=False).print(message, markup=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _on_meta(module: Any) -> bool:
+    param = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+    return param is not None and param.device.type == "meta"
+
+
+def adopt_latent_norm_state(normalizer: Any, denoiser: Any) -> bool:
+    """Give the latent normaliser the buffers a REPA-E checkpoint carried with the denoiser (``bn.*``), when both
+    declare the capabilities (:class:`CarriesLatentNormState`, :class:`LoadsLatentNormState`); returns whether it
+    took them. Called once both exist (the trainer's setup, ``repae sample``), before the EMA copy is taken."""
+    if not (supports(denoiser, CarriesLatentNormState) and supports(normalizer, LoadsLatentNormState)):
+        return False
+    from repae.interfaces import RecordsWeights
+
+    state = denoiser.latent_norm_state
+    if not state:
+        return bool(normalizer.adopt_latent_norm_state({}, source="the denoiser (no bn.* buffers)"))
+    loaded = denoiser.loaded_weights.get("weights") if supports(denoiser, RecordsWeights) else None
+    source = loaded.source if loaded is not None else "the denoiser checkpoint"
+    return bool(normalizer.adopt_latent_norm_state(state, source=source))

@@ -14,7 +14,10 @@ __all__ = ["train_recipe"]
 def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_recipe_change: bool = False,
                  progress: bool = True) -> Path:
     """Join the process group (under torchrun), write the run directory on rank 0, build the components on this
-    process's device and run the recipe's trainer (resuming from the run directory's latest checkpoint)."""
+    process's device and run the recipe's trainer (resuming from the run directory's latest checkpoint).
+
+    ``resolved`` should be checked whole first (:func:`repae.compose.compose_recipe`): its ``recipe`` holds the
+    derived fields, which the run directory records."""
     from repae.build import build_recipe
     from repae.rundir import prepare_run_dir
     from repae.train import distributed
@@ -28,8 +31,13 @@ def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_re
         distributed.barrier()
         built = build_recipe(resolved, device=str(topology.device))
         trainer = built[-1].component if built and built[-1].slot == "trainer" else None
-        if trainer is None or not callable(getattr(trainer, "run", None)):
-            raise UserError("the recipe's trainer has no run(run_dir) method; its plugin is broken")
+        if trainer is None:
+            raise UserError("the recipe names no trainer: add `trainer: {name: default}`")
+        from repae.interfaces import Trainer, require
+
+        spec = resolved.get("trainer")[0]
+        require(trainer, Trainer, what=f"trainer '{spec.name}' (plugin {spec.entry.plugin.label})",
+                needed_for="repae run")
         trainer.run(run_dir, progress=progress)
     finally:
         distributed.shutdown()

@@ -1,17 +1,17 @@
-"""What a run shows and leaves behind: a rich progress bar, ``metrics.jsonl``, optional TensorBoard, sample grids."""
+"""What a run leaves behind: ``metrics.jsonl``, optional TensorBoard, sample grids (its progress bar is
+:func:`repae.reporting.progress`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["MetricsLog", "Progress", "save_grid"]
+__all__ = ["MetricsLog", "save_grid", "summarize"]
 
 
 class MetricsLog:
@@ -49,49 +49,9 @@ class MetricsLog:
             self._tb.close()
 
 
-class Progress:
-    """A rich progress bar with step, it/s, img/s, ETA and the latest losses (rank 0 only; silent elsewhere)."""
-
-    def __init__(self, total: int, start: int, *, enabled: bool, batch_size: int) -> None:
-        self.enabled = enabled
-        self.batch_size = batch_size
-        self._last_time = time.perf_counter()
-        self._last_step = start
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-            TimeRemainingColumn
-
-        self._bar = RichProgress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-            TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), transient=False,
-        )
-        self._task = self._bar.add_task("train", total=total, completed=start, speed="", losses="")
-        self._bar.start()
-
-    def update(self, step: int, losses: Mapping[str, float] | None = None) -> dict[str, float]:
-        """Advance to ``step``; returns the throughput since the last call."""
-        now = time.perf_counter()
-        steps = max(step - self._last_step, 1)
-        seconds = max(now - self._last_time, 1e-9)
-        speed = {"it_per_s": steps / seconds, "img_per_s": steps * self.batch_size / seconds}
-        self._last_time, self._last_step = now, step
-        if self.enabled:
-            shown = "  ".join(f"{k}={v:.4g}" for k, v in list((losses or {}).items())[:4])
-            self._bar.update(
-                self._task, completed=step,
-                speed=f"{speed['it_per_s']:.2f} it/s {speed['img_per_s']:.0f} img/s", losses=shown,
-            )
-        return speed
-
-    def close(self) -> None:
-        if self.enabled:
-            self._bar.stop()
-
-
 def save_grid(images: torch.Tensor, path: Path, *, nrow: int | None = None) -> Path:
     """Save uint8 ``[N, 3, H, W]`` images as one PNG grid."""
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # type: ignore[import-untyped]
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,61 @@
+"""Atomic writes: a file or folder appears under its final name only once complete.
+
+One mechanism for every file repae writes that a reader may meet half-written (recipes, JSON indexes, PNG samples,
+``samples.npz``, latent-cache shards, checkpoints): write to a temporary sibling, then ``os.replace`` it over the final
+name (atomic on POSIX within one file system). A failure removes the temporary and leaves any previous version intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "atomic_write", "write_json"]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write (a file, or a folder the caller creates); on success it replaces
+    ``path`` (an existing folder there is removed first), on an exception it is deleted.
+
+    The temporary is ``.<name>.tmp-<pid>`` in the same folder (hidden; never matched by readers of the final names).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if final.is_dir() and tmp.is_dir():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
+    """``data`` as JSON (``indent`` spaces, a final newline) to ``path``, atomically."""
+    return atomic_write(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
