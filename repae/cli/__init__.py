@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from repae.cli import analyze, cache, compare, components, export, plugins, recipe, run, sample, sweep
+from repae.cli import (
+    analyze,
+    cache,
+    compare,
+    components,
+    export,
+    plugins,
+    recipe,
+    run,
+    sample,
+    sweep,
+)
 from repae.cli import eval as eval_cli
 
 app = typer.Typer(

@@ -29,11 +29,15 @@ def load_host(*, warn: bool = True):
     from repae.plugins import load_plugins
 
     host = load_plugins()
-    if warn and host.failures:
+    if warn and (host.failures or host.clashes):
         err = stderr()
         for failure in host.failures:
-            err.print(f"[yellow]warning:[/] {failure}", markup=True, highlight=False)
-        err.print("[dim](run `repae plugins` for details; REPAE_STRICT_PLUGINS=1 makes this an error)[/]")
+            err.print("[yellow]warning:[/] ", end="")
+            err.print(str(failure), markup=False, highlight=False)
+        for clash in host.clashes:
+            err.print("[yellow]note:[/] ", end="")
+            err.print(str(clash), markup=False, highlight=False)
+        err.print("[dim](run `repae plugins` for details; REPAE_STRICT_PLUGINS=1 makes failures errors)[/]")
     return host
 
 

@@ -1,7 +1,8 @@
 """``repae cache-latents``: encode a recipe's dataset once with its (frozen) tokenizer, for trainings that read latents.
 
-Only the recipe's ``dataset`` and ``tokenizer`` are built. The cache stores the posterior mean and std of every image
-(see :mod:`repae_data.cache`); a recipe then trains from it with ``dataset: {name: latent-cache, root: OUT}``.
+Only the recipe's ``dataset`` and ``tokenizer`` are built, and used through their contracts only (any plugin's
+tokenizer and image dataset can be cached). The cache stores the posterior mean and std of every image (see
+:mod:`repae.latent_cache`); a recipe then trains from it with ``dataset: {name: latent-cache, root: OUT}``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from repae.cli._common import pick_device, load_host, stdout, user_errors
+from repae.cli._common import load_host, pick_device, stdout, user_errors
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
 
@@ -31,7 +32,8 @@ def cache_latents(
     """
     from repae.build import build_recipe
     from repae.config import config_to_dict
-    from repae.recipe import ResolvedRecipe, read_recipe
+    from repae.latent_cache import describe_tokenizer, read_index, write_latent_cache
+    from repae.recipe import read_recipe
 
     console = stdout()
     with user_errors():
@@ -48,19 +50,15 @@ def cache_latents(
         if device == "meta":
             raise UserError("--device meta cannot encode images; use cpu or cuda")
         device = pick_device(device)
-        subset = ResolvedRecipe(resolved.source, [dataset_spec, tokenizer_spec], resolved.seed, resolved.description)
-        built = {b.slot: b.component for b in build_recipe(subset, device=device)}
+        built = {b.slot: b.component for b in build_recipe(resolved, device=device, slots=("dataset", "tokenizer"))}
         dataset, tokenizer = built["dataset"], built["tokenizer"]
-
-        from repae_data.cache import describe_tokenizer, write_latent_cache
-
         tokenizer_info = describe_tokenizer(
             tokenizer,
             name=tokenizer_spec.name,
             config=config_to_dict(tokenizer_spec.config),
             plugin=tokenizer_spec.entry.plugin.label,
         )
-        if tokenizer_info["weights_sha256"] is None:
+        if not tokenizer_info["weights"]:
             console.print("[yellow]warning:[/] the tokenizer has random weights (its recipe section sets no "
                           "`weights`): the cache is only good for tests")
         if out.exists():
@@ -78,8 +76,6 @@ def cache_latents(
             dataset_info={"name": dataset_spec.name, **config_to_dict(dataset_spec.config)},
             num_workers=workers,
         )
-        from repae_data.cache import read_index
-
         index = read_index(path)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         console.print(

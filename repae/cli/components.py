@@ -7,10 +7,10 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from repae.cli._common import plain_table, load_host, print_json, stdout, user_errors
+from repae.cli._common import load_host, plain_table, print_json, stdout, user_errors
 from repae.config import describe_config
 from repae.errors import UserError, did_you_mean
-from repae.registry import KINDS
+from repae.registry import KINDS, PRESET_FIELD
 
 
 def _check_kind(kind: str | None) -> None:
@@ -32,7 +32,8 @@ def list_components(
                 [
                     {
                         "kind": e.kind,
-                        "name": e.name,
+                        "name": e.qualified_name if host.registry.is_shadowed(e) else e.name,
+                        "qualified_name": e.qualified_name,
                         "summary": e.summary,
                         "plugin": e.plugin.name,
                         "distribution": e.plugin.distribution,
@@ -47,7 +48,8 @@ def list_components(
         for column in ("kind", "name", "summary", "plugin"):
             table.add_column(column, overflow="fold")
         for e in entries:
-            table.add_row(e.kind, e.name, e.summary, e.plugin.label)
+            name = e.qualified_name if host.registry.is_shadowed(e) else e.name
+            table.add_row(e.kind, name, e.summary, e.plugin.label)
         console = stdout()
         if entries:
             console.print(table)
@@ -71,8 +73,9 @@ def show_component(
             return
         console = stdout()
         for entry in entries:
-            console.print(f"[bold]{entry.kind} {entry.name}[/] - {escape(entry.summary)}")
-            console.print(escape(f"plugin: {entry.plugin.label} ({entry.plugin.name}); config: {entry.config.__name__}"))
+            console.print(f"[bold]{entry.kind} {escape(entry.name)}[/] - {escape(entry.summary)}")
+            console.print(escape(f"plugin: {entry.plugin.label} ({entry.plugin.name}); qualified name: "
+                                 f"{entry.qualified_name}; config: {entry.config.__name__}"))
             table = plain_table(header_style="bold")
             for column in ("field", "type", "default", "doc"):
                 table.add_column(column, overflow="fold")
@@ -81,8 +84,8 @@ def show_component(
                 table.add_row(f.name, f.type, default, f.doc)
             console.print(table)
             if entry.presets:
-                presets = plain_table(title=f"presets (select with `{entry.preset_field}:`)", header_style="bold")
-                presets.add_column(entry.preset_field or "preset")
+                presets = plain_table(title=f"presets (select with `{PRESET_FIELD}:`)", header_style="bold")
+                presets.add_column(PRESET_FIELD)
                 presets.add_column("sets")
                 default = entry.default_preset()
                 for preset, values in entry.presets.items():
@@ -95,6 +98,7 @@ def _entry_json(entry) -> dict:
     return {
         "kind": entry.kind,
         "name": entry.name,
+        "qualified_name": entry.qualified_name,
         "summary": entry.summary,
         "plugin": entry.plugin.name,
         "distribution": entry.plugin.distribution,
@@ -103,6 +107,6 @@ def _entry_json(entry) -> dict:
             {"name": f.name, "type": f.type, "default": f.default, "required": f.required, "doc": f.doc}
             for f in describe_config(entry.config)
         ],
-        "preset_field": entry.preset_field,
+        "preset_field": PRESET_FIELD if entry.presets else None,
         "presets": {k: dict(v) for k, v in entry.presets.items()},
     }

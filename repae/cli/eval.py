@@ -9,7 +9,14 @@ from typing import Any, List, Optional
 
 import typer
 
-from repae.cli._common import pick_device, load_host, plain_table, print_json, stderr, stdout, user_errors
+from repae.cli._common import (
+    load_host,
+    pick_device,
+    plain_table,
+    print_json,
+    stdout,
+    user_errors,
+)
 from repae.errors import UserError
 
 METRIC_ALIASES = {"is": "inception-score", "pr": "precision-recall"}
@@ -125,9 +132,7 @@ def _build_metrics(names: str | None, device: str, settings: List[str]) -> list:
 
 @contextlib.contextmanager
 def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from repae.reporting import progress
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=stderr(), transient=True) as bar:
-        task = bar.add_task(f"Inception features: {description}", total=total)
-        yield lambda n: bar.advance(task, n)
+    with progress(f"Inception features: {description}", total, unit="img", transient=True) as bar:
+        yield bar.advance

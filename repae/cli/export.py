@@ -1,5 +1,5 @@
-"""``repae export``: a run's tokenizer as a diffusers ``AutoencoderKL`` folder or LDM-layout safetensors, or its
-denoisers in the official SiT layout (see :mod:`repae.export` and docs/analysis.md)."""
+"""``repae export``: a run's models in a format one of its components declares (the built-in VAEs: ``diffusers``,
+``ldm``; SiT/DiT: ``official``) or repae's own ``safetensors`` (see :mod:`repae.export` and docs/analysis.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from repae.cli._common import plain_table, stdout, user_errors
+from repae.cli._common import load_host, plain_table, stdout, user_errors
 
 RUN_ARG = typer.Argument(
     ..., help="Run directory (its latest checkpoint) or one checkpoint folder.", metavar="RUN_OR_CHECKPOINT",
@@ -18,8 +18,9 @@ RUN_ARG = typer.Argument(
 def export(
     run_path: Path = RUN_ARG,
     fmt: str = typer.Option(
-        ..., "--format", "-f", help="diffusers (AutoencoderKL folder), ldm (VAE + latent stats safetensors) or "
-        "safetensors (denoiser and EMA denoiser, official layout, plus the tokenizer).", show_default=False,
+        ..., "--format", "-f", help="A format the run's components declare (built-in VAEs: diffusers, ldm; SiT/DiT: "
+        "official) or safetensors (every model's state dict); an unknown one lists the run's formats.",
+        show_default=False,
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (must be empty or new).", show_default=False),
     force: bool = typer.Option(
@@ -31,7 +32,7 @@ def export(
 
     console = stdout()
     with user_errors():
-        manifest = export_run(run_path, out, fmt, force=force)
+        manifest = export_run(run_path, out, fmt, force=force, registry=load_host().registry)
         table = plain_table(title=f"{fmt} export of step {manifest['step']} -> {out}")
         for column in ("file", "bytes", "sha256"):
             table.add_column(column, justify="right" if column == "bytes" else "left")
@@ -39,4 +40,5 @@ def export(
             table.add_row(name, f"{info['bytes']:,}", info["sha256"][:16])
         console.print(table)
         latents = manifest["latents"]
-        console.print(f"latent statistics: {latents['source']} (scaling_factor {latents['scaling_factor']})")
+        console.print(f"latent statistics: {latents['source']} (scaling_factor {latents['scaling_factor']})",
+                      markup=False)

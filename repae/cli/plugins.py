@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from repae.cli._common import plain_table, load_host, print_json, stdout, user_errors
+from repae.cli._common import load_host, plain_table, print_json, stdout, user_errors
 
 
 def list_plugins(
@@ -18,7 +18,9 @@ def list_plugins(
         host = load_host(warn=False)
     plugins = sorted(host.plugins.values(), key=lambda p: p.info.name)
     if as_json:
-        print_json({"plugins": [_plugin_json(p) for p in plugins], "failures": [vars(f) for f in host.failures]})
+        print_json({"plugins": [_plugin_json(p) for p in plugins], "failures": [vars(f) for f in host.failures],
+                    "clashes": [{"kind": c.kind, "name": c.name, "kept_by": c.winner.qualified_name,
+                                 "others": [e.qualified_name for e in c.others]} for c in host.clashes]})
     else:
         _print_tables(host, plugins)
     if host.failures:
@@ -48,6 +50,13 @@ def _print_tables(host, plugins) -> None:
             ", ".join(f"{kind}:{name}" for kind, name in p.components) or "-",
         )
     console.print(table)
+    if host.clashes:
+        clashes = plain_table(title="name clashes (the first plugin keeps the plain name)", header_style="bold")
+        for column in ("kind", "name", "plain name means", "also reachable as"):
+            clashes.add_column(column, overflow="fold")
+        for c in host.clashes:
+            clashes.add_row(c.kind, c.name, c.winner.qualified_name, ", ".join(e.qualified_name for e in c.others))
+        console.print(clashes)
     if host.failures:
         failed = plain_table(title="failed to load", header_style="bold red")
         for column in ("plugin", "distribution", "stage", "error"):

@@ -17,7 +17,7 @@ OVERRIDES_ARG = typer.Argument(None, help="Overrides KEY.PATH=VALUE (value parse
 
 
 def resolve(recipe: Path, overrides: Optional[List[str]]):
-    """Load, override and validate a recipe against the installed plugins."""
+    """Load, override and validate a recipe against the installed plugins (each section against its config)."""
     from repae.recipe import read_recipe
 
     host = load_host()
@@ -30,22 +30,32 @@ def show(
     overrides: Optional[List[str]] = OVERRIDES_ARG,
     raw: bool = typer.Option(False, "--raw", help="Print the merged recipe before validation and defaults."),
 ) -> None:
-    """Print the fully resolved recipe (extends merged, overrides applied, defaults filled in) as YAML."""
+    """Print the fully resolved recipe (extends merged, overrides applied, defaults filled in, fields that follow from
+    other components derived) as YAML: what `repae run` writes to the run directory."""
     with user_errors():
         if raw:
-            from repae.recipe import load_recipe
+            from repae.recipe import load_source
 
-            source = load_recipe(recipe, overrides or [])
+            source = load_source(recipe, overrides or [])
             text = yaml.safe_dump(source.data, sort_keys=False, default_flow_style=False, width=100)
         else:
-            text = resolve(recipe, overrides).to_yaml()
+            from repae.compose import compose_recipe
+
+            text = compose_recipe(resolve(recipe, overrides), check_step=False).recipe.to_yaml()
         stdout().out(text, end="", highlight=False)
 
 
 @app.command("validate")
 def validate(recipe: Path = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
-    """Check a recipe against the installed components; report every problem at once (exit code 2)."""
+    """Check a recipe whole: every section against its component, then the components against each other (built on
+    `meta`, shapes propagated through one training step). Reports every problem at once (exit code 2)."""
+    from repae.compose import compose_recipe
+
     with user_errors():
-        resolved = resolve(recipe, overrides)
-        parts = ", ".join(f"{c.label}={c.name}" for c in resolved.components) or "no components"
-        stdout().print(f"[green]ok[/] {recipe}: {parts}")
+        composition = compose_recipe(resolve(recipe, overrides))
+        parts = ", ".join(f"{c.label}={c.name}" for c in composition.recipe.components) or "no components"
+        console = stdout()
+        console.print(f"[green]ok[/] {recipe}: ", end="")
+        console.print(parts, markup=False, highlight=False)
+        if composition.derived:
+            console.print("derived: " + ", ".join(composition.derived), markup=False, highlight=False)
