@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repae import hookimpl, option
+from repae import FieldError, hookimpl, option
 
 __all__ = ["ImageFolderConfig", "LatentCacheConfig", "SyntheticConfig"]
 
@@ -27,18 +27,18 @@ class SyntheticConfig:
 
     num_classes: int = option(10, doc="number of classes (each has its own colours, shape and orientation)")
     resolution: int = option(32, doc="image side in pixels")
-    size: int = option(1024, doc="number of images (labels cycle through the classes: balanced)")
+    num_images: int = option(1024, doc="number of images (labels cycle through the classes: balanced)")
     seed: int = option(0, doc="seed of the per-image randomness (placement, scale, noise); 0 in every recipe")
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+            raise FieldError("num_classes", f"must be >= 1, got {self.num_classes}")
         if self.resolution < 8:
-            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
-        if self.size < 1:
-            raise ValueError(f"size must be >= 1, got {self.size}")
+            raise FieldError("resolution", f"must be >= 8, got {self.resolution}")
+        if self.num_images < 1:
+            raise FieldError("num_images", f"must be >= 1, got {self.num_images}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise FieldError("seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass(kw_only=True)
@@ -55,11 +55,11 @@ class ImageFolderConfig:
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+            raise FieldError("resolution", f"must be >= 1, got {self.resolution}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise FieldError("seed", f"must be >= 0, got {self.seed}")
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or null, got {self.num_classes}")
+            raise FieldError("num_classes", f"must be >= 1 or null, got {self.num_classes}")
 
 
 @dataclass(kw_only=True)

@@ -1,446 +1,67 @@
-"""Latent caches for frozen-tokenizer trainings: the writer behind ``repae cache-latents`` and the ``latent-cache``
-dataset that reads them.
+"""``latent-cache``: the dataset of a latent cache written by ``repae cache-latents`` (:class:`repae.LatentCache`).
 
-As in REPA-E's ``cache_latents.py`` (arXiv 2504.10483), each image is mapped to ``[-1, 1]`` and encoded once, and the
-posterior *parameters* are stored, not a sample: ``concat([mean, std], dim=channels)``, float32, ``[2C, h, w]`` per
-image. No flips and no scaling: sampling ``z = mean + std * eps`` and normalisation happen at training time.
-
-Layout of a cache folder::
-
-    index.json                  what the cache holds (see below) and which tokenizer wrote it
-    shard-00000.safetensors     "latents" float32 [n, 2C, h, w], "labels" int64 [n]; n = shard_size but in the last
-    shard-00001.safetensors     ...
-
-``index.json`` records the format and version, ``num_items``, ``num_classes``, ``resolution``, ``latent_shape``,
-``shard_size``, the shards, the dataset it was made from and the tokenizer (name, config, plugin, latent channels,
-downsampling factor and the sha256 of its weights and latent statistics), so that training on a cache written by
-another tokenizer can be detected (:meth:`LatentCacheDataset.check_tokenizer`).
-
-Writing is atomic: shards go to ``<out>.partial/`` (each one written to a temporary file, then renamed) and the
-folder is renamed to ``<out>`` once complete. An interrupted run resumes from the finished shards when rerun with the
-same dataset and tokenizer; a different unfinished or finished cache is never overwritten.
+As in REPA-E's ``cache_latents.py`` (arXiv 2504.10483), a cache holds each image's posterior *parameters*
+(``concat([mean, std])``, float32 ``[2C, h, w]``), not a sample: sampling ``z = mean + std * eps`` and normalisation
+happen at training time. The format and the writer are repae's own (:mod:`repae.latent_cache`); this component reads
+a cache for training and refuses a tokenizer other than the one that wrote it (:class:`repae.ChecksTokenizer`).
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from repae.errors import UserError
+from repae import BuildContext, LatentCache, UserError
+from repae_data import LatentCacheConfig
 
-if TYPE_CHECKING:
-    from repae.build import BuildContext
-    from repae_data import LatentCacheConfig
-
-__all__ = [
-    "FORMAT",
-    "INDEX_FILE",
-    "VERSION",
-    "LatentCacheDataset",
-    "build_latent_cache",
-    "describe_tokenizer",
-    "read_index",
-    "write_latent_cache",
-]
-
-FORMAT = "repae-latent-cache"
-VERSION = 1
-INDEX_FILE = "index.json"
-HEADER_FILE = "header.json"  # inside <out>.partial/: the identity of the cache being written
-IDENTITY = ("format", "version", "num_items", "num_classes", "resolution", "shard_size", "dataset", "tokenizer")
-"""The index keys that identify a cache: a rerun with the same values continues or finds it done."""
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}.safetensors"
-
-
-def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def _plain(data: Any) -> Any:
-    """JSON-normalised data (tuples become lists), so that identities compare equal after a round trip."""
-    return json.loads(json.dumps(data, sort_keys=True, default=str))
-
-
-def describe_tokenizer(
-    tokenizer: Any, *, name: str | None = None, config: Mapping[str, Any] | None = None, plugin: str | None = None
-) -> dict[str, Any]:
-    """What a cache records about the tokenizer that wrote it: ``name``, ``config``, ``plugin`` (as given), and from
-    the tokenizer itself ``latent_channels``, ``downsample``, ``weights_source``, ``weights_sha256`` and
-    ``latent_stats_sha256`` (``None`` where it has none, e.g. random weights)."""
-    return {
-        "name": name,
-        "config": dict(config) if config is not None else None,
-        "plugin": plugin,
-        "latent_channels": int(tokenizer.latent_channels),
-        "downsample": int(tokenizer.downsample),
-        "weights_source": getattr(tokenizer, "weights_source", None),
-        "weights_sha256": getattr(tokenizer, "weights_sha256", None),
-        "latent_stats_sha256": getattr(tokenizer, "latent_stats_sha256", None),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_dataset(dataset: Any) -> None:
-    kind = getattr(dataset, "kind", None)
-    if kind != "images":
-        raise UserError(f"only an image dataset can be cached; this one gives {kind!r} items (a latent cache cannot "
-                        f"be cached again: point the recipe's dataset at the images)")
-    if getattr(dataset, "hflip", False):
-        raise UserError("the dataset flips images at random (hflip: true): a cache would freeze one random flip per "
-                        "image. Set dataset.hflip=false (REPA-E caches unflipped images).")
-    if len(dataset) == 0:
-        raise UserError("the dataset is empty: there is nothing to cache")
-
-
-def _finished_shards(partial: Path, sizes: list[int]) -> set[int]:
-    """Shards of an interrupted run that are complete (present, readable, with the expected number of items)."""
-    done = set()
-    for shard, size in enumerate(sizes):
-        path = partial / shard_name(shard)
-        if not path.is_file():
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if f.get_slice("latents").get_shape()[0] == size and f.get_slice("labels").get_shape()[0] == size:
-                    done.add(shard)
-        except Exception:  # a damaged shard is simply written again
-            continue
-    return done
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]caching latents"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
-def write_latent_cache(
-    dataset: Dataset,
-    tokenizer: Any,
-    out_dir: str | os.PathLike[str],
-    *,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    tokenizer_info: Mapping[str, Any] | None = None,
-    dataset_info: Mapping[str, Any] | None = None,
-    shard_size: int = 4096,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> Path:
-    """Encode every image of ``dataset`` with ``tokenizer`` and write the posterior mean and std to ``out_dir``.
-
-    ``dataset`` gives ``(uint8 [3, H, W], label)`` items; images become ``x / 127.5 - 1`` and the stored latent is
-    ``concat([posterior.mean, posterior.std], 1)`` in float32 (the tokenizer runs in eval mode, without gradients, on
-    ``device``). ``tokenizer_info`` is recorded in the index (default: :func:`describe_tokenizer` of the tokenizer);
-    ``dataset_info`` too (e.g. the dataset's recipe section). Returns ``out_dir``.
-
-    Resumable and atomic (see the module docstring). Raises :class:`UserError` if ``out_dir`` holds anything but this
-    very cache, or ``<out_dir>.partial`` an unfinished different one.
-    """
-    if batch_size < 1 or shard_size < 1:
-        raise UserError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
-    _check_dataset(dataset)
-    out_dir = Path(out_dir).expanduser()
-    partial = _partial_dir(out_dir)
-    num_items = len(dataset)
-    info = dict(tokenizer_info) if tokenizer_info is not None else describe_tokenizer(tokenizer)
-    header = _plain({
-        "format": FORMAT,
-        "version": VERSION,
-        "num_items": num_items,
-        "num_classes": int(dataset.num_classes),
-        "resolution": int(dataset.resolution),
-        "shard_size": shard_size,
-        "dataset": dict(dataset_info) if dataset_info is not None else {"repr": repr(dataset)},
-        "tokenizer": info,
-    })
-
-    if out_dir.exists():
-        existing = _existing_identity(out_dir)
-        if existing == header:
-            return out_dir  # already written by an identical run
-        what = f"a different latent cache ({_differences(existing, header)})" if existing else "other files"
-        raise UserError(f"{out_dir} already holds {what}; refusing to overwrite it. Choose another --out, or delete "
-                        f"{out_dir} if it may go.")
-    if partial.exists():
-        try:
-            previous = json.loads((partial / HEADER_FILE).read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != header:
-            what = f"({_differences(previous, header)})" if isinstance(previous, dict) else "(or something else)"
-            raise UserError(f"{partial} holds an unfinished cache of another dataset or tokenizer {what}; refusing to "
-                            f"overwrite it. Delete {partial} or choose another --out.")
-    else:
-        partial.mkdir(parents=True)
-        _write_json(partial / HEADER_FILE, header)
-
-    for stale in partial.glob("*.tmp"):  # a write interrupted half-way
-        stale.unlink()
-    sizes = [min(shard_size, num_items - start) for start in range(0, num_items, shard_size)]
-    done = _finished_shards(partial, sizes)
-    batches = [
-        list(range(start, min(start + batch_size, shard * shard_size + size)))
-        for shard, size in enumerate(sizes)
-        if shard not in done
-        for start in range(shard * shard_size, shard * shard_size + size, batch_size)
-    ]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-
-    if isinstance(tokenizer, torch.nn.Module):
-        tokenizer.to(device).eval()
-    latent_shape = _latent_shape_from_done(partial, done)
-    pending_latents: list[torch.Tensor] = []
-    pending_labels: list[torch.Tensor] = []
-    pending = 0
-    shards_todo = iter([s for s in range(len(sizes)) if s not in done])
-    shard = next(shards_todo, None)
-    with _progress(progress) as bar, torch.inference_mode():
-        task = bar.add_task("cache", total=num_items, completed=sum(sizes[s] for s in done))
-        for images, labels in loader:
-            x = images.to(device, non_blocking=True).float() / 127.5 - 1.0
-            posterior = tokenizer.encode(x)
-            latents = torch.cat([posterior.mean, posterior.std], dim=1).float().cpu()
-            if latent_shape is None:
-                latent_shape = list(latents.shape[1:])
-            elif list(latents.shape[1:]) != latent_shape:
-                raise UserError(f"the tokenizer gave latents of shape {list(latents.shape[1:])} after "
-                                f"{latent_shape}: every image of a cache must have the same size")
-            pending_latents.append(latents)
-            pending_labels.append(torch.as_tensor(labels, dtype=torch.int64))
-            pending += len(latents)
-            bar.advance(task, len(latents))
-            if shard is not None and pending == sizes[shard]:
-                _write_shard(partial / shard_name(shard), torch.cat(pending_latents), torch.cat(pending_labels))
-                pending_latents, pending_labels, pending = [], [], 0
-                shard = next(shards_todo, None)
-    if shard is not None or pending:
-        raise RuntimeError("latent cache writer: the batches did not fill the shards")  # a bug, not a user error
-
-    index = {
-        **header,
-        "latent_shape": latent_shape,
-        "latent_channels": latent_shape[0] // 2,
-        "dtype": "float32",
-        "layout": "latents = concat([posterior.mean, posterior.std], dim=0) per item",
-        "shards": [{"file": shard_name(s), "num_items": n} for s, n in enumerate(sizes)],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "repae_version": _repae_version(),
-    }
-    _write_json(partial / INDEX_FILE, index)
-    (partial / HEADER_FILE).unlink()
-    os.replace(partial, out_dir)
-    return out_dir
-
-
-def _existing_identity(out_dir: Path) -> dict[str, Any] | None:
-    try:
-        index = json.loads((out_dir / INDEX_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        return None
-    return _plain({k: index.get(k) for k in IDENTITY})
-
-
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """``"differs in tokenizer.weights_sha256, num_items"``: the keys whose values differ, one level deep."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys.extend(f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        else:
-            keys.append(key)
-    return "differs in " + ", ".join(keys)
-
-
-def _latent_shape_from_done(partial: Path, done: set[int]) -> list[int] | None:
-    for shard in sorted(done):
-        with safe_open(str(partial / shard_name(shard)), framework="pt") as f:
-            return list(f.get_slice("latents").get_shape()[1:])
-    return None
-
-
-def _write_shard(path: Path, latents: torch.Tensor, labels: torch.Tensor) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"latents": latents.contiguous(), "labels": labels.contiguous()}, str(tmp),
-              metadata={"format": FORMAT, "version": str(VERSION)})
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _repae_version() -> str:
-    from repae import __version__
-
-    return __version__
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def read_index(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``index.json`` of the cache at ``root``, checked; :class:`UserError` naming the problem and the fix."""
-    root = Path(root).expanduser()
-    write_hint = f"write one with `repae cache-latents RECIPE --out {root}`"
-    if not root.is_dir():
-        partial = _partial_dir(root)
-        if partial.is_dir():
-            raise UserError(f"the latent cache {root} is unfinished ({partial} exists): rerun the `repae "
-                            f"cache-latents` command that started it to finish it")
-        raise UserError(f"no latent cache at {root}; {write_hint}")
-    try:
-        index = json.loads((root / INDEX_FILE).read_text())
-    except OSError:
-        raise UserError(f"{root} is not a latent cache (no {INDEX_FILE}); {write_hint}") from None
-    except ValueError as exc:
-        raise UserError(f"{root / INDEX_FILE} is not valid JSON ({exc}); write the cache again") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise UserError(f"{root / INDEX_FILE} is not a repae latent-cache index; {write_hint}")
-    if index.get("version") != VERSION:
-        raise UserError(f"{root} is a latent cache of format version {index.get('version')}, this repae reads "
-                        f"version {VERSION}; write the cache again with this version")
-    missing = [s["file"] for s in index["shards"] if not (root / s["file"]).is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserError(f"the latent cache {root} is incomplete: missing {shown}; copy the whole folder or write it "
-                        f"again")
-    return index
+__all__ = ["LatentCacheDataset", "build_latent_cache"]
 
 
 class LatentCacheDataset(Dataset):
-    """Items ``(float32 [2C, h, w], label)`` of a cache written by :func:`write_latent_cache`: the posterior mean and
-    std concatenated along channels. ``index`` is the parsed ``index.json``; ``tokenizer_info`` what it records about
-    the tokenizer."""
+    """Items ``(float32 [2C, h, w], label)`` of a latent cache: the posterior mean and std concatenated along
+    channels. ``latent_shape`` is ``(C, h, w)``; ``None`` for a placeholder (a dry run without the cache)."""
 
     kind = "latents"
 
-    def __init__(self, root: str | os.PathLike[str], *, index: Mapping[str, Any] | None = None) -> None:
-        self.root = Path(root).expanduser()
-        self.index = dict(index) if index is not None else read_index(self.root)
-        self.num_classes = int(self.index["num_classes"])
-        self.resolution = int(self.index["resolution"])
-        self.latent_shape = tuple(self.index["latent_shape"])
-        self.shard_size = int(self.index["shard_size"])
-        self.tokenizer_info: dict[str, Any] = dict(self.index.get("tokenizer") or {})
-        self._files = [self.root / s["file"] for s in self.index["shards"]]
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
+    def __init__(self, root: str | os.PathLike[str], *, cache: LatentCache | None = None) -> None:
+        self.cache = cache if cache is not None else LatentCache(root)
+        self.root = self.cache.root
+        self.num_classes = self.cache.num_classes
+        self.resolution = self.cache.resolution
+        self.latent_shape = self.cache.latent_shape
+        self.tokenizer_info: dict[str, Any] = self.cache.tokenizer_info
 
     @classmethod
     def placeholder(cls, root: str | os.PathLike[str]) -> LatentCacheDataset:
         """An empty stand-in for a cache that is not there (dry runs on ``meta``)."""
-        return cls(root, index={"num_items": 0, "num_classes": 0, "resolution": 0, "latent_shape": [], "shard_size": 1,
-                                "shards": [], "tokenizer": {}})
+        index = {"num_items": 0, "num_classes": 0, "resolution": 0, "latent_shape": [], "shard_size": 1,
+                 "shards": [], "tokenizer": {}}
+        return cls(root, cache=LatentCache(root, index=index))
 
     def __len__(self) -> int:
-        return int(self.index["num_items"])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Items do not depend on the epoch; present for the dataset interface."""
-
-    def _handle(self, shard: int) -> Any:
-        if self._pid != os.getpid():  # a forked DataLoader worker opens its own files
-            self._handles, self._pid = {}, os.getpid()
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(self._files[shard]), framework="pt")
-        return handle
+        return len(self.cache)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a latent cache of {len(self)} items")
-        shard, offset = divmod(index, self.shard_size)
-        handle = self._handle(shard)
-        latents = handle.get_slice("latents")[offset : offset + 1][0]
-        label = int(handle.get_slice("labels")[offset : offset + 1][0])
-        return latents.float(), label
+        return self.cache[index]
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
+    def set_epoch(self, epoch: int) -> None:
+        """Items do not depend on the epoch; present for the dataset contract."""
 
-    def check_tokenizer(self, tokenizer: Any) -> bool:
-        """Check that ``tokenizer`` is the one that wrote this cache, as far as the cache can tell.
-
-        Raises :class:`UserError` on a certain mismatch (latent channels, downsampling factor, weights); returns
-        ``True`` when the sha256 of the weights matched and ``False`` when there was nothing to compare (random
-        weights on both sides).
-        """
-        info = self.tokenizer_info
-        if not info:
-            return False
-        source = info.get("weights_source") or "random weights"
-        for key in ("latent_channels", "downsample"):
-            mine, theirs = getattr(tokenizer, key, None), info.get(key)
-            if mine is not None and theirs is not None and int(mine) != int(theirs):
-                raise UserError(f"the latent cache {self.root} was written by a tokenizer with {key}={theirs} "
-                                f"({source}), the recipe's tokenizer has {key}={mine}; cache the latents again with "
-                                f"this tokenizer, or use the tokenizer that wrote them")
-        cached, current = info.get("weights_sha256"), getattr(tokenizer, "weights_sha256", None)
-        if cached != current:
-            def name(sha: str | None, where: str | None) -> str:
-                return f"weights sha256 {sha[:12]}… ({where})" if sha else "random weights"
-
-            raise UserError(
-                f"the latent cache {self.root} was written by a tokenizer with {name(cached, source)}, the recipe's "
-                f"tokenizer has {name(current, getattr(tokenizer, 'weights_source', None))}; cache the latents again "
-                f"(`repae cache-latents`) or set the tokenizer's weights to the ones that wrote the cache"
-            )
-        return cached is not None
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """:class:`repae.ChecksTokenizer`: refuse a tokenizer other than the one that wrote the cache."""
+        self.cache.check_tokenizer(tokenizer)
 
     def __repr__(self) -> str:
-        name = self.tokenizer_info.get("name")
-        return (f"LatentCacheDataset(root={str(self.root)!r}, items={len(self)}, latent_shape={list(self.latent_shape)}"
-                f", num_classes={self.num_classes}, tokenizer={name!r})")
+        return repr(self.cache).replace("LatentCache(", "LatentCacheDataset(", 1)
 
 
 def build_latent_cache(config: LatentCacheConfig, context: BuildContext) -> LatentCacheDataset:
     """Factory of ``latent-cache``. On ``meta`` (dry runs) a missing cache gives an empty placeholder instead of an
     error (its ``index.json`` is read when present: it is small)."""
-    if context.device == "meta":
+    if context.dry_run:
         try:
             return LatentCacheDataset(config.root)
         except UserError:

@@ -20,17 +20,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from repae.errors import UserError
+from repae import IMAGE_SUFFIXES, UserError
 
 if TYPE_CHECKING:
-    from repae.build import BuildContext
+    from repae import BuildContext
     from repae_data import ImageFolderConfig
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "build_image_folder", "center_crop_adm", "flip_decision",
-           "scan_image_folder"]
+           "read_image", "scan_image_folder"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-"""File endings read as images (compared case-insensitively: ImageNet's ``.JPEG`` counts)."""
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
+"""File endings read as images (repae's list; compared case-insensitively: ImageNet's ``.JPEG`` counts)."""
 
 
 def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
@@ -48,6 +48,17 @@ def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
     top = (array.shape[0] - resolution) // 2
     left = (array.shape[1] - resolution) // 2
     return array[top : top + resolution, left : left + resolution]
+
+
+def read_image(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+    """One image file as REPA-E prepares it: RGB, ADM centre crop: ``uint8 [3, resolution, resolution]``.
+    :class:`~repae.UserError` naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            array = center_crop_adm(image.convert("RGB"), resolution)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}; replace or remove the file") from None
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def flip_decision(seed: int, index: int, epoch: int) -> bool:
@@ -108,9 +119,11 @@ class ImageFolderDataset(Dataset):
     """Images of ``root/<class>/<image>`` centre-cropped to ``resolution``; items ``(uint8 [3, H, W], label)``.
 
     ``classes`` are the class folder names (label = position), ``samples`` the ``(path, label)`` pairs in item order.
+    Implements :class:`repae.Dataset` and :class:`repae.ReadsImages` (:meth:`load_image`).
     """
 
     kind = "images"
+    latent_shape = None
 
     def __init__(
         self,
@@ -155,6 +168,10 @@ class ImageFolderDataset(Dataset):
         except (OSError, UnidentifiedImageError) as exc:
             raise UserError(f"cannot read image {path}: {exc}; replace or remove the file") from exc
 
+    def load_image(self, path: Path) -> torch.Tensor:
+        """:class:`repae.ReadsImages`: any image file prepared as the items are (RGB, ADM crop), not flipped."""
+        return read_image(path, self.resolution)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = int(index)
         array = self.load(index)
@@ -177,5 +194,5 @@ def build_image_folder(config: ImageFolderConfig, context: BuildContext) -> Imag
         hflip=config.hflip,
         seed=config.seed,
         num_classes=config.num_classes,
-        scan=context.device != "meta",
+        scan=not context.dry_run,
     )

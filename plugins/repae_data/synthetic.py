@@ -19,7 +19,9 @@ import torch
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
-    from repae.build import BuildContext
+    from pathlib import Path
+
+    from repae import BuildContext
     from repae_data import SyntheticConfig
 
 __all__ = ["SHAPES", "ClassStyle", "SyntheticDataset", "build_synthetic", "class_style", "render"]
@@ -101,22 +103,24 @@ def render(style: ClassStyle, resolution: int, rng: np.random.Generator) -> np.n
 
 
 class SyntheticDataset(Dataset):
-    """``size`` generated images of ``resolution`` pixels over ``num_classes`` classes; items ``(uint8 [3, H, W],
-    label)``."""
+    """``num_images`` generated images of ``resolution`` pixels over ``num_classes`` classes; items ``(uint8 [3, H, W],
+    label)``. Implements :class:`repae.Dataset` and :class:`repae.ReadsImages` (image files get the ADM centre crop
+    to ``resolution``, as the ``image-folder`` dataset prepares them)."""
 
     kind = "images"
+    latent_shape = None
 
-    def __init__(self, *, num_classes: int = 10, resolution: int = 32, size: int = 1024, seed: int = 0) -> None:
+    def __init__(self, *, num_classes: int = 10, resolution: int = 32, num_images: int = 1024, seed: int = 0) -> None:
         self.num_classes = num_classes
         self.resolution = resolution
-        self.size = size
+        self.num_images = num_images
         self.seed = seed
         self.styles = [class_style(c, num_classes) for c in range(num_classes)]
         self.classes = [s.description for s in self.styles]
         """A readable name per class (shape, colour, orientation)."""
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_images
 
     def label(self, index: int) -> int:
         """The label of item ``index`` (without rendering it)."""
@@ -125,22 +129,28 @@ class SyntheticDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Items do not depend on the epoch (no augmentation); present for the dataset interface."""
 
+    def load_image(self, path: Path) -> torch.Tensor:
+        """:class:`repae.ReadsImages`: an image file, RGB, ADM centre crop to ``resolution``."""
+        from repae_data.image_folder import read_image
+
+        return read_image(path, self.resolution)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = int(index)
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for a synthetic dataset of {self.size} images")
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for a synthetic dataset of {self.num_images} images")
         label = self.label(index)
         rng = np.random.default_rng([self.seed, index])
         image = render(self.styles[label], self.resolution, rng)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
 
     def __repr__(self) -> str:
-        return (f"SyntheticDataset(num_classes={self.num_classes}, resolution={self.resolution}, size={self.size}, "
+        return (f"SyntheticDataset(num_classes={self.num_classes}, resolution={self.resolution}, num_images={self.num_images}, "
                 f"seed={self.seed})")
 
 
 def build_synthetic(config: SyntheticConfig, context: BuildContext) -> SyntheticDataset:
     """Factory of the ``synthetic`` dataset (nothing to load, the same on every device)."""
     return SyntheticDataset(
-        num_classes=config.num_classes, resolution=config.resolution, size=config.size, seed=config.seed
+        num_classes=config.num_classes, resolution=config.resolution, num_images=config.num_images, seed=config.seed
     )

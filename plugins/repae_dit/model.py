@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from repae_dit import DiTConfig
 from repae_sit.layers import DiffusionTransformer
 from repae_sit.model import build_denoiser
+
+from repae import BuildContext
+from repae_dit import DiTConfig
 
 __all__ = ["DiT", "build_dit"]
 
@@ -24,7 +26,7 @@ class DiT(DiffusionTransformer):
     :meth:`~repae_sit.layers.DiffusionTransformer.run` unchanged: ``t`` ``[B]`` is the diffusion step 0..999 and the
     prediction ``[B, out_channels, H, W]`` is the raw final-layer output (options as in
     :meth:`repae_sit.model.SiT.forward`). :meth:`forward_with_cfg` guides ``cfg_channels`` (3, as the reference).
-    ``loaded_weights``, ``weights_source``, ``weights_sha256`` and ``latent_norm_state`` record what was loaded.
+    ``loaded_weights`` and ``latent_norm_state`` record what was loaded.
     """
 
     forward = DiffusionTransformer.run
@@ -34,6 +36,6 @@ class DiT(DiffusionTransformer):
         self.cfg_channels = cfg_channels
 
 
-def build_dit(config: DiTConfig, context: Any) -> DiT:
+def build_dit(config: DiTConfig, context: BuildContext) -> DiT:
     """Registry factory of ``dit``: build, then load ``config.weights`` unless ``context.load_weights`` is false."""
     return build_denoiser(DiT, config, context, cfg_channels=config.cfg_channels)

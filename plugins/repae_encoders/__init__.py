@@ -18,11 +18,10 @@ This module only declares configs, presets and the registration; it imports neit
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from repae import hookimpl, option
+from repae import FieldError, hookimpl, option
 
 __all__ = [
     "CLIP_PRESETS",
@@ -31,6 +30,7 @@ __all__ = [
     "OFFICIAL_WEIGHTS",
     "CLIPConfig",
     "DINOv2Config",
+    "EncoderConfig",
     "IJEPAConfig",
 ]
 
@@ -46,21 +46,21 @@ DINOV2_PRESETS: dict[str, dict[str, Any]] = {
     **{name: {**dims, "registers": 0} for name, dims in _DINOV2_SIZES.items()},
     **{f"{name}-reg": {**dims, "registers": 4} for name, dims in _DINOV2_SIZES.items()},
 }
-"""``variant`` presets of ``dinov2``: ViT-S/B/L/G with patch 14, ``-reg`` = with 4 registers; ``tiny``/``tiny-reg``
+"""``size`` presets of ``dinov2``: ViT-S/B/L/G with patch 14, ``-reg`` = with 4 registers; ``tiny``/``tiny-reg``
 have random weights (tests, quickstart)."""
 
 CLIP_PRESETS: dict[str, dict[str, Any]] = {
     "vit-l14": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "output_dim": 768, "image_size": 224},
     "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "output_dim": 16, "image_size": 56},
 }
-"""``variant`` presets of ``clip``: the vision tower of OpenAI CLIP ViT-L/14; ``tiny`` has random weights."""
+"""``size`` presets of ``clip``: the vision tower of OpenAI CLIP ViT-L/14; ``tiny`` has random weights."""
 
 IJEPA_PRESETS: dict[str, dict[str, Any]] = {
     "vit-h14": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "image_size": 224},
     "vit-h14-in22k": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "image_size": 224},
     "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "image_size": 56},
 }
-"""``variant`` presets of ``ijepa``: the ViT-H/14 context encoder trained on ImageNet-1k (REPA's choice) or on
+"""``size`` presets of ``ijepa``: the ViT-H/14 context encoder trained on ImageNet-1k (REPA's choice) or on
 ImageNet-22k; ``tiny`` has random weights."""
 
 OFFICIAL_WEIGHTS: dict[str, dict[str, tuple[str, str | None]]] = {
@@ -80,11 +80,11 @@ OFFICIAL_WEIGHTS: dict[str, dict[str, tuple[str, str | None]]] = {
         "vit-h14-in22k": ("https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.h.14-900e.pth.tar", "encoder"),
     },
 }
-"""Where ``weights: null`` loads from, per encoder and variant: (source, checkpoint entry). The hub copies are timm's
+"""Where ``weights: null`` loads from, per encoder and size: (source, checkpoint entry). The hub copies are timm's
 and open_clip's own; the I-JEPA checkpoints exist only as Meta's URLs (cached under ``$TORCH_HOME/hub/checkpoints``)."""
 
 _WEIGHTS_DOC = (
-    "local file/folder, hf://org/repo/file or https:// URL; null = the variant's official weights (random for tiny); "
+    "local file/folder, hf://org/repo/file or https:// URL; null = the size's official weights (random for tiny); "
     "'random' = random init"
 )
 _KEY_DOC = "entry of a checkpoint holding several state dicts (model, ema, encoder, ...); null = the only one"
@@ -94,94 +94,63 @@ _STRIDE_DOC = (
 )
 
 
-class _Config:
-    """Shared by the encoder configs: ``from_preset`` and the checks of the common fields."""
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """What the encoder configs share: the preset selector, the weights and the token grid (REPA's preprocessing)."""
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-
-    @classmethod
-    def from_preset(cls, variant: str, **overrides: Any) -> Any:
-        """The config of preset ``variant`` (``KeyError`` for an unknown one), with ``overrides`` applied."""
-        return cls(**{**cls.PRESETS[variant], "variant": variant, **overrides})
-
-    def resolved(self) -> Any:
-        """A copy whose architecture fields left to ``null`` are filled from the variant's preset."""
-        preset = self.PRESETS.get(self.variant, {})
-        missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None and f.name in preset]
-        unresolved = [
-            f.name for f in dataclasses.fields(self)
-            if getattr(self, f.name) is None and f.name not in preset and f.name not in ("weights", "weights_key")
-        ]
-        if unresolved:
-            raise ValueError(
-                f"variant {self.variant!r} is not a preset ({', '.join(self.PRESETS)}); set {', '.join(unresolved)}"
-            )
-        return dataclasses.replace(self, **{name: preset[name] for name in missing})
+    size: str = option("vit-b14", doc="preset (see `repae show <encoder>`)")
+    weights: str | None = option(None, doc=_WEIGHTS_DOC)
+    weights_key: str | None = option(None, doc=_KEY_DOC)
+    token_stride: int = option(16, doc=_STRIDE_DOC)
+    embed_dim: int = option(768, doc="token width")
+    depth: int = option(12, doc="transformer blocks")
+    num_heads: int = option(12, doc="attention heads")
+    image_size: int = option(518, doc="image size the position embedding was trained at")
 
     def __post_init__(self) -> None:
-        stride = getattr(self, "token_stride")
-        if stride < 1:
-            raise ValueError(f"token_stride must be >= 1, got {stride}")
-        for name in ("embed_dim", "depth", "num_heads", "image_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        dim, heads = getattr(self, "embed_dim"), getattr(self, "num_heads")
-        if dim is not None and heads is not None and dim % heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+        for name in ("token_stride", "embed_dim", "depth", "num_heads", "image_size"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
 
 
 @dataclass(kw_only=True)
-class DINOv2Config(_Config):
-    """Config of the ``dinov2`` encoder. ``variant`` fills the architecture fields; fields set explicitly win."""
+class DINOv2Config(EncoderConfig):
+    """Config of the ``dinov2`` encoder. ``size`` fills the architecture fields; fields set explicitly win."""
 
-    PRESETS = DINOV2_PRESETS
+    size: str = option("vit-b14", doc="preset: vit-s14, vit-b14, vit-l14, vit-g14, each also -reg; tiny, tiny-reg")
+    mlp: Literal["gelu", "swiglu"] = option("gelu", doc="block MLP (swiglu for ViT-G)")
+    registers: int = option(0, doc="register tokens (dropped from the output)")
 
-    variant: str = option("vit-b14", doc="preset: vit-s14, vit-b14, vit-l14, vit-g14, each also -reg; tiny, tiny-reg")
-    weights: str | None = option(None, doc=_WEIGHTS_DOC)
-    weights_key: str | None = option(None, doc=_KEY_DOC)
-    token_stride: int = option(16, doc=_STRIDE_DOC)
-    embed_dim: int | None = option(None, doc="token width; null = from the variant")
-    depth: int | None = option(None, doc="transformer blocks; null = from the variant")
-    num_heads: int | None = option(None, doc="attention heads; null = from the variant")
-    mlp: Literal["gelu", "swiglu"] | None = option(None, doc="block MLP (swiglu for ViT-G); null = from the variant")
-    registers: int | None = option(None, doc="register tokens (dropped from the output); null = from the variant")
-    image_size: int | None = option(
-        None, doc="image size the position embedding was trained at (518); null = from the variant"
-    )
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.registers < 0:
+            raise FieldError("registers", f"must be >= 0, got {self.registers}")
 
 
 @dataclass(kw_only=True)
-class CLIPConfig(_Config):
-    """Config of the ``clip`` encoder (the vision tower only). ``variant`` fills the architecture fields."""
+class CLIPConfig(EncoderConfig):
+    """Config of the ``clip`` encoder (the vision tower only). ``size`` fills the architecture fields."""
 
-    PRESETS = CLIP_PRESETS
-
-    variant: str = option("vit-l14", doc="preset: vit-l14 (OpenAI CLIP ViT-L/14), tiny")
-    weights: str | None = option(None, doc=_WEIGHTS_DOC)
-    weights_key: str | None = option(None, doc=_KEY_DOC)
-    token_stride: int = option(16, doc=_STRIDE_DOC)
-    embed_dim: int | None = option(None, doc="token width of the vision transformer; null = from the variant")
-    depth: int | None = option(None, doc="transformer blocks; null = from the variant")
-    num_heads: int | None = option(None, doc="attention heads; null = from the variant")
-    output_dim: int | None = option(None, doc="width of the (unused) image projection; null = from the variant")
-    image_size: int | None = option(None, doc="image size of the position embedding (224); null = from the variant")
+    size: str = option("vit-l14", doc="preset: vit-l14 (OpenAI CLIP ViT-L/14), tiny")
+    embed_dim: int = option(1024, doc="token width of the vision transformer")
+    depth: int = option(24, doc="transformer blocks")
+    num_heads: int = option(16, doc="attention heads")
+    output_dim: int = option(768, doc="width of the (unused) image projection")
+    image_size: int = option(224, doc="image size of the position embedding")
 
 
 @dataclass(kw_only=True)
-class IJEPAConfig(_Config):
-    """Config of the ``ijepa`` encoder (the context encoder). ``variant`` fills the architecture fields."""
+class IJEPAConfig(EncoderConfig):
+    """Config of the ``ijepa`` encoder (the context encoder). ``size`` fills the architecture fields."""
 
-    PRESETS = IJEPA_PRESETS
-
-    variant: str = option("vit-h14", doc="preset: vit-h14 (ImageNet-1k, as REPA), vit-h14-in22k, tiny")
-    weights: str | None = option(None, doc=_WEIGHTS_DOC)
+    size: str = option("vit-h14", doc="preset: vit-h14 (ImageNet-1k, as REPA), vit-h14-in22k, tiny")
     weights_key: str | None = option(None, doc=_KEY_DOC + "; the official checkpoint uses 'encoder'")
-    token_stride: int = option(16, doc=_STRIDE_DOC)
-    embed_dim: int | None = option(None, doc="token width; null = from the variant")
-    depth: int | None = option(None, doc="transformer blocks; null = from the variant")
-    num_heads: int | None = option(None, doc="attention heads; null = from the variant")
-    image_size: int | None = option(None, doc="image size of the position embedding (224); null = from the variant")
+    embed_dim: int = option(1280, doc="token width")
+    depth: int = option(32, doc="transformer blocks")
+    num_heads: int = option(16, doc="attention heads")
+    image_size: int = option(224, doc="image size of the position embedding")
 
 
 @hookimpl
@@ -190,17 +159,17 @@ def register_components(register: Any) -> None:
         "encoder", "dinov2",
         summary="DINOv2 ViT-S/B/L/G-14 (optionally with registers), frozen; REPA's default target",
         config=DINOv2Config, factory="repae_encoders.dinov2:build_dinov2",
-        presets=DINOV2_PRESETS, preset_field="variant",
+        presets=DINOV2_PRESETS,
     )
     register(
         "encoder", "clip",
         summary="OpenAI CLIP ViT-L/14 vision tower (open_clip), frozen; tokens before ln_post as in REPA",
         config=CLIPConfig, factory="repae_encoders.clip:build_clip",
-        presets=CLIP_PRESETS, preset_field="variant",
+        presets=CLIP_PRESETS,
     )
     register(
         "encoder", "ijepa",
         summary="I-JEPA ViT-H/14 context encoder, frozen",
         config=IJEPAConfig, factory="repae_encoders.ijepa:build_ijepa",
-        presets=IJEPA_PRESETS, preset_field="variant",
+        presets=IJEPA_PRESETS,
     )

@@ -15,11 +15,10 @@ TorchScript archive and is refused: use the safetensors file.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from repae import BuildContext
 from repae_encoders import CLIPConfig
 from repae_encoders.common import CLIP_MEAN, CLIP_STD, FrozenEncoder, build_encoder
 
@@ -80,6 +79,6 @@ def from_open_clip_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def build_clip(config: CLIPConfig, context: Any) -> CLIPEncoder:
+def build_clip(config: CLIPConfig, context: BuildContext) -> CLIPEncoder:
     """Factory of the ``clip`` encoder."""
     return build_encoder(CLIPEncoder, config, context, family="clip", convert=from_open_clip_layout)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae.weights import load_into, load_state_dict, resolve_weights
-from repae_encoders import OFFICIAL_WEIGHTS
+from repae import BuildContext, WeightsInfo, load_into, load_weights
+from repae_encoders import OFFICIAL_WEIGHTS, EncoderConfig
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FrozenEncoder", "TimmViTEncoder", "build_encoder", "strip_prefix"]
 
@@ -27,7 +27,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RANDOM = "random"
 """The ``weights`` value that asks for random initialisation."""
-_NOT_ARCHITECTURE = ("variant", "weights", "weights_key")
+_NOT_ARCHITECTURE = ("size", "weights", "weights_key")
 
 
 class FrozenEncoder(nn.Module):
@@ -54,10 +54,8 @@ class FrozenEncoder(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         self.normalize_first = normalize_first
         self.token_stride = token_stride
-        self.weights_source: str | None = None
-        """The weights source that was loaded (``None``: random init)."""
-        self.weights_sha256: str | None = None
-        """sha256 of the weights file that was loaded."""
+        self.loaded_weights: dict[str, WeightsInfo] = {}
+        """:class:`repae.RecordsWeights`: the weights file loaded (empty: random init)."""
 
     # -- shapes -----------------------------------------------------------------------------------------------------
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -94,6 +92,12 @@ class FrozenEncoder(nn.Module):
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
+    def _backbone(self) -> nn.Module:
+        backbone = getattr(self, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"{type(self).__name__} sets no `backbone` module")  # a bug of the subclass
+        return backbone
+
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Preprocessed images to patch tokens (final-norm'ed where the encoder has one, prefix tokens dropped)."""
         raise NotImplementedError
@@ -102,7 +106,7 @@ class FrozenEncoder(nn.Module):
         """Raw ``uint8`` images ``[B, 3, H, W]`` to patch tokens ``[B, N, embed_dim]`` (no autograd)."""
         with torch.no_grad():
             x = self.preprocess(images)
-            weight = next(self.backbone.parameters(), None)
+            weight = next(self._backbone().parameters(), None)
             if weight is not None and weight.is_floating_point() and weight.dtype != x.dtype:
                 x = x.to(weight.dtype)  # an encoder cast to bf16/fp16 as a whole; autocast needs no cast
             return self.forward_tokens(x)
@@ -129,17 +133,18 @@ class FrozenEncoder(nn.Module):
         assign: bool = False,
     ) -> None:
         """Resolve ``source``, read it safely, adapt its layout with ``convert`` and load it strictly into
-        ``self.backbone``; records :attr:`weights_source` and :attr:`weights_sha256`."""
-        path = resolve_weights(source, default_filename=default_filename)
-        state, digest = load_state_dict(path, key=key)
+        ``self.backbone``; records it in :attr:`loaded_weights`."""
+        state, info = load_weights(source, key=key, default_filename=default_filename)
         state = strip_prefix(state, "module.")
         if convert is not None:
             state = convert(state)
-        load_into(self.backbone, state, strict=True, what=f"{what} from {path}", assign=assign)
-        self.weights_source, self.weights_sha256 = source, digest
+        load_into(self._backbone(), state, strict=True, what=f"{what} from {info.path}", assign=assign)
+        self.loaded_weights = {"weights": info}
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, token_stride={self.token_stride}, weights={self.weights_source!r}"
+        loaded = self.loaded_weights.get("weights")
+        return (f"embed_dim={self.embed_dim}, token_stride={self.token_stride}, "
+                f"weights={loaded.source if loaded else None!r}")
 
 
 class TimmViTEncoder(FrozenEncoder):
@@ -182,36 +187,40 @@ _Encoder = TypeVar("_Encoder", bound=FrozenEncoder)
 
 def build_encoder(
     encoder_cls: type[_Encoder],
-    config: Any,
-    context: Any,
+    config: EncoderConfig,
+    context: BuildContext,
     *,
     family: str,
     convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> _Encoder:
     """The factory body of every encoder: ``encoder_cls`` built from the resolved ``config``, with its weights.
 
-    The architecture fields of the config (all but ``variant``, ``weights``, ``weights_key``) are the constructor
-    arguments of ``encoder_cls``. ``weights`` null takes the variant's entry of ``OFFICIAL_WEIGHTS[family]`` (source,
+    The architecture fields of the config (all but ``size``, ``weights``, ``weights_key``) are the constructor
+    arguments of ``encoder_cls``. ``weights`` null takes the size's entry of ``OFFICIAL_WEIGHTS[family]`` (source,
     checkpoint entry) when there is one and random init otherwise; ``"random"`` always gives random init. On ``meta``
     (``context.load_weights`` false) weights are never touched. With weights to load, the module is built on ``meta``
     and filled from the file (no wasted random init); ``convert`` adapts the checkpoint's layout first.
     """
-    cfg = config.resolved()
+    cfg = config
     arch = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_ARCHITECTURE}
-    official = OFFICIAL_WEIGHTS[family].get(cfg.variant)
+    official = OFFICIAL_WEIGHTS[family].get(cfg.size)
     key = cfg.weights_key
+    source: str | None
     if cfg.weights is None and official is not None:
         source = official[0]
         key = key if key is not None else official[1]
     else:
         source = None if cfg.weights == RANDOM else cfg.weights
     if source is None or not context.load_weights:
-        return encoder_cls(**arch).freeze()
+        built = encoder_cls(**arch)
+        built.freeze()
+        return built
     with torch.device("meta"):
         encoder = encoder_cls(**arch)
-    what = f"{family} {cfg.variant} weights"
+    what = f"{family} {cfg.size} weights"
     encoder.load_weights(source, key=key, convert=convert, what=what, assign=True)
     leftovers = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
     if leftovers:  # a subclass created tensors that are not in its state dict
         raise RuntimeError(f"{what}: tensors left on meta after loading: {leftovers[:5]}")
-    return encoder.to(context.device).freeze()
+    encoder.to(context.device).freeze()
+    return encoder

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from repae import BuildContext
 from repae_encoders import DINOv2Config
 from repae_encoders.common import TimmViTEncoder, build_encoder
 
@@ -75,6 +76,6 @@ def from_meta_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
-def build_dinov2(config: DINOv2Config, context: Any) -> DINOv2Encoder:
+def build_dinov2(config: DINOv2Config, context: BuildContext) -> DINOv2Encoder:
     """Factory of the ``dinov2`` encoder."""
     return build_encoder(DINOv2Encoder, config, context, family="dinov2", convert=from_meta_layout)

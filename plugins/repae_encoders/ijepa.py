@@ -13,8 +13,7 @@ into ``$TORCH_HOME/hub/checkpoints`` since it has no Hugging Face copy).
 
 from __future__ import annotations
 
-from typing import Any
-
+from repae import BuildContext
 from repae_encoders import IJEPAConfig
 from repae_encoders.common import TimmViTEncoder, build_encoder
 
@@ -39,6 +38,6 @@ class IJEPAEncoder(TimmViTEncoder):
         )
 
 
-def build_ijepa(config: IJEPAConfig, context: Any) -> IJEPAEncoder:
+def build_ijepa(config: IJEPAConfig, context: BuildContext) -> IJEPAEncoder:
     """Factory of the ``ijepa`` encoder."""
     return build_encoder(IJEPAEncoder, config, context, family="ijepa")

@@ -12,21 +12,29 @@ This module only declares configs and registers them; it imports no torch. The m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repae import hookimpl, option
+from repae import BuildContext, FieldError, hookimpl, option
 
 __all__ = ["BatchNormConfig", "ChannelStatsConfig", "FixedScaleConfig"]
 
-_CHANNELS_DOC = "latent channels; null: tokenizer.latent_channels"
+_CHANNELS_DOC = "latent channels; derived from the tokenizer (or a latent cache) unless set"
+
+
+def _derive_channels(context: BuildContext) -> Mapping[str, Any]:
+    shape = context.latent_shape()
+    if shape is not None:
+        return {"channels": shape[0]}
+    return {"channels": int(context.tokenizer.latent_channels)} if context.tokenizer is not None else {}
 
 
 @dataclass(kw_only=True)
 class BatchNormConfig:
     """Config of ``batchnorm``: ``BatchNorm2d(C, eps, momentum, affine=False)`` with REPA-E's initialisation."""
 
-    channels: int | None = option(None, doc=_CHANNELS_DOC)
+    channels: int = option(4, doc=_CHANNELS_DOC)
     eps: float = option(1e-4, doc="added to the variance when normalising (not when de-normalising, as in REPA-E)")
     momentum: float = option(0.1, doc="running = (1 - momentum) * running + momentum * batch statistic")
     init: Literal["auto", "tokenizer", "denoiser-checkpoint", "none"] = option(
@@ -37,12 +45,16 @@ class BatchNormConfig:
     sync: bool = option(True, doc="under torch.distributed, statistics of the global batch (SyncBatchNorm)")
 
     def __post_init__(self) -> None:
-        if self.channels is not None and self.channels < 1:
-            raise ValueError(f"channels must be >= 1, got {self.channels}")
+        if self.channels < 1:
+            raise FieldError("channels", f"must be >= 1, got {self.channels}")
         if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+            raise FieldError("eps", f"must be > 0, got {self.eps}")
         if not 0.0 < self.momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {self.momentum}")
+            raise FieldError("momentum", f"must be in (0, 1], got {self.momentum}")
+
+    def derive(self, context: BuildContext) -> Mapping[str, Any]:
+        """``channels`` from the latents (see :func:`repae.BuildContext.latent_shape`)."""
+        return _derive_channels(context)
 
 
 @dataclass(kw_only=True)
@@ -54,7 +66,7 @@ class FixedScaleConfig:
 
     def __post_init__(self) -> None:
         if self.scale == 0:
-            raise ValueError("scale must not be 0")
+            raise FieldError("scale", "must not be 0")
 
 
 @dataclass(kw_only=True)
@@ -62,7 +74,7 @@ class ChannelStatsConfig:
     """Config of ``channel-stats``: ``normalize(z) = (z - mean) / std * multiplier`` per channel, no updates."""
 
     mean: list[float] | None = option(None, doc="per-channel mean; null: from the tokenizer's latent statistics")
-    std: list[float] | None = option(None, doc="per-channel std; null: 1 / scale of the tokenizer's latent statistics")
+    std: list[float] | None = option(None, doc="per-channel std; null: the std of the tokenizer's latent statistics")
     multiplier: float = option(1.0, doc="applied after standardising (LightningDiT latent_multiplier)")
 
     def __post_init__(self) -> None:
@@ -75,7 +87,7 @@ class ChannelStatsConfig:
             if any(s <= 0 for s in self.std):
                 raise ValueError("every std must be > 0")
         if self.multiplier == 0:
-            raise ValueError("multiplier must not be 0")
+            raise FieldError("multiplier", "must not be 0")
 
 
 _MODULE = "repae_latent_norm.normalizers"

@@ -3,22 +3,24 @@ with Latent Diffusion Transformers", arXiv 2504.10483), REPA (Yu et al., arXiv 2
 arXiv 2401.08740) and DiT (Peebles & Xie, arXiv 2212.09748).
 
 Each loss lists the trainable parts its gradient may update (``updates``); the engine runs it in the phase of each
-of them with every other part frozen (:mod:`repae.train.losses`). Defaults are REPA-E's coefficients:
+of them with every other part frozen (:class:`repae.PhasedTrainer`). Defaults are REPA-E's coefficients:
 
-========================  =====================  ==========================  ===========================
-name                      default updates        default weight              reads
-========================  =====================  ==========================  ===========================
-``flow-matching``         denoiser               1.0                         prediction, x0, noise, t
-``ddpm``                  denoiser               1.0                         prediction (2C channels)
-``repa``                  denoiser               0.5 (1.5 for tokenizer)     hidden[depth], encoder tokens
-``reconstruction``        tokenizer              1.0                         images, recon
-``lpips``                 tokenizer              1.0                         images, recon
-``kl``                    tokenizer              1e-6                        posterior
-``patchgan``              tokenizer, discrim.    0.1 / disc_weight 1.0       images, recon
-========================  =====================  ==========================  ===========================
+========================  =====================  ===================================  ===========================
+name                      default updates        default weight                       reads
+========================  =====================  ===================================  ===========================
+``flow-matching``         denoiser               1.0                                  prediction, x0, noise, t
+``ddpm``                  denoiser               1.0                                  prediction (2C channels)
+``repa``                  denoiser               0.5 (REPA-E: {denoiser: 0.5,         hidden[depth], encoder tokens
+                                                 tokenizer: 1.5})
+``reconstruction``        tokenizer              1.0                                  images, recon
+``lpips``                 tokenizer              1.0                                  images, recon
+``kl``                    tokenizer              1e-6                                 posterior
+``patchgan``              tokenizer, discrim.    {tokenizer: 0.1, discriminator: 1}   images, recon
+========================  =====================  ===================================  ===========================
 
-This module is the torch-free registration; the implementations live in the sibling modules and are imported when
-a loss is built.
+A ``weight`` is one coefficient for every part a loss updates, or one per part (``{denoiser: 0.5, tokenizer:
+1.5}``): REPA-E's alignment loss is one ``repa`` entry, so its depth is set in one place. This module is the
+torch-free registration; the implementations live in the sibling modules and are imported when a loss is built.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repae import hookimpl, option
-from repae.train.losses import LossOptions
+from repae import FieldError, LossConfig, hookimpl, option
 
 __all__ = [
     "DDPMConfig",
@@ -47,7 +48,7 @@ def _parts(*names: str) -> Any:
 
 # -- diffusion objectives -------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class FlowMatchingConfig(LossOptions):
+class FlowMatchingConfig(LossConfig):
     """Flow matching on the interpolant ``x_t = alpha_t x0 + sigma_t noise`` (t = 1 is noise), velocity target.
 
     ``time_sampling: logit-normal`` is REPA's ``weighting: lognormal``: ``s = exp(logit_mean + logit_std N(0,1))``,
@@ -67,11 +68,11 @@ class FlowMatchingConfig(LossOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.logit_std <= 0:
-            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+            raise FieldError("logit_std", f"must be > 0, got {self.logit_std}")
 
 
 @dataclass(kw_only=True)
-class DDPMConfig(LossOptions):
+class DDPMConfig(LossConfig):
     """DiT's DDPM objective: integer steps ``t ~ U{0..T-1}``, noise (epsilon) prediction by MSE, plus the
     variational bound term of the learned variance when the denoiser outputs ``2C`` channels ("hybrid" loss of
     improved DDPM, as DiT trains it). The linear schedule is ADM's: betas from ``1000/T * beta_start`` to
@@ -86,7 +87,7 @@ class DDPMConfig(LossOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
+            raise FieldError("num_timesteps", f"must be >= 2, got {self.num_timesteps}")
         if not 0 < self.beta_start < self.beta_end:
             raise ValueError(f"need 0 < beta_start < beta_end, got {self.beta_start}, {self.beta_end}")
         if self.beta_end * 1000 / self.num_timesteps >= 1:
@@ -96,13 +97,14 @@ class DDPMConfig(LossOptions):
 
 # -- representation alignment ---------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class RepaConfig(LossOptions):
+class RepaConfig(LossConfig):
     """REPA alignment: minus the cosine similarity between the projected hidden tokens after block ``depth`` and the
-    encoders' tokens, averaged over tokens, samples and encoders. REPA-E uses it twice: weight 0.5 updating the
-    denoiser, and weight 1.5 updating the tokenizer through the frozen denoiser (two entries in ``losses``)."""
+    encoders' tokens, averaged over tokens, samples and encoders. REPA updates the denoiser with weight 0.5; REPA-E
+    also updates the tokenizer through the frozen denoiser with weight 1.5: ``updates: [denoiser, tokenizer]``,
+    ``weight: {denoiser: 0.5, tokenizer: 1.5}`` (one entry, one depth)."""
 
-    weight: float = option(
-        0.5, doc="coefficient of this loss (REPA: 0.5 for the denoiser; REPA-E: 1.5 for the tokenizer)"
+    weight: float | dict[str, float] = option(
+        0.5, doc="coefficient (REPA: 0.5); per part for REPA-E: {denoiser: 0.5, tokenizer: 1.5}"
     )
     updates: list[str] = _parts("denoiser")
     depth: int = option(8, doc="1-based block whose output tokens are projected and aligned")
@@ -110,12 +112,12 @@ class RepaConfig(LossOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.depth < 1:
-            raise ValueError(f"depth must be >= 1 (1-based block index), got {self.depth}")
+            raise FieldError("depth", f"must be >= 1 (1-based block index), got {self.depth}")
 
 
 # -- tokenizer regularisers -----------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class ReconstructionConfig(LossOptions):
+class ReconstructionConfig(LossConfig):
     """Pixel reconstruction of the tokenizer: mean over all pixels of ``|x - recon|`` (l1, as the REPA-E code) or
     ``(x - recon)^2`` (mse, as the paper writes)."""
 
@@ -124,15 +126,15 @@ class ReconstructionConfig(LossOptions):
 
 
 @dataclass(kw_only=True)
-class KLConfig(LossOptions):
+class KLConfig(LossConfig):
     """KL divergence of the tokenizer posterior to N(0, I), summed over C, H, W and averaged over the batch."""
 
-    weight: float = option(1e-6, doc="coefficient of this loss (REPA-E: 1e-6)")
+    weight: float | dict[str, float] = option(1e-6, doc="coefficient of this loss (REPA-E: 1e-6)")
     updates: list[str] = _parts("tokenizer")
 
 
 @dataclass(kw_only=True)
-class LPIPSConfig(LossOptions):
+class LPIPSConfig(LossConfig):
     """LPIPS perceptual distance (VGG16 backbone + linear heads) between images and reconstructions, frozen."""
 
     updates: list[str] = _parts("tokenizer")
@@ -155,22 +157,25 @@ PATCHGAN_PRESETS: dict[str, dict[str, Any]] = {
     "default": {"ndf": 64, "n_layers": 3},
     "tiny": {"ndf": 8, "n_layers": 2},
 }
-"""``variant`` presets of ``patchgan``: REPA-E's discriminator (2.77M parameters) and the golden-test one."""
+"""``size`` presets of ``patchgan``: REPA-E's discriminator (2.77M parameters) and the golden-test one."""
 
 
 @dataclass(kw_only=True)
-class PatchGANConfig(LossOptions):
+class PatchGANConfig(LossConfig):
     """PatchGAN adversarial loss. The loss owns the trainable part ``discriminator`` (configure its optimizer in the
-    trainer under that name). Tokenizer phase: ``-mean D(recon)`` times ``weight``; discriminator phase: the hinge
-    loss ``0.5 (mean relu(1 - D(x)) + mean relu(1 + D(recon)))`` times ``disc_weight``. Before ``start_step`` both
-    terms are multiplied by 0 (the discriminator still runs)."""
+    trainer under that name). Tokenizer phase: the generator term ``-mean D(recon)`` times ``weight.tokenizer``;
+    discriminator phase: the hinge loss ``0.5 (mean relu(1 - D(x)) + mean relu(1 + D(recon)))`` times
+    ``weight.discriminator``. Before ``start_step`` both terms are multiplied by 0 (the discriminator still runs)."""
 
-    weight: float = option(0.1, doc="coefficient of the generator term in the tokenizer's objective (REPA-E: 0.1)")
+    weight: float | dict[str, float] = option(
+        default_factory=lambda: {"tokenizer": 0.1, "discriminator": 1.0},
+        doc="coefficient per part: generator term in the tokenizer's objective (REPA-E: 0.1), hinge loss in the "
+        "discriminator's (1.0)",
+    )
     updates: list[str] = _parts("tokenizer", "discriminator")
-    variant: str = option("default", doc="preset: default (ndf 64, 3 layers) or tiny (ndf 8, 2 layers)")
+    size: str = option("default", doc="preset: default (ndf 64, 3 layers) or tiny (ndf 8, 2 layers)")
     ndf: int = option(64, doc="channels of the first discriminator convolution")
     n_layers: int = option(3, doc="number of stride-2 convolutions after the first")
-    disc_weight: float = option(1.0, doc="coefficient of the hinge loss in the discriminator's objective")
     start_step: int = option(0, doc="step from which the adversarial terms count (REPA-E: 0)")
     weights: str | None = option(
         None, doc="pretrained discriminator: local file or hf://org/repo/file (e.g. sdvae-f8d4-discriminator-ckpt.pt)"
@@ -187,7 +192,7 @@ class PatchGANConfig(LossOptions):
         if self.ndf < 1 or self.n_layers < 1:
             raise ValueError(f"ndf and n_layers must be >= 1, got ndf={self.ndf}, n_layers={self.n_layers}")
         if self.start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {self.start_step}")
+            raise FieldError("start_step", f"must be >= 0, got {self.start_step}")
 
 
 @hookimpl
@@ -206,4 +211,4 @@ def register_components(register: Any) -> None:
              config=LPIPSConfig, factory="repae_losses.lpips:build_lpips")
     register("loss", "patchgan", summary="PatchGAN adversarial loss (hinge), owns the part 'discriminator'",
              config=PatchGANConfig, factory="repae_losses.patchgan:build_patchgan",
-             presets=PATCHGAN_PRESETS, preset_field="variant")
+             presets=PATCHGAN_PRESETS)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repae.errors import UserError
+from repae import UserError
 
 __all__ = ["full_precision", "need", "per_sample_mean"]
 

@@ -15,12 +15,11 @@ Without variance channels (a denoiser with ``learn_sigma: false``) the loss is t
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from repae.train.losses import LossBase
+from repae import BuildContext, Loss, StepContext
 from repae_losses import DDPMConfig
 from repae_losses.common import per_sample_mean
 
@@ -74,6 +73,7 @@ class DDPMTransport:
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
         betas = linear_betas(num_timesteps, beta_start, beta_end)  # float64 tables on CPU, whatever the device
         self.num_timesteps = num_timesteps
+        self.discrete_steps: int | None = num_timesteps
         self.betas = betas
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -144,18 +144,17 @@ class DDPMTransport:
         return f"DDPMTransport(num_timesteps={self.num_timesteps}, betas={first:g}..{last:g})"
 
 
-class DDPMLoss(LossBase, nn.Module):
+class DDPMLoss(Loss):
     """DiT's loss; provides the step's :attr:`transport`. Terms: ``loss``, ``mse`` and (learned variance) ``vb``."""
 
     needs_prediction = True
 
     def __init__(self, config: DDPMConfig) -> None:
-        nn.Module.__init__(self)
-        LossBase.__init__(self, config)
-        self.transport = DDPMTransport(config.num_timesteps, config.beta_start, config.beta_end)
+        super().__init__(config)
+        self.transport: DDPMTransport = DDPMTransport(config.num_timesteps, config.beta_start, config.beta_end)
 
-    def forward(self, ctx: Any) -> dict[str, Tensor]:
-        prediction = ctx.denoised.prediction.float()
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        prediction = ctx.prediction.float()
         x0, x_t, noise, t = ctx.x0.float(), ctx.x_t.float(), ctx.target.float(), ctx.t
         channels = noise.shape[1]
         if prediction.shape[1] == channels:
@@ -170,9 +169,9 @@ class DDPMLoss(LossBase, nn.Module):
         return {"loss": (mse + vb).mean(), "mse": mse.mean().detach(), "vb": vb.mean().detach()}
 
     def extra_repr(self) -> str:
-        return f"{self.transport!r}, updates={list(self.updates)}"
+        return f"{self.transport!r}, {super().extra_repr()}"
 
 
-def build_ddpm(config: DDPMConfig, context: Any = None) -> DDPMLoss:
+def build_ddpm(config: DDPMConfig, context: BuildContext) -> DDPMLoss:
     """Registry factory of ``ddpm``."""
     return DDPMLoss(config)

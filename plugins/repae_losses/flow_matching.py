@@ -11,12 +11,11 @@ the linear path). Loss: per-sample mean over C, H, W of ``(v_pred - v)^2``, aver
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from repae.train.losses import LossBase
+from repae import BuildContext, Loss, StepContext
 from repae_losses import FlowMatchingConfig
 from repae_losses.common import per_sample_mean
 
@@ -28,10 +27,13 @@ def _expand(t: Tensor, like: Tensor) -> Tensor:
 
 
 class FlowMatchingTransport:
-    """:class:`repae.interfaces.Transport` of flow matching: time sampling, ``x_t`` and the velocity target.
+    """:class:`repae.Transport` of flow matching: time sampling, ``x_t`` and the velocity target. The one linear-flow
+    transport of repae (the ``linear`` path is SiT's / REPA-E's).
 
     ``t`` is float ``[B]`` in ``[0, 1]``; the denoiser receives it unchanged (no x1000).
     """
+
+    discrete_steps: int | None = None
 
     def __init__(self, path: str = "linear", time_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0) -> None:
@@ -89,24 +91,23 @@ def velocity_mse(prediction: Tensor, target: Tensor) -> Tensor:
     return per_sample_mean((prediction.float() - target.float()).square())
 
 
-class FlowMatchingLoss(LossBase, nn.Module):
+class FlowMatchingLoss(Loss):
     """The flow-matching objective; provides the step's :attr:`transport`. Terms: ``loss``."""
 
     needs_prediction = True
 
     def __init__(self, config: FlowMatchingConfig) -> None:
-        nn.Module.__init__(self)
-        LossBase.__init__(self, config)
+        super().__init__(config)
         self.transport = FlowMatchingTransport(config.path, config.time_sampling, config.logit_mean, config.logit_std)
 
-    def forward(self, ctx: Any) -> dict[str, Tensor]:
-        per_sample = velocity_mse(ctx.denoised.prediction, ctx.target)
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        per_sample = velocity_mse(ctx.prediction, ctx.target)
         return {"loss": per_sample.mean()}
 
     def extra_repr(self) -> str:
-        return f"{self.transport!r}, updates={list(self.updates)}"
+        return f"{self.transport!r}, {super().extra_repr()}"
 
 
-def build_flow_matching(config: FlowMatchingConfig, context: Any = None) -> FlowMatchingLoss:
+def build_flow_matching(config: FlowMatchingConfig, context: BuildContext) -> FlowMatchingLoss:
     """Registry factory of ``flow-matching``."""
     return FlowMatchingLoss(config)

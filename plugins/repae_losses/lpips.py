@@ -26,14 +26,19 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from repae.errors import WeightsMismatchError
-from repae.train.losses import LossBase
-from repae.weights import load_into, load_state_dict, resolve_weights
+from repae import (
+    BuildContext,
+    Loss,
+    StepContext,
+    WeightsInfo,
+    WeightsMismatchError,
+    load_into,
+    load_weights,
+)
 from repae_losses import LPIPSConfig
 from repae_losses.common import full_precision, need
 
@@ -72,6 +77,8 @@ class LPIPS(nn.Module):
     def __init__(self, double_scale_inputs: bool = False) -> None:
         super().__init__()
         self.double_scale_inputs = double_scale_inputs
+        self.shift: Tensor
+        self.scale: Tensor
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.features = _vgg16_trunk()
@@ -129,13 +136,13 @@ def _default_heads_source() -> str:
     return LPIPS_HEADS_URL
 
 
-def load_lpips_weights(model: LPIPS, heads_source: str | None, vgg_source: str | None) -> dict[str, str]:
-    """Fill ``model`` from the sources (see the module docstring); return ``{source: sha256}`` of the files read.
-    Keys and shapes are checked strictly; errors name the offending keys."""
-    read: dict[str, str] = {}
+def load_lpips_weights(model: LPIPS, heads_source: str | None, vgg_source: str | None) -> dict[str, WeightsInfo]:
+    """Fill ``model`` from the sources (see the module docstring); return the files read by role (``heads``, and
+    ``vgg`` when the backbone came from its own file). Keys and shapes are checked strictly; errors name the
+    offending keys."""
     heads_source = heads_source or _default_heads_source()
-    state, digest = load_state_dict(resolve_weights(heads_source))
-    read[heads_source] = digest
+    state, info = load_weights(heads_source)
+    read: dict[str, WeightsInfo] = {"heads": info}
     heads, trunk, unknown = convert_lpips_state_dict(state)
     if unknown:
         shown = ", ".join(sorted(unknown)[:10])
@@ -147,26 +154,25 @@ def load_lpips_weights(model: LPIPS, heads_source: str | None, vgg_source: str |
                                    "give the lpips release file vgg.pth (or a full LPIPS state dict)")
     if not trunk:
         vgg_source = vgg_source or VGG16_URL
-        vgg_state, vgg_digest = load_state_dict(resolve_weights(vgg_source))
-        read[vgg_source] = vgg_digest
+        vgg_state, read["vgg"] = load_weights(vgg_source)
         _, trunk, _ = convert_lpips_state_dict({k: v for k, v in vgg_state.items() if k.startswith("features.")})
-    load_into(model, {**trunk, **heads}, strict=True, what=f"LPIPS weights from {', '.join(read)}")
+    load_into(model, {**trunk, **heads}, strict=True,
+              what=f"LPIPS weights from {', '.join(info.source for info in read.values())}")
     model.requires_grad_(False)
     return read
 
 
-class LPIPSLoss(LossBase, nn.Module):
+class LPIPSLoss(Loss):
     """``mean_b LPIPS(x_b, recon_b)`` in float32 with autocast off. Terms: ``loss``."""
 
     needs_recon = True
 
     def __init__(self, config: LPIPSConfig) -> None:
-        nn.Module.__init__(self)
-        LossBase.__init__(self, config)
+        super().__init__(config)
         self.lpips = LPIPS(double_scale_inputs=config.double_scale_inputs)
-        self.weights_sha256: dict[str, str] = {}
+        self.loaded_weights: dict[str, WeightsInfo] = {}
 
-    def forward(self, ctx: Any) -> dict[str, Tensor]:
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         fix = "it trains on cached latents or no tokenizer decodes; train the tokenizer from images"
         images = need(ctx.images, "images", "lpips", fix)
         recon = need(ctx.recon, "reconstructions", "lpips", fix)
@@ -175,13 +181,13 @@ class LPIPSLoss(LossBase, nn.Module):
         return {"loss": loss}
 
     def extra_repr(self) -> str:
-        return f"double_scale_inputs={self.lpips.double_scale_inputs}, updates={list(self.updates)}"
+        return f"double_scale_inputs={self.lpips.double_scale_inputs}, {super().extra_repr()}"
 
 
-def build_lpips(config: LPIPSConfig, context: Any = None) -> LPIPSLoss:
+def build_lpips(config: LPIPSConfig, context: BuildContext) -> LPIPSLoss:
     """Registry factory of ``lpips``: build, then load the weights unless ``context.load_weights`` is false (then the
     network keeps its random initialisation: only for dry runs and tests)."""
     loss = LPIPSLoss(config)
-    if context is None or getattr(context, "load_weights", True):
-        loss.weights_sha256 = load_lpips_weights(loss.lpips, config.weights, config.vgg_weights)
+    if context.load_weights:
+        loss.loaded_weights = load_lpips_weights(loss.lpips, config.weights, config.vgg_weights)
     return loss

@@ -7,13 +7,11 @@ frozen ``logvar = 0``, i.e. by 1; that factor is left out.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from repae.train.losses import LossBase
+from repae import BuildContext, Loss, StepContext
 from repae_losses import KLConfig, ReconstructionConfig
 from repae_losses.common import full_precision, need
 
@@ -22,17 +20,16 @@ __all__ = ["KLLoss", "ReconstructionLoss", "build_kl", "build_reconstruction", "
 _NO_RECON = "it trains on cached latents or no tokenizer decodes; train the tokenizer from images"
 
 
-class ReconstructionLoss(LossBase, nn.Module):
+class ReconstructionLoss(Loss):
     """Mean over every pixel of ``|x - recon|`` (``kind: l1``) or ``(x - recon)^2`` (``kind: mse``). Terms: ``loss``."""
 
     needs_recon = True
 
     def __init__(self, config: ReconstructionConfig) -> None:
-        nn.Module.__init__(self)
-        LossBase.__init__(self, config)
+        super().__init__(config)
         self.kind = config.kind
 
-    def forward(self, ctx: Any) -> dict[str, Tensor]:
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         images = need(ctx.images, "images", "reconstruction", _NO_RECON)
         recon = need(ctx.recon, "reconstructions", "reconstruction", _NO_RECON)
         with full_precision(recon.device):
@@ -41,7 +38,7 @@ class ReconstructionLoss(LossBase, nn.Module):
         return {"loss": loss}
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, updates={list(self.updates)}"
+        return f"kind={self.kind!r}, {super().extra_repr()}"
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -50,18 +47,14 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=tuple(range(1, mean.ndim)))
 
 
-class KLLoss(LossBase, nn.Module):
+class KLLoss(Loss):
     """``sum_b KL_b / B`` with ``KL_b = 0.5 sum_{C,H,W} (mu^2 + sigma^2 - 1 - log sigma^2)``. Terms: ``loss``.
 
     Uses the posterior's ``kl()``; a posterior in reduced precision is evaluated from its ``mean`` and ``logvar`` in
     float32 instead.
     """
 
-    def __init__(self, config: KLConfig) -> None:
-        nn.Module.__init__(self)
-        LossBase.__init__(self, config)
-
-    def forward(self, ctx: Any) -> dict[str, Tensor]:
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         posterior = need(ctx.posterior, "the tokenizer posterior", "kl", "it trains on cached latents; train the "
                          "tokenizer from images or drop the kl loss")
         mean = getattr(posterior, "mean", None)
@@ -73,11 +66,11 @@ class KLLoss(LossBase, nn.Module):
         return {"loss": kl.sum() / kl.shape[0]}
 
 
-def build_reconstruction(config: ReconstructionConfig, context: Any = None) -> ReconstructionLoss:
+def build_reconstruction(config: ReconstructionConfig, context: BuildContext) -> ReconstructionLoss:
     """Registry factory of ``reconstruction``."""
     return ReconstructionLoss(config)
 
 
-def build_kl(config: KLConfig, context: Any = None) -> KLLoss:
+def build_kl(config: KLConfig, context: BuildContext) -> KLLoss:
     """Registry factory of ``kl``."""
     return KLLoss(config)

@@ -5,21 +5,20 @@ The hidden tokens after block ``depth`` go through the denoiser's projector MLPs
 token by token, with the encoders' patch tokens: per sample the mean over tokens of ``-cos``, summed over samples and
 encoders and divided by ``num_encoders * B``. The value lies in ``[-1, 1]``; negative numbers are normal.
 
-In REPA-E the same loss updates the tokenizer (weight 1.5) through the frozen denoiser, whose latent normaliser
-then uses its running statistics, and the denoiser (weight 0.5) on the detached latent.
+In REPA-E the same loss (one entry, ``updates: [denoiser, tokenizer]``) updates the tokenizer (weight 1.5) through
+the frozen denoiser, whose latent normaliser then uses its running statistics, and the denoiser (weight 0.5) on the
+detached latent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from repae.errors import UserError
-from repae.train.losses import LossBase
+from repae import BuildContext, Loss, StepContext, UserError
 from repae_losses import RepaConfig
 
 __all__ = ["RepaLoss", "build_repa", "negative_cosine"]
@@ -50,7 +49,7 @@ def negative_cosine(projected: Sequence[Tensor], targets: Sequence[Tensor]) -> T
     return total / (len(projected) * batch)
 
 
-class RepaLoss(LossBase, nn.Module):
+class RepaLoss(Loss):
     """The REPA alignment term (reads ``ctx.denoised.hidden[depth]``, ``ctx.denoiser.project`` and ``ctx.targets``).
 
     Terms: ``loss``; with several encoders also ``encoder_<k>`` (each encoder's own value).
@@ -59,12 +58,11 @@ class RepaLoss(LossBase, nn.Module):
     needs_targets = True
 
     def __init__(self, config: RepaConfig) -> None:
-        nn.Module.__init__(self)
-        LossBase.__init__(self, config)
+        super().__init__(config)
         self.depth = config.depth
         self.feature_depths = (config.depth,)
 
-    def forward(self, ctx: Any) -> dict[str, Tensor]:
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         hidden = ctx.denoised.hidden[self.depth]
         projected = list(ctx.denoiser.project(hidden))
         targets = list(ctx.targets)
@@ -75,14 +73,9 @@ class RepaLoss(LossBase, nn.Module):
         return terms
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, updates={list(self.updates)}"
+        return f"depth={self.depth}, {super().extra_repr()}"
 
 
-def build_repa(config: RepaConfig, context: Any = None) -> RepaLoss:
-    """Registry factory of ``repa``. Checks the depth against an already built denoiser when there is one."""
-    built = getattr(context, "built", None) or {}
-    denoiser = built.get("denoiser") if hasattr(built, "get") else None
-    depth = getattr(denoiser, "depth", None)
-    if isinstance(depth, int) and config.depth > depth:
-        raise UserError(f"repa: depth {config.depth} exceeds the denoiser's {depth} blocks; set depth <= {depth}")
+def build_repa(config: RepaConfig, context: BuildContext) -> RepaLoss:
+    """Registry factory of ``repa`` (its depth is checked against the denoiser's with the whole recipe)."""
     return RepaLoss(config)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repae import hookimpl, option
+from repae import FieldError, hookimpl, option
 
 __all__ = ["FrechetConfig", "InceptionScoreConfig", "PrecisionRecallConfig"]
 
@@ -39,7 +39,7 @@ class InceptionScoreConfig:
 
     def __post_init__(self) -> None:
         if self.splits < 1:
-            raise ValueError(f"splits must be >= 1, got {self.splits}")
+            raise FieldError("splits", f"must be >= 1, got {self.splits}")
 
 
 @dataclass(kw_only=True)
@@ -54,9 +54,9 @@ class PrecisionRecallConfig:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise FieldError("k", f"must be >= 1, got {self.k}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 _MODULE = "repae_metrics.factories"

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repae import hookimpl, option
+from repae import FieldError, hookimpl, option
 
 __all__ = ["DDPMSamplerConfig", "GuidanceConfig", "ODESamplerConfig", "SDESamplerConfig"]
 
@@ -40,7 +40,7 @@ class GuidanceConfig:
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance_low {self.guidance_low} is above guidance_high {self.guidance_high}")
         if self.cfg_channels is not None and self.cfg_channels < 1:
-            raise ValueError(f"cfg_channels must be >= 1 or null, got {self.cfg_channels}")
+            raise FieldError("cfg_channels", f"must be >= 1 or null, got {self.cfg_channels}")
 
 
 @dataclass(kw_only=True)
@@ -52,7 +52,7 @@ class ODESamplerConfig(GuidanceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise FieldError("steps", f"must be >= 1, got {self.steps}")
 
 
 @dataclass(kw_only=True)
@@ -66,9 +66,9 @@ class SDESamplerConfig(GuidanceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise FieldError("steps", f"must be >= 1, got {self.steps}")
         if not 0.0 < self.last_step < 1.0:
-            raise ValueError(f"last_step must be in (0, 1), got {self.last_step}")
+            raise FieldError("last_step", f"must be in (0, 1), got {self.last_step}")
 
 
 @dataclass(kw_only=True)
@@ -91,9 +91,9 @@ class DDPMSamplerConfig(GuidanceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
+            raise FieldError("num_timesteps", f"must be >= 2, got {self.num_timesteps}")
         if not 1 <= self.steps <= self.num_timesteps:
-            raise ValueError(f"steps must be in 1..num_timesteps ({self.num_timesteps}), got {self.steps}")
+            raise FieldError("steps", f"must be in 1..num_timesteps ({self.num_timesteps}), got {self.steps}")
         if not 0 < self.beta_start < self.beta_end or self.beta_end * 1000 / self.num_timesteps >= 1:
             raise ValueError(f"need 0 < beta_start < beta_end and beta_end * 1000 / num_timesteps < 1, got "
                              f"{self.beta_start}, {self.beta_end}")

@@ -15,7 +15,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from repae.errors import UserError
+from repae import UserError
 
 __all__ = ["GeneratorArg", "NoiseSource", "Sampler", "VelocityField", "model_dtype"]
 
@@ -37,10 +37,8 @@ def model_dtype(denoiser: Any, fallback: torch.dtype = torch.float32) -> torch.d
 
 
 def _has_null_label(denoiser: Any) -> bool:
-    """False only when the label table visibly lacks the null row (a model trained without label dropout)."""
-    table = getattr(getattr(denoiser, "y_embedder", None), "embedding_table", None)
-    rows = getattr(table, "num_embeddings", None)
-    return rows is None or rows > int(denoiser.num_classes)
+    """Whether the denoiser has the null label row (:class:`repae.Denoiser`: ``class_dropout_prob > 0``)."""
+    return float(denoiser.class_dropout_prob) > 0
 
 
 @contextlib.contextmanager

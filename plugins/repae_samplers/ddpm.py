@@ -19,10 +19,10 @@ channels and the variance channels come from the conditional pass.
 from __future__ import annotations
 
 import torch
+from repae_losses.ddpm import DDPMTransport
 from torch import Tensor
 
-from repae.errors import UserError
-from repae_losses.ddpm import DDPMTransport
+from repae import BuildContext, UserError
 from repae_samplers import DDPMSamplerConfig
 from repae_samplers.base import NoiseSource, Sampler, VelocityField
 
@@ -128,6 +128,6 @@ class DDPMSampler(Sampler):
         return mode
 
 
-def build_ddpm_sampler(config: DDPMSamplerConfig, context: object) -> DDPMSampler:
+def build_ddpm_sampler(config: DDPMSamplerConfig, context: BuildContext) -> DDPMSampler:
     """Registry factory of ``ddpm``."""
     return DDPMSampler(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from repae import BuildContext
 from repae_samplers import ODESamplerConfig
 from repae_samplers.base import NoiseSource, Sampler, VelocityField
 
@@ -53,11 +54,11 @@ class HeunSampler(Sampler):
         return x
 
 
-def build_euler(config: ODESamplerConfig, context: object) -> EulerSampler:
+def build_euler(config: ODESamplerConfig, context: BuildContext) -> EulerSampler:
     """Registry factory of ``euler``."""
     return EulerSampler(config)
 
 
-def build_heun(config: ODESamplerConfig, context: object) -> HeunSampler:
+def build_heun(config: ODESamplerConfig, context: BuildContext) -> HeunSampler:
     """Registry factory of ``heun``."""
     return HeunSampler(config)

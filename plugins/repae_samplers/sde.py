@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from repae import BuildContext
 from repae_samplers import SDESamplerConfig
 from repae_samplers.base import NoiseSource, Sampler, VelocityField
 
@@ -56,6 +57,6 @@ class EulerMaruyamaSampler(Sampler):
         return x
 
 
-def build_euler_maruyama(config: SDESamplerConfig, context: object) -> EulerMaruyamaSampler:
+def build_euler_maruyama(config: SDESamplerConfig, context: BuildContext) -> EulerMaruyamaSampler:
     """Registry factory of ``euler-maruyama``."""
     return EulerMaruyamaSampler(config)

@@ -11,13 +11,13 @@ This module only declares the config, the presets and the registration; it impor
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal
 
-from repae import hookimpl, option
+from repae import BuildContext, FieldError, hookimpl, option
 
-__all__ = ["SIZES", "SIT_PRESETS", "SiTConfig", "SizedConfig", "check_shape_fields", "size_presets"]
+__all__ = ["SIZES", "SIT_PRESETS", "SiTConfig", "TransformerConfig", "size_presets"]
 
 SIZES: dict[str, dict[str, int]] = {
     "S": {"depth": 12, "hidden_size": 384, "num_heads": 6},
@@ -44,54 +44,18 @@ SIT_PRESETS = size_presets(
 )
 """``size`` presets of ``sit``. ``tiny`` is the architecture of the golden test vectors (4 blocks of width 64)."""
 
-
-def check_shape_fields(config: Any) -> None:
-    """Cross-field checks shared by the SiT and DiT configs (``ValueError`` becomes a recipe problem)."""
-    if config.hidden_size % config.num_heads:
-        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
-    for name in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if not 0.0 <= config.class_dropout_prob < 1.0:
-        raise ValueError(f"class_dropout_prob must be in [0, 1), got {config.class_dropout_prob}")
-    if config.input_size is not None and config.input_size % config.patch_size:
-        raise ValueError(f"input_size {config.input_size} is not divisible by patch_size {config.patch_size}")
-
-
-_Config = TypeVar("_Config", bound="SizedConfig")
-
-
-class SizedConfig:
-    """What the SiT and DiT configs share: the cross-field checks, :meth:`from_preset` over ``PRESETS``, ``replace``."""
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-
-    def __post_init__(self) -> None:
-        check_shape_fields(self)
-
-    @classmethod
-    def from_preset(cls: type[_Config], size: str = "XL/2", **overrides: Any) -> _Config:
-        """The config of preset ``size`` with ``overrides`` on top (what a recipe section resolves to)."""
-        if size not in cls.PRESETS:
-            family = cls.__name__.removesuffix("Config")
-            raise ValueError(f"unknown {family} preset {size!r}; presets: {', '.join(cls.PRESETS)}")
-        return cls(**{"size": size, **cls.PRESETS[size], **overrides})
-
-    def replace(self: _Config, **changes: Any) -> _Config:
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+_DERIVED = "; derived from the dataset and the tokenizer unless set"
 
 
 @dataclass(kw_only=True)
-class SiTConfig(SizedConfig):
-    """Config of the ``sit`` denoiser. ``size`` fills depth/width/heads/patch; fields set explicitly win.
+class TransformerConfig:
+    """The trunk SiT and DiT share (patch embedding, adaLN-Zero blocks, REPA projectors) and how it is shaped.
 
-    ``input_size``, ``in_channels`` and ``encoder_dims`` left to ``null`` are taken from the components built before
-    the denoiser: the tokenizer (``resolution // downsample``, ``latent_channels``) and the encoders (``embed_dim``
-    of each, one projector per encoder). Explicit values always win.
+    ``size`` fills depth/width/heads/patch (fields set explicitly win). ``input_size`` and ``in_channels`` are derived
+    from the components built before the denoiser unless set: the latent shape of the dataset and the tokenizer
+    (``dataset.resolution // tokenizer.downsample``, ``tokenizer.latent_channels``, or a latent cache's shape), and
+    ``encoder_dims`` from the encoders (one projector per encoder, its output width the encoder's ``embed_dim``).
     """
-
-    PRESETS = SIT_PRESETS
 
     size: str = option("XL/2", doc="preset: S/B/L/XL x patch 1/2/4/8 (e.g. XL/2), or tiny for tests")
     depth: int = option(28, doc="number of transformer blocks")
@@ -99,27 +63,58 @@ class SiTConfig(SizedConfig):
     num_heads: int = option(16, doc="attention heads per block")
     patch_size: int = option(2, doc="latent patch size (tokens = (input_size / patch_size)^2)")
     mlp_ratio: float = option(4.0, doc="MLP hidden width / token width")
-    input_size: int | None = option(None, doc="latent height = width; null: resolution // tokenizer.downsample")
-    resolution: int = option(256, doc="image resolution in pixels; used only to derive a null input_size")
-    in_channels: int | None = option(None, doc="latent channels; null: tokenizer.latent_channels")
+    input_size: int = option(32, doc="latent height = width (32: 256 px, f8)" + _DERIVED)
+    in_channels: int = option(4, doc="latent channels (4: SD-VAE)" + _DERIVED)
     num_classes: int = option(1000, doc="number of classes; label num_classes is the null (CFG) label")
     class_dropout_prob: float = option(
         0.1, doc="label dropout in training mode; > 0 adds the null row to the label table"
     )
-    encoder_dims: list[int] | None = option(
-        None, doc="output width of each REPA projector; null: embed_dim of each built encoder; [] for none"
+    encoder_dims: list[int] = option(
+        default_factory=list, doc="output width of each REPA projector; derived from the encoders unless set"
     )
     projector_dim: int = option(2048, doc="hidden width of the REPA projector MLPs")
     qk_norm: bool = option(False, doc="LayerNorm on queries and keys in attention")
-    learn_sigma: bool = option(
-        False, doc="final layer predicts 2*C channels and the first C are used (willisma/SiT release)"
-    )
-    time_convention: Literal["noise-at-1", "data-at-1"] = option(
-        "noise-at-1", doc="time the weights were trained with: noise-at-1 (REPA/REPA-E) or data-at-1 (willisma/SiT)"
-    )
+    learn_sigma: bool = option(False, doc="the final layer predicts 2*C channels (the second C: variance values)")
     weights: str | None = option(None, doc="checkpoint: local file/folder or hf://org/repo/file; null: random init")
     weights_key: str | None = option(
         "ema", doc="entry of a training checkpoint (.pt with model/ema) to load; a plain state dict ignores it"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes", "input_size", "in_channels",
+                     "projector_dim"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.mlp_ratio <= 0:
+            raise FieldError("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise FieldError("class_dropout_prob", f"must be in [0, 1), got {self.class_dropout_prob}")
+        if self.input_size % self.patch_size:
+            raise FieldError("input_size", f"{self.input_size} is not divisible by patch_size {self.patch_size} (the "
+                             "latents must tile into patches: change the image resolution or the size's patch)")
+        if any(d < 1 for d in self.encoder_dims):
+            raise FieldError("encoder_dims", f"must be >= 1 each, got {self.encoder_dims}")
+
+    def derive(self, context: BuildContext) -> Mapping[str, Any]:
+        """``input_size`` / ``in_channels`` from the latent shape the dataset and tokenizer give, ``encoder_dims``
+        from the encoders (see the class docstring); the core applies them to the fields a recipe leaves unset."""
+        out: dict[str, Any] = {"encoder_dims": [int(e.embed_dim) for e in context.encoders]}
+        shape = context.latent_shape()
+        if shape is not None:
+            out["in_channels"], out["input_size"] = shape[0], shape[1]
+        elif context.tokenizer is not None:
+            out["in_channels"] = int(context.tokenizer.latent_channels)
+        return out
+
+
+@dataclass(kw_only=True)
+class SiTConfig(TransformerConfig):
+    """Config of the ``sit`` denoiser (velocity prediction, continuous time ``t`` in ``[0, 1]``, 1 = noise)."""
+
+    time_convention: Literal["noise-at-1", "data-at-1"] = option(
+        "noise-at-1", doc="time the weights were trained with: noise-at-1 (REPA/REPA-E) or data-at-1 (willisma/SiT)"
     )
 
 
@@ -132,5 +127,4 @@ def register_components(register: Any) -> None:
         config=SiTConfig,
         factory="repae_sit.model:build_sit",
         presets=SIT_PRESETS,
-        preset_field="size",
     )

@@ -15,14 +15,18 @@ the keys and the config field that most likely needs changing. :func:`to_officia
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from repae import WeightsInfo, load_into, load_weights
+
+if TYPE_CHECKING:
+    from repae import BuildContext
+    from repae_sit.layers import DiffusionTransformer
+
 __all__ = [
     "LATENT_NORM_PREFIX",
-    "LoadedWeights",
     "from_official",
     "load_configured_weights",
     "load_official_weights",
@@ -34,22 +38,6 @@ LATENT_NORM_PREFIX = "bn."
 """Prefix of the REPA-E latent BatchNorm buffers in official SiT checkpoints."""
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-@dataclass(frozen=True)
-class LoadedWeights:
-    """What :func:`load_official_weights` loaded."""
-
-    source: str
-    """The ``weights`` value as configured (local path or ``hf://`` location)."""
-    path: str
-    """The file that was read."""
-    sha256: str
-    """sha256 of that file."""
-    key: str | None
-    """The checkpoint entry that was loaded (``ema``/``model``) or ``None`` for a plain state dict."""
-    latent_norm_state: dict[str, Tensor] | None
-    """The REPA-E latent BatchNorm buffers (``running_mean``, ``running_var``, ``num_batches_tracked``), if any."""
 
 
 def _strip_wrappers(key: str) -> str:
@@ -118,52 +106,32 @@ def _hints(missing: list[str], unexpected: list[str], mismatched: dict[str, tupl
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: str = "checkpoint") -> None:
-    """Load strictly; a mismatch raises :class:`~repae.errors.WeightsMismatchError` naming every offending key and
-    the config field that most likely needs changing."""
-    from repae.weights import load_into
-
+    """Load strictly; a mismatch raises :class:`repae.WeightsMismatchError` naming every offending key and the config
+    field that most likely needs changing."""
     load_into(module, state_dict, strict=True, what=what, hints=_hints)
 
 
-def load_official_weights(module: nn.Module, source: str, *, key: str | None = "ema") -> LoadedWeights:
+def load_official_weights(
+    module: nn.Module, source: str, *, key: str | None = "ema"
+) -> tuple[WeightsInfo, dict[str, Tensor]]:
     """Resolve ``source`` (local file/folder or ``hf://``), read it, adapt it and load it strictly into ``module``.
 
     ``key`` picks the entry of a training checkpoint (``ema`` or ``model`` of the REPA / REPA-E ``.pt`` files); a
-    plain state dict (SiT and DiT releases, safetensors exports) is loaded as is. The returned record holds the
-    file's sha256 and the split-off latent BatchNorm buffers.
+    plain state dict (SiT and DiT releases, safetensors exports) is loaded as is. Returns what was read and the
+    split-off latent BatchNorm buffers (``{}`` when the checkpoint has none).
     """
-    from repae.weights import resolve_weights
-
-    path = resolve_weights(source)
-    raw, sha256, used_key = _read(path, key)
+    raw, info = load_weights(source, key=key, missing_key="whole")
     denoiser_state, latent_norm = from_official(raw)
-    load_strict(module, denoiser_state, what=f"weights {source!r}" + (f" [{used_key}]" if used_key else ""))
-    return LoadedWeights(
-        source=source,
-        path=str(path),
-        sha256=sha256,
-        key=used_key,
-        latent_norm_state=latent_norm or None,
-    )
+    load_strict(module, denoiser_state, what=f"weights {source!r}" + (f" [{info.entry}]" if info.entry else ""))
+    return info, latent_norm
 
 
-def load_configured_weights(module: nn.Module, config: Any, context: Any) -> LoadedWeights | None:
+def load_configured_weights(module: DiffusionTransformer, config: Any, context: BuildContext) -> None:
     """Load ``config.weights`` (entry ``config.weights_key``) into a freshly built denoiser, unless the config names
-    none or ``context.load_weights`` is false (``meta`` builds). Records ``loaded_weights``, ``weights_source``,
-    ``weights_sha256`` and ``latent_norm_state`` on the module."""
-    if not config.weights or not getattr(context, "load_weights", True):
-        return None
-    loaded = load_official_weights(module, config.weights, key=config.weights_key)
-    module.loaded_weights = loaded
-    module.weights_source, module.weights_sha256 = loaded.source, loaded.sha256
-    module.latent_norm_state = loaded.latent_norm_state
-    return loaded
-
-
-def _read(path, key: str | None) -> tuple[dict[str, Tensor], str, str | None]:
-    """Read entry ``key`` of a training checkpoint; a flat state dict (a release file) is read whole instead."""
-    from repae.weights import read_checkpoint, select_entry
-
-    obj, sha256 = read_checkpoint(path)
-    state, used_key = select_entry(obj, key, path, missing_key="whole")
-    return state, sha256, used_key
+    none or ``context.load_weights`` is false (``meta`` builds). Records ``loaded_weights`` (:class:`repae.
+    RecordsWeights`) and ``latent_norm_state`` (:class:`repae.CarriesLatentNormState`) on the module."""
+    if not config.weights or not context.load_weights:
+        return
+    info, latent_norm = load_official_weights(module, config.weights, key=config.weights_key)
+    module.loaded_weights = {"weights": info}
+    module.latent_norm_state = latent_norm or None

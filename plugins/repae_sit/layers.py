@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae.interfaces import DenoiserOutput
+from repae import DenoiserOutput, WeightsInfo
 
 __all__ = [
     "AdaLNBlock",
@@ -97,7 +97,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(self.frequency_embedding(t).to(self.mlp[0].weight.dtype))
+        return self.mlp(self.frequency_embedding(t).to(next(self.mlp.parameters()).dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -223,6 +223,9 @@ class DiffusionTransformer(nn.Module):
 
     cfg_channels: int | None = None
     """Output channels :meth:`forward_with_cfg` guides by default (``None``: all)."""
+    export_formats = {"official": "denoiser.safetensors (+ ema-denoiser.safetensors): the official SiT/DiT layout, "
+                                  "latent BatchNorm as bn.* (REPA-E checkpoints)"}
+    """:class:`repae.Exportable`: the formats ``repae export`` can write."""
 
     def __init__(
         self,
@@ -266,11 +269,9 @@ class DiffusionTransformer(nn.Module):
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d) for d in self.encoder_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-        # What repae_sit.checkpoint.load_configured_weights loaded (all None after a random init): the record, the
-        # configured source, the file's sha256, and the split-off REPA-E latent BatchNorm buffers.
-        self.loaded_weights: Any = None
-        self.weights_source: str | None = None
-        self.weights_sha256: str | None = None
+        # What repae_sit.checkpoint.load_configured_weights loaded (empty / None after a random init): the files
+        # (repae.RecordsWeights) and the split-off REPA-E latent BatchNorm buffers (repae.CarriesLatentNormState).
+        self.loaded_weights: dict[str, WeightsInfo] = {}
         self.latent_norm_state: dict[str, Tensor] | None = None
 
     def initialize_weights(self) -> None:
@@ -286,13 +287,18 @@ class DiffusionTransformer(nn.Module):
         self.apply(basic)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.x_embedder.proj.bias is not None:
+            nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [*(b.adaLN_modulation[-1] for b in self.blocks), self.final_layer.adaLN_modulation[-1]]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for linear in self.t_embedder.mlp:
+            if isinstance(linear, nn.Linear):
+                nn.init.normal_(linear.weight, std=0.02)
+        for module in self.modules():  # adaLN-Zero: every block (then the final layer) starts as the identity
+            if isinstance(module, (AdaLNBlock, FinalLayer)):
+                for layer in module.adaLN_modulation.modules():
+                    if isinstance(layer, nn.Linear):
+                        nn.init.zeros_(layer.weight)
+                        nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -349,6 +355,12 @@ class DiffusionTransformer(nn.Module):
         half = x[: x.shape[0] // 2]
         pred = self.forward(half.repeat(2, 1, 1, 1), t, y).prediction
         return guided_prediction(pred, cfg_scale, channels)
+
+    def export(self, fmt: str, folder: Any, context: Any) -> dict[str, str]:
+        """:class:`repae.Exportable` (see :func:`repae_sit.model.export_official`)."""
+        from repae_sit.model import export_official
+
+        return export_official(self, fmt, folder, context)
 
     def project(self, hidden: Tensor) -> list[Tensor]:
         """REPA projector outputs ``[B, N, encoder_dims[k]]``, one per target encoder, of tokens ``[B, N, D]``."""

@@ -11,27 +11,29 @@ The latent BatchNorm of REPA-E is *not* part of this module (see :mod:`repae_sit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import Tensor
 
-from repae.errors import UserError
-from repae.interfaces import DenoiserOutput
-from repae_sit import SiTConfig
-from repae_sit.checkpoint import load_configured_weights
+from repae import BuildContext, DenoiserOutput, ExportContext, UserError
+from repae_sit import SiTConfig, TransformerConfig
+from repae_sit.checkpoint import load_configured_weights, to_official
 from repae_sit.layers import DiffusionTransformer
 
-__all__ = ["SiT", "build_denoiser", "build_sit", "resolve_shapes"]
+__all__ = ["SiT", "build_denoiser", "build_sit"]
 
 _Model = TypeVar("_Model", bound=DiffusionTransformer)
 
+OFFICIAL_FORMAT = "official"
+
 
 class SiT(DiffusionTransformer):
-    """SiT velocity model implementing :class:`repae.interfaces.Denoiser`.
+    """SiT velocity model implementing :class:`repae.Denoiser` (and :class:`repae.Exportable`: the official layout).
 
-    Built from :class:`repae_sit.SiTConfig` by :func:`build_sit`; ``loaded_weights``, ``weights_source``,
-    ``weights_sha256`` and ``latent_norm_state`` record what was loaded (``None`` for a random init).
+    Built from :class:`repae_sit.SiTConfig` by :func:`build_sit`; ``loaded_weights`` and ``latent_norm_state`` record
+    what was loaded (empty / ``None`` for a random init).
     """
 
     def __init__(self, *, time_convention: str = "noise-at-1", **trunk: Any) -> None:
@@ -71,45 +73,32 @@ class SiT(DiffusionTransformer):
         return out
 
 
-def resolve_shapes(config: Any, built: Mapping[str, Any]) -> tuple[int, int, list[int]]:
-    """``(input_size, in_channels, encoder_dims)`` from the config, filling ``None`` fields from built components.
+def export_official(model: DiffusionTransformer, fmt: str, folder: Path, context: ExportContext) -> dict[str, str]:
+    """:meth:`repae.Exportable.export` of SiT and DiT: ``<stem>.safetensors`` in the official layout (the repae state
+    dict is the official one) with the latent BatchNorm buffers as ``bn.*`` when the run has a BatchNorm normaliser,
+    as REPA-E's checkpoints hold them; loads back through ``weights:``."""
+    from safetensors.torch import save_file
 
-    ``input_size = resolution // tokenizer.downsample``, ``in_channels = tokenizer.latent_channels``,
-    ``encoder_dims = [encoder.embed_dim for each built encoder]`` (``[]`` when no encoder was built).
-    """
-    tokenizer = built.get("tokenizer")
-    name = type(config).__name__
-    input_size, in_channels = config.input_size, config.in_channels
-    if input_size is None:
-        if tokenizer is None or not hasattr(tokenizer, "downsample"):
-            raise UserError(f"{name}.input_size is null and no tokenizer was built to derive it from: set input_size "
-                            "(the latent height, e.g. 32 for 256 px images and an f8 VAE)")
-        input_size = config.resolution // int(tokenizer.downsample)
-        if input_size * int(tokenizer.downsample) != config.resolution or input_size % config.patch_size:
-            raise UserError(f"resolution {config.resolution} with tokenizer downsample {tokenizer.downsample} gives "
-                            f"latents that patch_size {config.patch_size} does not tile: set input_size or resolution")
-    if in_channels is None:
-        if tokenizer is None or not hasattr(tokenizer, "latent_channels"):
-            raise UserError(f"{name}.in_channels is null and no tokenizer was built to derive it from: set "
-                            "in_channels (the latent channels, e.g. 4 for SD-VAE)")
-        in_channels = int(tokenizer.latent_channels)
-    encoder_dims = config.encoder_dims
-    if encoder_dims is None:
-        encoders = built.get("encoders") or []
-        if isinstance(encoders, Mapping):
-            encoders = list(encoders.values())
-        encoder_dims = [int(e.embed_dim) for e in encoders]
-    return input_size, in_channels, list(encoder_dims)
+    if fmt != OFFICIAL_FORMAT:
+        raise UserError(f"{type(model).__name__} exports only the format {OFFICIAL_FORMAT!r}, not {fmt!r}")
+    norm = dict(context.normalizer_state or {})
+    batchnorm = "running_mean" in norm and "running_var" in norm
+    state = {k: v.detach().cpu().contiguous().clone()
+             for k, v in to_official(model, norm if batchnorm else None).items()}
+    name = f"{context.stem}.safetensors"
+    save_file(state, str(folder / name), metadata=dict(context.metadata))
+    what = f"{type(model).__name__} ({context.stem}), official layout" + (
+        ", latent BatchNorm buffers as bn.*" if batchnorm else "")
+    return {name: what}
 
 
-def build_denoiser(cls: type[_Model], config: Any, context: Any, **specific: Any) -> _Model:
-    """Build ``cls`` (a :class:`DiffusionTransformer`) from a SiT/DiT config, the shapes left ``None`` resolved from
-    ``context.built``, then load ``config.weights`` unless ``context.load_weights`` is false. ``specific`` holds the
-    constructor arguments of ``cls`` beyond the shared ones."""
-    input_size, in_channels, encoder_dims = resolve_shapes(config, getattr(context, "built", {}) or {})
+def build_denoiser(cls: type[_Model], config: TransformerConfig, context: BuildContext, **specific: Any) -> _Model:
+    """Build ``cls`` (a :class:`DiffusionTransformer`) from a SiT/DiT config, then load ``config.weights`` unless
+    ``context.load_weights`` is false. ``specific`` holds the constructor arguments of ``cls`` beyond the shared
+    ones. (The core derives ``input_size``, ``in_channels`` and ``encoder_dims`` before calling the factory.)"""
     model = cls(
-        input_size=input_size,
-        in_channels=in_channels,
+        input_size=config.input_size,
+        in_channels=config.in_channels,
         learn_sigma=config.learn_sigma,
         patch_size=config.patch_size,
         hidden_size=config.hidden_size,
@@ -119,7 +108,7 @@ def build_denoiser(cls: type[_Model], config: Any, context: Any, **specific: Any
         num_classes=config.num_classes,
         class_dropout_prob=config.class_dropout_prob,
         qk_norm=config.qk_norm,
-        encoder_dims=encoder_dims,
+        encoder_dims=config.encoder_dims,
         projector_dim=config.projector_dim,
         **specific,
     )
@@ -127,6 +116,6 @@ def build_denoiser(cls: type[_Model], config: Any, context: Any, **specific: Any
     return model
 
 
-def build_sit(config: SiTConfig, context: Any) -> SiT:
+def build_sit(config: SiTConfig, context: BuildContext) -> SiT:
     """Registry factory of ``sit``: build, then load ``config.weights`` unless ``context.load_weights`` is false."""
     return build_denoiser(SiT, config, context, time_convention=config.time_convention)

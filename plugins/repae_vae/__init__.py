@@ -26,7 +26,7 @@ _STATS_DOC = (
 class KLVAEConfig:
     """Architecture and weights of an LDM-style KL autoencoder (defaults: the SD-VAE f8d4)."""
 
-    variant: str = option("f8d4", doc="preset: f8d4 (SD-VAE), f16d32 (IN-VAE, VA-VAE) or tiny (tests, quickstart)")
+    size: str = option("f8d4", doc="preset: f8d4 (SD-VAE), f16d32 (IN-VAE, VA-VAE) or tiny (tests, quickstart)")
     latent_channels: int = option(4, doc="latent channels (LDM embed_dim = z_channels)")
     ch: int = option(128, doc="base channel width")
     ch_mult: list[int] = option(
@@ -57,7 +57,7 @@ class SDVAEConfig(KLVAEConfig):
 class INVAEConfig(KLVAEConfig):
     """REPA-E's IN-VAE: f16, 32 latent channels, trained on ImageNet."""
 
-    variant: str = option("f16d32", doc="preset: f16d32 (IN-VAE, VA-VAE), f8d4 (SD-VAE) or tiny (tests, quickstart)")
+    size: str = option("f16d32", doc="preset: f16d32 (IN-VAE, VA-VAE), f8d4 (SD-VAE) or tiny (tests, quickstart)")
     latent_channels: int = option(32, doc="latent channels (LDM embed_dim = z_channels)")
     ch_mult: list[int] = option(
         default_factory=lambda: [1, 1, 2, 2, 4], doc="width multiplier per level; f = 2^(levels-1)"
@@ -105,7 +105,6 @@ def register_components(register) -> None:
         config=SDVAEConfig,
         factory=_FACTORY,
         presets=PRESETS,
-        preset_field="variant",
     )
     register(
         "tokenizer",
@@ -114,7 +113,6 @@ def register_components(register) -> None:
         config=INVAEConfig,
         factory=_FACTORY,
         presets=PRESETS,
-        preset_field="variant",
     )
     register(
         "tokenizer",
@@ -123,5 +121,4 @@ def register_components(register) -> None:
         config=VAVAEConfig,
         factory=_FACTORY,
         presets=PRESETS,
-        preset_field="variant",
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae.errors import UserError
+from repae import ExportContext, LatentStatistics, UserError, WeightsInfo
 from repae_vae.convert import diffusers_to_ldm, is_diffusers_layout
 
 if TYPE_CHECKING:
-    from repae.build import BuildContext
+    from repae import BuildContext
     from repae_vae import KLVAEConfig
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "DiagonalGaussian",
     "Encoder",
     "KLAutoencoder",
-    "LatentStats",
     "ResnetBlock",
     "build_kl_vae",
     "load_latent_stats",
@@ -77,14 +75,6 @@ class DiagonalGaussian:
     def kl(self) -> Tensor:
         """KL divergence to N(0, I), summed over C, H, W: shape ``[B]``."""
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
-
-
-@dataclass(frozen=True)
-class LatentStats:
-    """Per-channel latent statistics shipped with a VAE: ``normalized = (z - mean) * scale`` (shapes ``[C]``)."""
-
-    mean: Tensor
-    scale: Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,12 +264,20 @@ class Decoder(nn.Module):
 
 
 class KLAutoencoder(nn.Module):
-    """LDM KL autoencoder: ``encode(images) -> DiagonalGaussian``, ``decode(z) -> images``.
+    """LDM KL autoencoder: ``encode(images) -> DiagonalGaussian``, ``decode(z) -> images`` (:class:`repae.Tokenizer`).
 
-    Attributes besides the modules: ``latent_channels``, ``downsample`` (spatial factor), ``latent_stats``
-    (:class:`LatentStats` or ``None``), ``weights_sha256`` / ``latent_stats_sha256`` (sha256 of the loaded files, or
-    ``None`` for random init) and ``weights_source``.
+    Capabilities: :class:`repae.HasLatentStatistics` (``latent_stats``: the per-channel statistics shipped with the
+    weights, or ``None``), :class:`repae.RecordsWeights` (``loaded_weights``: ``weights`` and ``latent_stats`` files)
+    and :class:`repae.Exportable` (``diffusers``: an ``AutoencoderKL`` folder; ``ldm``: REPA-E's layout with its
+    latent-statistics file).
     """
+
+    export_formats = {
+        "diffusers": "an AutoencoderKL folder (config.json with latents_mean/latents_std, "
+                     "diffusion_pytorch_model.safetensors) that diffusers' from_pretrained loads",
+        "ldm": "<stem>.safetensors in the LDM layout (REPA-E's key names) and <stem>-latents-stats.safetensors "
+               "(latents_bias, latents_scale), which `weights:` loads back",
+    }
 
     def __init__(
         self,
@@ -313,32 +311,45 @@ class KLAutoencoder(nn.Module):
         self.downsample = 2 ** (len(ch_mult) - 1)
         # Not part of the state dict (the LDM layout has no such keys), but they follow .to(device).
         self.register_buffer("latents_mean", None, persistent=False)
-        self.register_buffer("latents_scale", None, persistent=False)
-        self.weights_source: str | None = None
-        self.weights_sha256: str | None = None
-        self.latent_stats_sha256: str | None = None
+        self.register_buffer("latents_std", None, persistent=False)
+        self.loaded_weights: dict[str, WeightsInfo] = {}
+        """:class:`repae.RecordsWeights`: the files loaded, by role (``weights``, ``latent_stats``)."""
 
     @property
-    def latent_stats(self) -> LatentStats | None:
-        """Per-channel latent mean and scale shipped with the weights (``None`` when there are none)."""
-        if self.latents_mean is None or self.latents_scale is None:
+    def latent_stats(self) -> LatentStatistics | None:
+        """Per-channel latent mean and std shipped with the weights (``None`` when there are none)."""
+        if self.latents_mean is None or self.latents_std is None:
             return None
-        return LatentStats(self.latents_mean, self.latents_scale)
+        source = self.loaded_weights.get("latent_stats")
+        return LatentStatistics(self.latents_mean, self.latents_std,
+                                source=f"tokenizer latent statistics ({source.source if source else 'set'})")
 
-    def set_latent_stats(self, mean: Tensor | None, scale: Tensor | None) -> None:
-        """Set (or with ``None`` clear) the per-channel statistics; any shape with ``latent_channels`` elements."""
-        if mean is None or scale is None:
-            self.latents_mean = self.latents_scale = None
+    def set_latent_stats(self, mean: Tensor | None, std: Tensor | None) -> None:
+        """Set (or with ``None`` clear) the per-channel statistics (``normalized = (z - mean) / std``); any shape
+        with ``latent_channels`` elements."""
+        if mean is None or std is None:
+            self.latents_mean = self.latents_std = None
             return
         c = self.latent_channels
-        if mean.numel() != c or scale.numel() != c:
+        if mean.numel() != c or std.numel() != c:
             raise UserError(
-                f"latent statistics have {mean.numel()} / {scale.numel()} channels (mean / scale), but this VAE has "
+                f"latent statistics have {mean.numel()} / {std.numel()} channels (mean / std), but this VAE has "
                 f"{c} latent channels: the statistics belong to another VAE"
             )
         device = self.quant_conv.weight.device
         self.latents_mean = mean.detach().reshape(c).float().to(device)
-        self.latents_scale = scale.detach().reshape(c).float().to(device)
+        self.latents_std = std.detach().reshape(c).float().to(device)
+
+    def export(self, fmt: str, folder: Path, context: ExportContext) -> dict[str, str]:
+        """:class:`repae.Exportable`: ``diffusers`` or ``ldm`` (see :attr:`export_formats`), with the run's latent
+        statistics (``context.statistics``)."""
+        from repae_vae.convert import export_diffusers, export_ldm
+
+        if fmt == "diffusers":
+            return export_diffusers(self, folder, context.statistics)
+        if fmt == "ldm":
+            return export_ldm(self, folder, context)
+        raise UserError(f"the KL autoencoder exports {', '.join(self.export_formats)}, not {fmt!r}")
 
     def encode(self, images: Tensor) -> DiagonalGaussian:
         """Images in ``[-1, 1]`` ``[B, 3, H, W]`` to the posterior over latents ``[B, C, H/f, W/f]``."""
@@ -409,10 +420,10 @@ def load_vae_weights(model: KLAutoencoder, source: str, *, key: str | None = Non
     entry of a training checkpoint (``vae``). Missing keys and shape mismatches always raise
     :class:`repae.errors.UserError` naming the keys; unexpected keys do unless ``strict=False``.
     """
-    from repae.weights import load_into, load_state_dict, resolve_weights
+    from repae import load_into, load_weights
 
-    path = resolve_weights(source, default_filename=_default_filename(source))
-    state, sha256 = load_state_dict(path, key=key)
+    state, info = load_weights(source, key=key, default_filename=_default_filename(source))
+    path = Path(info.path)
     state = _vae_state_dict(state, source)
     if not strict:
         expected = model.state_dict()
@@ -420,7 +431,7 @@ def load_vae_weights(model: KLAutoencoder, source: str, *, key: str | None = Non
     arch = ", ".join(f"{k}={v}" for k, v in model.architecture.items())
     where = source if Path(source).expanduser() == path else f"{source} ({path})"
     load_into(model, state, strict=True, what=f"VAE weights {where} for the architecture ({arch})")
-    model.weights_source, model.weights_sha256 = source, sha256
+    model.loaded_weights["weights"] = info
     return path
 
 
@@ -441,26 +452,27 @@ def _vae_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str, Tenso
     return tensors
 
 
-def load_latent_stats(source: str | Path) -> tuple[Tensor, Tensor, str]:
-    """Read per-channel latent statistics: ``(mean, scale, sha256)`` with ``normalized = (z - mean) * scale``.
+def load_latent_stats(source: str | Path) -> tuple[Tensor, Tensor, WeightsInfo]:
+    """Read per-channel latent statistics: ``(mean, std, file)`` with ``normalized = (z - mean) / std``.
 
-    Accepted: REPA-E ``*-latents-stats.pt`` (``latents_bias``, ``latents_scale``), LightningDiT ``latents_stats.pt``
-    (``mean``, ``std``) and a diffusers ``config.json`` with ``latents_mean`` and ``latents_std``.
+    Accepted: REPA-E ``*-latents-stats.pt`` (``latents_bias``, ``latents_scale``: ``std = 1 / scale``), LightningDiT
+    ``latents_stats.pt`` (``mean``, ``std``) and a diffusers ``config.json`` with ``latents_mean`` and ``latents_std``.
     """
-    from repae.weights import file_sha256, load_state_dict, resolve_weights
+    from repae import file_sha256, load_state_dict, resolve_weights
 
     path = source if isinstance(source, Path) else resolve_weights(source)
+    info = WeightsInfo(source=str(source), path=str(path), sha256=file_sha256(path))
     if path.suffix == ".json":
         if not _has_stats(path):
             raise UserError(f"latent statistics {str(source)!r}: {path} has no latents_mean and latents_std")
         config = json.loads(path.read_text())
         mean = torch.tensor(config["latents_mean"], dtype=torch.float32)
-        return mean, 1.0 / torch.tensor(config["latents_std"], dtype=torch.float32), file_sha256(path)
-    data, sha256 = load_state_dict(path)
+        return mean, torch.tensor(config["latents_std"], dtype=torch.float32), info
+    data, _ = load_state_dict(path)
     if "latents_scale" in data and "latents_bias" in data:
-        return data["latents_bias"].float().flatten(), data["latents_scale"].float().flatten(), sha256
+        return data["latents_bias"].float().flatten(), 1.0 / data["latents_scale"].float().flatten(), info
     if "mean" in data and "std" in data:
-        return data["mean"].float().flatten(), 1.0 / data["std"].float().flatten(), sha256
+        return data["mean"].float().flatten(), data["std"].float().flatten(), info
     raise UserError(
         f"latent statistics {str(source)!r} ({path}) hold {_listing(sorted(data), 5)}; expected latents_bias and "
         "latents_scale (REPA-E) or mean and std (LightningDiT)"
@@ -479,14 +491,14 @@ def _find_latent_stats(weights: str, loaded: Path) -> str | Path | None:
         return config if _has_stats(config) else None
     if weights.startswith("hf://"):
         # On the hub the statistics sit next to the checkpoint but may not be cached yet: fetch them now.
-        from repae.weights import resolve_weights
+        from repae import resolve_weights
 
         base, at, revision = weights.partition("@")
         base = base.rstrip("/")
-        folder = base.rsplit("/", 1)[0] if base.endswith("/" + loaded.name) else base
+        remote = base.rsplit("/", 1)[0] if base.endswith("/" + loaded.name) else base
         sibling = loaded.stem + _STATS_SUFFIXES[0] if loaded.suffix in (".pt", ".pth", ".ckpt") else "config.json"
         try:
-            found = resolve_weights(f"{folder}/{sibling}{at}{revision}")
+            found = resolve_weights(f"{remote}/{sibling}{at}{revision}")
         except (UserError, OSError):
             return None
         if found.suffix == ".json" and not _has_stats(found):
@@ -526,11 +538,11 @@ def build_kl_vae(config: KLVAEConfig, context: BuildContext) -> KLAutoencoder:
         loaded = load_vae_weights(model, config.weights, key=config.weights_key, strict=config.strict)
     stats: str | Path | None = None
     if config.latent_stats == "auto":
-        stats = _find_latent_stats(config.weights, loaded) if loaded is not None else None
+        stats = _find_latent_stats(config.weights, loaded) if config.weights and loaded is not None else None
     elif config.latent_stats:
         stats = config.latent_stats
     if stats is not None:
-        mean, scale, sha256 = load_latent_stats(stats)
-        model.set_latent_stats(mean, scale)
-        model.latent_stats_sha256 = sha256
+        mean, std, info = load_latent_stats(stats)
+        model.set_latent_stats(mean, std)
+        model.loaded_weights["latent_stats"] = info
     return model

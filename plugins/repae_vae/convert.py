@@ -10,7 +10,6 @@ diffusers itself is not needed here: only its key names and config fields are us
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,14 +18,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from repae import ExportContext, LatentStatistics
     from repae_vae.autoencoder import KLAutoencoder
 
 __all__ = [
     "architecture_from_diffusers",
     "diffusers_config",
     "diffusers_to_ldm",
+    "export_diffusers",
+    "export_ldm",
     "is_diffusers_layout",
     "ldm_to_diffusers",
+    "repae_e_statistics",
     "save_diffusers",
 ]
 
@@ -148,11 +151,12 @@ def diffusers_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def diffusers_config(architecture: Mapping[str, Any], *, latent_stats: Any = None) -> dict[str, Any]:
+def diffusers_config(architecture: Mapping[str, Any], *, latent_stats: LatentStatistics | None = None) -> dict[str, Any]:
     """The ``AutoencoderKL`` config (``config.json`` content) of one of our architectures.
 
     ``architecture`` is :attr:`KLAutoencoder.architecture` (or a config with the same fields). With ``latent_stats``
-    (a :class:`~repae_vae.autoencoder.LatentStats`), ``latents_mean`` / ``latents_std`` are filled in.
+    (a :class:`repae.LatentStatistics`), ``latents_mean`` / ``latents_std`` / ``scaling_factor`` / ``shift_factor``
+    are filled in (diffusers' convention ``(z - latents_mean) * scaling_factor / latents_std``, the SDXL pipelines').
     """
     ch, ch_mult = architecture["ch"], list(architecture["ch_mult"])
     resolution, attn = architecture["resolution"], set(architecture["attn_resolutions"])
@@ -172,8 +176,11 @@ def diffusers_config(architecture: Mapping[str, Any], *, latent_stats: Any = Non
         "mid_block_add_attention": True,
     }
     if latent_stats is not None:
-        config["latents_mean"] = [float(v) for v in latent_stats.mean.flatten()]
-        config["latents_std"] = [float(v) for v in (1.0 / latent_stats.scale.float()).flatten()]
+        mean, std = latent_stats.mean, latent_stats.std
+        config["latents_mean"] = None if mean is None else [float(v) for v in mean.flatten()]
+        config["latents_std"] = None if std is None else [float(v) for v in std.flatten()]
+        config["scaling_factor"] = latent_stats.scaling_factor
+        config["shift_factor"] = latent_stats.shift_factor
     return config
 
 
@@ -198,15 +205,69 @@ def architecture_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def save_diffusers(model: KLAutoencoder, folder: str | Path) -> Path:
+def save_diffusers(model: KLAutoencoder, folder: str | Path, statistics: LatentStatistics | None = None) -> Path:
     """Write ``model`` as a diffusers ``AutoencoderKL`` folder that ``AutoencoderKL.from_pretrained(folder)`` loads:
-    ``config.json`` (with the latent statistics, if any) and ``diffusion_pytorch_model.safetensors``. Returns it."""
+    ``config.json`` (with ``statistics``, else the model's own latent statistics, if any) and
+    ``diffusion_pytorch_model.safetensors``. Returns it."""
     from safetensors.torch import save_file
+
+    from repae import atomic_path, write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = ldm_to_diffusers({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    config = diffusers_config(model.architecture, latent_stats=model.latent_stats)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(folder / "diffusion_pytorch_model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    stats = statistics if statistics is not None and not statistics.is_empty else model.latent_stats
+    write_json(folder / "config.json", diffusers_config(model.architecture, latent_stats=stats))
     return folder
+
+
+def export_diffusers(model: KLAutoencoder, folder: Path, statistics: LatentStatistics) -> dict[str, str]:
+    """``repae export --format diffusers``: :func:`save_diffusers` with the run's latent statistics, so that diffusers'
+    convention ``(z - latents_mean) * scaling_factor / latents_std`` is the run's normalisation: with per-channel
+    statistics ``scaling_factor`` is the multiplier of the normaliser (1 for REPA-E's BatchNorm); with a fixed scale
+    there are no per-channel statistics and ``scaling_factor`` / ``shift_factor`` carry it."""
+    save_diffusers(model, folder, statistics)
+    return {"config.json": "diffusers AutoencoderKL config with the latent statistics",
+            "diffusion_pytorch_model.safetensors": "the tokenizer, diffusers AutoencoderKL layout"}
+
+
+def repae_e_statistics(statistics: LatentStatistics, channels: int) -> dict[str, Tensor] | None:
+    """REPA-E's ``latents_bias`` / ``latents_scale`` (``[1, C, 1, 1]``, normalised = ``(z - bias) * scale``) of
+    ``statistics``; ``None`` when there are none."""
+    import torch
+
+    if statistics.mean is not None and statistics.std is not None:
+        bias, scale = statistics.mean.float(), statistics.scaling_factor / statistics.std.float()
+    elif not statistics.is_empty:
+        bias = torch.full((channels,), float(statistics.shift_factor or 0.0))
+        scale = torch.full((channels,), float(statistics.scaling_factor))
+    else:
+        return None
+    return {"latents_bias": bias.reshape(1, -1, 1, 1).contiguous(),
+            "latents_scale": scale.reshape(1, -1, 1, 1).contiguous()}
+
+
+def export_ldm(model: KLAutoencoder, folder: Path, context: ExportContext) -> dict[str, str]:
+    """``repae export --format ldm``: ``<stem>.safetensors`` (the LDM layout: REPA-E's ``.pt`` key names) and, when
+    there are statistics, REPA-E's ``<stem>-latents-stats.safetensors`` (``latents_bias``, ``latents_scale``); a recipe
+    loads it back with ``tokenizer: {name: sd-vae, weights: DIR/<stem>.safetensors}`` (the statistics are found next
+    to it)."""
+    from safetensors.torch import save_file
+
+    from repae import atomic_path
+
+    files = {}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(folder / f"{context.stem}.safetensors") as tmp:
+        save_file(state, str(tmp), metadata=dict(context.metadata))
+    files[f"{context.stem}.safetensors"] = "the tokenizer, LDM layout (REPA-E / latent-diffusion key names)"
+    stats = repae_e_statistics(context.statistics, model.latent_channels)
+    if stats is not None:
+        with atomic_path(folder / f"{context.stem}-latents-stats.safetensors") as tmp:
+            save_file(stats, str(tmp), metadata=dict(context.metadata))
+        files[f"{context.stem}-latents-stats.safetensors"] = ("REPA-E latent statistics: latents_bias, "
+                                                              "latents_scale [1, C, 1, 1]; normalised = (z - bias) * "
+                                                              "scale")
+    return files
