@@ -12,8 +12,63 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins_for_tests"
 EXAMPLE_PLUGIN = ROOT / "examples" / "repae-plugin-example"
-SHARED = ROOT.parent / "shared"
-GOLDEN = SHARED / "golden"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+"""The reference implementations' golden tensors (a copy of the public set; see data/golden/README.md)."""
+
+
+def python_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``(line, module, names)`` of every absolute import in a Python file (``names`` empty for ``import x``)."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.extend((node.lineno, alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.append((node.lineno, node.module, [alias.name for alias in node.names]))
+    return out
+
+
+def read_golden(name: str, *, float32: bool = False) -> tuple[dict, dict]:
+    """A golden file's metadata (the JSON under its safetensors metadata key ``json``: the reference's configuration)
+    and its tensors (floating point ones as float32 with ``float32``; the stored float8 weights convert exactly)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(GOLDEN / name), framework="pt") as f:
+        meta = json.loads(f.metadata()["json"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if float32:
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    return meta, tensors
+
+
+def official_weights(tensors: dict, prefix: str = "weights.") -> dict:
+    """The entries of a golden file under ``prefix`` as a float32 state dict of the official module."""
+    return {k[len(prefix):]: v.float() if v.is_floating_point() else v
+            for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# Keys of the official ``SiT(**sit_config)`` that do not change the numbers our model computes: the loss path is
+# given per call (``loss_kwargs``), fused attention is an implementation choice; ``encoder_depth`` and ``bn_momentum``
+# are read by the tests (alignment depth, latent BatchNorm), not by the denoiser.
+_SIT_OTHER_KEYS = {"path_type", "fused_attn", "encoder_depth", "bn_momentum", "decoder_hidden_size"}
+_SIT_FIELDS = {"depth": "depth", "hidden_size": "hidden_size", "num_heads": "num_heads", "patch_size": "patch_size",
+               "mlp_ratio": "mlp_ratio", "input_size": "input_size", "in_channels": "in_channels",
+               "num_classes": "num_classes", "class_dropout_prob": "class_dropout_prob", "z_dims": "encoder_dims",
+               "projector_dim": "projector_dim", "qk_norm": "qk_norm"}
+
+
+def sit_fields(cfg: dict) -> dict:
+    """The ``sit`` config fields of the official ``SiT(**cfg)`` (a golden file's ``sit_config``); every field a
+    preset would fill is set, so no preset is involved."""
+    unknown = set(cfg) - set(_SIT_FIELDS) - _SIT_OTHER_KEYS
+    assert not unknown, f"official SiT arguments this test does not map: {sorted(unknown)}"
+    assert cfg["decoder_hidden_size"] == cfg["hidden_size"], "the final layer reads the trunk's tokens"
+    fields = {ours: cfg[theirs] for theirs, ours in _SIT_FIELDS.items()}
+    return {**fields, "encoder_dims": list(fields["encoder_dims"]), "learn_sigma": False,
+            "time_convention": "noise-at-1"}
 
 
 @pytest.fixture(autouse=True)
@@ -101,18 +156,15 @@ def registry():
 
 
 def build_section(registry, kind: str, name: str, /, device: str = "cpu", **section):
-    """Build component ``kind``/``name`` from a recipe section the way the core does (presets applied, under the
-    device); the section must parse without issues."""
-    from repae.build import BuildContext, build_component
+    """Build component ``kind``/``name`` from a recipe section the way the core does (presets applied, validation,
+    under the device): ``repae.create`` with this registry."""
+    import repae
 
-    entry = registry.get(kind, name)
-    config, issues = entry.parse(section)
-    assert not issues, issues
-    return build_component(entry, config, BuildContext(device=device))
+    return repae.create(kind, name, device=device, registry=registry, **section)
 
 
 QUICK_RUN_OVERRIDES = [
-    "dataset.size=64", "trainer.batch_size=8", "trainer.steps=4", "trainer.log_every=2", "trainer.checkpoint_every=2",
+    "dataset.num_images=64", "trainer.batch_size=8", "trainer.steps=4", "trainer.log_every=2", "trainer.checkpoint_every=2",
     "trainer.sample_every=0", "trainer.num_workers=0",
 ]
 
@@ -123,12 +175,12 @@ def quick_run(tmp_path_factory) -> Path:
     commands that read runs (sample, analyze, export, compare). Treat it as read-only."""
     from repae.build import build_recipe
     from repae.plugins import load_plugins
-    from repae.recipe import read_recipe
+    from repae.recipe import load_recipe
     from repae.rundir import prepare_run_dir
 
     run_dir = tmp_path_factory.mktemp("quick_run")
-    resolved = read_recipe(ROOT / "recipes" / "quickstart.yaml", QUICK_RUN_OVERRIDES,
-                           load_plugins(select={"repae"}).registry)
+    resolved = load_recipe(ROOT / "recipes" / "quickstart.yaml", QUICK_RUN_OVERRIDES,
+                           registry=load_plugins(select={"repae"}).registry, check=True)
     prepare_run_dir(resolved, run_dir)
     built = build_recipe(resolved, device="cpu")
     built[-1].component.run(run_dir, progress=False)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +13,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from conftest import QUICK_RUN_OVERRIDES, ROOT
 from repae.analysis import (
+    AnalysisSettings,
+    analyze_run,
     cknna,
+    denoiser_features,
     image_grid,
     latent_pca_rgb,
     psnr,
@@ -21,6 +27,7 @@ from repae.analysis import (
     total_variation,
     total_variation_per_channel,
 )
+from repae.errors import UserError
 
 
 # -- Table 1 statistics -------------------------------------------------------------------------------------------
@@ -179,7 +186,14 @@ def test_analyze_a_run(quick_run, tmp_path):
     assert len(data["spatial_variance_per_channel"]) == 4
     assert np.mean(data["spatial_variance_per_channel"]) == pytest.approx(data["spatial_variance"], rel=1e-6)
     assert -1.0 <= data["cknna"] <= 1.0 and data["cknna_reason"] is None
-    assert data["settings"]["depth"] == 2 and data["settings"]["t"] == 0.5 and data["settings"]["k"] == 7
+    # analysis.json records the AnalysisSettings as given, then what they resolved to for this run
+    settings = data["settings"]
+    given = {f.name: settings[f.name] for f in dataclasses.fields(AnalysisSettings)}
+    assert given == dataclasses.asdict(AnalysisSettings(num_images=8))
+    assert settings["depth"] is None and settings["depth_used"] == 2  # the quickstart's losses.repa.depth
+    assert settings["t"] == 0.5 and settings["k"] == 10 and settings["k_used"] == 7  # capped at images - 1
+    assert settings["transport"].startswith("FlowMatchingTransport")  # the run's diffusion loss
+    assert settings["images"] is None and settings["images_source"] == "run dataset"
     assert math.isfinite(data["psnr"]) and data["psnr"] > 0
     assert data["rfid"] is None or math.isfinite(data["rfid"])
     if data["rfid"] is None:
@@ -196,22 +210,180 @@ def test_analyze_a_run(quick_run, tmp_path):
             assert picture.size == (2 + 8 * 34, 2 + 2 * 34)  # 8 images of 32 px per row, two rows
 
 
-def test_analyze_an_image_folder(quick_run, tmp_path):
+def _image_folder(tmp_path, count=4):
     from PIL import Image
 
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(4):
+    for i in range(count):
         Image.fromarray(rng.integers(0, 255, (40 + i, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_analyze_an_image_folder(quick_run, tmp_path, monkeypatch):
+    """--images reads every file through the run dataset's load_image (repae.ReadsImages), not a reader of its own."""
+    from repae_data.image_folder import read_image
+    from repae_data.synthetic import SyntheticDataset
+
+    folder = _image_folder(tmp_path)
+    read = []
+
+    def load_image(self, path):
+        read.append((Path(path).name, self.resolution))
+        return read_image(path, self.resolution)
+
+    monkeypatch.setattr(SyntheticDataset, "load_image", load_image)
     out = tmp_path / "out"
     result = _cli(str(quick_run / "checkpoints" / "step-0000002"), "--images", str(folder), "--out", str(out),
                   "--device", "cpu", "--k", "2")
     assert result.exit_code == 0, result.output
+    assert read == [(f"{i}.png", 32) for i in range(4)]  # in file order, at the run dataset's resolution
     data = json.loads((out / "analysis.json").read_text())
-    assert data["step"] == 2 and data["num_images"] == 4
-    assert data["settings"]["images"] == str(folder) and data["settings"]["labels"] == "null class"
-    assert data["cknna"] is not None
+    assert data["step"] == 2 and data["num_images"] == 4 and data["latent_shape"] == [4, 8, 8]
+    assert data["settings"]["images"] == str(folder) and data["settings"]["images_source"] == str(folder)
+    assert data["settings"]["labels"] == "null class"
+    assert data["cknna"] is not None and data["settings"]["k_used"] == 2
+
+
+def test_analyze_images_needs_a_dataset_that_reads_images(quick_run, tmp_path, monkeypatch):
+    """A run dataset without repae.ReadsImages (as a third-party dataset may be): a message naming the capability."""
+    import repae.runs
+
+    class NoReader:
+        """The run's dataset without load_image."""
+
+        def __init__(self, dataset):
+            self.kind, self.resolution, self._dataset = dataset.kind, dataset.resolution, dataset
+
+        def __len__(self):
+            return len(self._dataset)
+
+        def __getitem__(self, index):
+            return self._dataset[index]
+
+    opened = repae.runs.open_run
+
+    def open_run(*args, **kwargs):
+        run = opened(*args, **kwargs)
+        run.components["dataset"] = NoReader(run.components["dataset"])
+        return run
+
+    monkeypatch.setattr(repae.runs, "open_run", open_run)
+    result = _cli(str(quick_run), "--images", str(_image_folder(tmp_path)), "--out", str(tmp_path / "out"),
+                  "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "repae analyze --images needs the capability ReadsImages (load_image)" in text
+    assert "dataset 'synthetic'" in text and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "analysis.json").exists()
+    # the run's own dataset is still analysed without --images
+    result = _cli(str(quick_run), "--out", str(tmp_path / "own"), "--num-images", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def ddpm_depth1_run(tmp_path_factory):
+    """A one-step run of the quickstart whose losses align at block 1 and whose diffusion loss is DDPM."""
+    from repae.build import build_recipe
+    from repae.plugins import load_plugins
+    from repae.recipe import load_recipe
+    from repae.rundir import prepare_run_dir
+
+    overrides = [*QUICK_RUN_OVERRIDES, "dataset.num_images=8", "trainer.batch_size=4", "trainer.steps=1",
+                 "trainer.checkpoint_every=1", "losses.repa.depth=1",
+                 "losses.diffusion={name: ddpm, updates: [denoiser]}", "sampler={name: ddpm, steps: 5}"]
+    run_dir = tmp_path_factory.mktemp("ddpm_depth1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPAE_PLUGINS", "repae")
+        resolved = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides,
+                               registry=load_plugins(select={"repae"}).registry, check=True)
+        prepare_run_dir(resolved, run_dir)
+        built = build_recipe(resolved, device="cpu")
+        built[-1].component.run(run_dir, progress=False)
+    return run_dir
+
+
+def test_depth_and_diffusion_process_come_from_the_runs_losses(ddpm_depth1_run, tmp_path, monkeypatch):
+    """No --depth: the depth the run's alignment loss reads (1 here, not the quickstart's 2); the noise of the CKNNA
+    features is the run's diffusion process (DDPM here)."""
+    import repae.analysis
+    from repae_losses.ddpm import DDPMTransport
+
+    calls = []
+    features = repae.analysis.denoiser_features
+
+    def spy(denoiser, normalizer, transport, *args, depth, **kwargs):
+        calls.append((type(transport), depth))
+        return features(denoiser, normalizer, transport, *args, depth=depth, **kwargs)
+
+    monkeypatch.setattr(repae.analysis, "denoiser_features", spy)
+
+    def analyse(*args):
+        calls.clear()
+        out = tmp_path / "-".join(("default", *args))
+        result = _cli(str(ddpm_depth1_run), "--out", str(out), "--num-images", "8", "--device", "cpu", *args)
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "analysis.json").read_text()), set(calls)
+
+    default, used = analyse()
+    assert used == {(DDPMTransport, 1)}
+    assert default["settings"]["depth"] is None and default["settings"]["depth_used"] == 1
+    assert default["settings"]["transport"].startswith("DDPMTransport(num_timesteps=1000")
+    assert default["cknna"] is not None and default["cknna_reason"] is None
+    explicit, used = analyse("--depth", "1")
+    assert used == {(DDPMTransport, 1)} and explicit["settings"]["depth"] == explicit["settings"]["depth_used"] == 1
+    assert explicit["cknna"] == default["cknna"]
+    deeper, used = analyse("--depth", "2")  # --depth wins over the losses
+    assert used == {(DDPMTransport, 2)} and deeper["settings"]["depth_used"] == 2
+
+
+def test_analyze_run_api_takes_a_settings_object(quick_run, tmp_path):
+    """The library call of `repae analyze`: settings given win over the run's (depth), checked when made."""
+    from repae.plugins import load_plugins
+
+    registry = load_plugins(select={"repae"}).registry
+    result = analyze_run(quick_run, AnalysisSettings(num_images=4, depth=1, k=2, ema=False), out=tmp_path,
+                         device="cpu", registry=registry, progress=False)
+    assert result["settings"]["depth_used"] == 1 and result["settings"]["ema"] is False
+    assert json.loads((tmp_path / "analysis.json").read_text()) == json.loads(json.dumps(result))
+    for fields, message in (({"t": 2.0}, "--t"), ({"depth": 0}, "--depth"), ({"k": 0}, "--k")):
+        with pytest.raises(UserError, match=message):
+            AnalysisSettings(**fields)
+
+
+class _Recorder:
+    """A stand-in denoiser recording the time it was called with."""
+
+    def __call__(self, x, t, y, *, feature_depths, features_only):
+        from repae.interfaces import DenoiserOutput
+
+        self.t, self.depths, self.features_only = t, feature_depths, features_only
+        tokens = x.flatten(2).transpose(1, 2)
+        return DenoiserOutput(None, {d: tokens for d in feature_depths})
+
+
+@pytest.mark.parametrize("steps, expected", [(None, 0.25), (1000, 250)])
+def test_denoiser_features_use_the_transports_time(steps, expected):
+    """Continuous time under flow matching; DDPM's integer step round(t (T - 1)) under a discrete transport."""
+
+    class Transport:
+        discrete_steps = steps
+
+        def interpolate(self, x0, noise, t):
+            self.t = t
+            return x0 + noise
+
+        def model_time(self, t):
+            return t
+
+    transport, denoiser = Transport(), _Recorder()
+    z, noise = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    features = denoiser_features(denoiser, None, transport, z, torch.zeros(2, dtype=torch.long), noise, t=0.25,
+                                 depth=3)
+    assert features.shape == (2, 4) and denoiser.depths == (3,) and denoiser.features_only
+    assert transport.t.tolist() == [expected] * 2 and denoiser.t.tolist() == [expected] * 2
+    assert transport.t.dtype == (torch.long if steps else z.dtype)
 
 
 def test_analyze_user_errors(quick_run, tmp_path):
@@ -229,7 +401,7 @@ def test_rfid_uses_the_evaluation_package_and_never_fails(monkeypatch, tmp_path)
     """rFID plumbing with a stand-in feature extractor (the real Inception is too slow for the suite): the Frechet
     distance of the features of inputs and reconstructions; any failure becomes a reason, never an error."""
     import repae.evaluate.features as features
-    from repae.cli.analyze import _rfid
+    from repae.analysis import _rfid
     from repae.evaluate.metrics import feature_statistics, frechet_distance
 
     g = torch.Generator().manual_seed(0)

@@ -134,22 +134,21 @@ def test_run_dry_run_builds_on_meta_and_counts_parameters(runner, toy_recipe, tm
     assert not (tmp_path / "never").exists()
 
 
-def test_run_without_a_trainer_writes_run_dir_and_says_so(runner, toy_recipe, tmp_path):
+def test_run_without_a_trainer_says_what_to_add_and_writes_nothing(runner, toy_recipe, tmp_path):
     out = tmp_path / "run"
     result = invoke(runner, "run", toy_recipe, "--out", out, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    assert "No trainer is registered" in result.stdout
-    recipe_text = (out / "recipe.yaml").read_text()
-    versions = json.loads((out / "versions.json").read_text())
-    assert versions["plugins"] == {"toys": {"distribution": "repae-toys", "version": "1.0"}}
-    assert "repae" in versions and "torch" in versions
-    # same recipe again: same bytes, allowed
-    assert invoke(runner, "run", toy_recipe, "--out", out, "--device", "cpu").exit_code == 0
-    assert (out / "recipe.yaml").read_text() == recipe_text
-    # a different recipe into the same directory is refused, naming the keys, and nothing is overwritten
-    refused = invoke(runner, "run", toy_recipe, "denoiser.depth=2", "--out", out, "--device", "cpu")
-    assert refused.exit_code == 2 and "denoiser.depth" in refused.stderr
-    assert (out / "recipe.yaml").read_text() == recipe_text
+    assert result.exit_code == 2 and "names no trainer" in result.stderr and "trainer: {name: default}" in result.stderr
+    assert not out.exists()
+
+
+def test_a_component_that_breaks_its_contract_is_named_by_validate(runner, toy_recipe, monkeypatch):
+    import repae_toys.models as toy
+
+    monkeypatch.delattr(toy.ToyEncoder, "num_tokens")
+    result = invoke(runner, "recipe", "validate", toy_recipe)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "encoders.0: encoder 'toy-enc' (plugin repae-toys 1.0) does not implement the encoder contract" in \
+        result.stderr and "num_tokens" in result.stderr
 
 
 def test_console_script_and_module_entry_point():

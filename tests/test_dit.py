@@ -1,30 +1,44 @@
 """Tests of the ``dit`` denoiser: presets, tiny forward/backward, state-dict round trip, full-size builds on the meta
-device against the official manifest, and numerical equivalence with the official DiT (forward and 3-channel CFG)."""
+device against the official manifest, and numerical equivalence with the official DiT (forward and 3-channel CFG;
+every configuration value of the golden test is read from the golden file's metadata)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from repae.build import BuildContext
-from repae.interfaces import Denoiser
-from repae_dit import DIT_PRESETS, DiTConfig
-from repae_dit.model import DiT, build_dit
+import repae
+from conftest import GOLDEN, read_golden
 from repae.errors import WeightsMismatchError
+from repae.interfaces import Denoiser
+from repae_dit import DIT_PRESETS
+from repae_dit.model import DiT
 from repae_sit.checkpoint import from_official, load_strict, to_official
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden tensors not found at {GOLDEN}")
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # golden/README.md, "Suggested tolerances", dit_forward
+REFERENCE_GUIDED_CHANNELS = 3
+"""DiT's ``forward_with_cfg`` guides the first 3 output channels, hard-coded in the reference (golden/README.md §6):
+a property of the reference code, not a setting of the golden file."""
+_DIT_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+               "class_dropout_prob", "num_classes", "learn_sigma")
+
+
+def create(**fields) -> DiT:
+    return repae.create("denoiser", "dit", **fields)
 
 
 def tiny(**overrides) -> DiT:
-    fields = dict(input_size=8, in_channels=4, num_classes=10)
-    return build_dit(DiTConfig.from_preset("tiny", **{**fields, **overrides}), BuildContext())
+    fields = dict(size="tiny", input_size=8, in_channels=4, num_classes=10)
+    return create(**{**fields, **overrides})
+
+
+def parse(**section):
+    config, issues = repae.load_plugins().registry.get("denoiser", "dit").parse(section)
+    assert not issues, issues
+    return config
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -34,25 +48,30 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def golden_dit() -> tuple[DiT, dict[str, torch.Tensor]]:
-    gold = load_file(GOLDEN / "dit_forward.safetensors")
+def golden_dit() -> tuple[DiT, dict, dict[str, torch.Tensor]]:
+    """The registry's ``dit`` configured as the official ``DiT(**dit_config)`` of the golden file, with its weights;
+    returns the model, the file's metadata and its tensors."""
+    meta, gold = read_golden("dit_forward.safetensors")
+    cfg = meta["dit_config"]
+    assert set(cfg) == set(_DIT_FIELDS), f"official DiT arguments this test does not map: {sorted(cfg)}"
+    model = create(**{k: cfg[k] for k in _DIT_FIELDS}, encoder_dims=[]).eval()  # every preset field set
+    assert model.cfg_channels == REFERENCE_GUIDED_CHANNELS
     official = {k[len("weights."):]: v.float() for k, v in gold.items() if k.startswith("weights.")}
-    model = tiny().eval()
     torch.testing.assert_close(model.pos_embed, official["pos_embed"], rtol=0, atol=0)
     state, norm = from_official(official)
     assert not norm  # DiT has no latent BatchNorm
     load_strict(model, state)
-    return model, gold
+    return model, meta, gold
 
 
 def test_registered_with_presets():
-    from repae import load_plugins
-
-    entry = load_plugins().registry.get("denoiser", "dit")
+    entry = repae.load_plugins().registry.get("denoiser", "dit")
     assert set(DIT_PRESETS) == {f"{s}/{p}" for s in "S B L XL".split() for p in (1, 2, 4, 8)} | {"tiny"}
     config, issues = entry.parse({"size": "B/4", "cfg_channels": None})
     assert not issues and (config.hidden_size, config.patch_size, config.cfg_channels) == (768, 4, None)
     assert config.learn_sigma and config.encoder_dims == []
+    _, issues = entry.parse({"size": "tiny", "cfg_channels": 0})
+    assert [i.path for i in issues] == ["cfg_channels"] and "must be >= 1" in issues[0].message
 
 
 def test_tiny_forward_backward_with_learned_sigma():
@@ -69,6 +88,21 @@ def test_tiny_forward_backward_with_learned_sigma():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_shapes_derived_like_sit():
+    """DiT shares SiT's trunk config: the latent shape comes from the dataset and the tokenizer unless set."""
+
+    class Images:
+        kind, latent_shape, num_classes, resolution = "images", None, 1000, 128
+
+    class Tok:
+        latent_channels, downsample = 16, 8
+
+    model = create(size="S/2", device="meta", built={"dataset": Images(), "tokenizer": Tok()})
+    assert (model.input_size, model.in_channels, model.out_channels) == (16, 16, 32)
+    model = create(size="S/2", device="meta", built={"dataset": Images(), "tokenizer": Tok()}, input_size=8)
+    assert (model.input_size, model.in_channels) == (8, 16)
+
+
 def test_state_dict_round_trip():
     src, dst = tiny(), tiny()
     randomize(src, seed=2)
@@ -82,44 +116,57 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("size", [name for name in DIT_PRESETS if name != "tiny"])
 def test_full_size_presets_build_on_meta(size):
-    cfg = DiTConfig.from_preset(size, input_size=32, in_channels=4)
-    with torch.device("meta"):
-        model = build_dit(cfg, BuildContext(device="meta"))
+    cfg = parse(size=size)
+    model = create(size=size, device="meta", input_size=32, in_channels=4)
     d, p = cfg.hidden_size, cfg.patch_size
+    assert all(t.is_meta for t in model.parameters())
     assert model.final_layer.linear.weight.shape == (p * p * 8, d)
     assert len(model.blocks) == cfg.depth and len(model.projectors) == 0
     assert model.pos_embed.shape == (1, (32 // p) ** 2, d)
 
 
-@needs_golden
-def test_full_size_matches_official_manifest():
-    spec = json.loads((GOLDEN / "manifests" / "dit_xl_2.json").read_text())
+DIT_MANIFESTS = sorted(p.name for p in (GOLDEN / "manifests").glob("dit_*.json"))
+
+
+def test_dit_manifests_are_there():
+    assert "dit_xl_2.json" in DIT_MANIFESTS
+
+
+@pytest.mark.parametrize("manifest", DIT_MANIFESTS)
+def test_full_size_matches_official_manifest(manifest):
+    """The official full-size DiT of a manifest: the size from its constructor (``DiT_XL_2``), the constructor
+    arguments from its ``_meta``."""
+    spec = json.loads((GOLDEN / "manifests" / manifest).read_text())
     meta = spec.pop("_meta")
-    with torch.device("meta"):
-        model = build_dit(DiTConfig.from_preset("XL/2", input_size=32, in_channels=4), BuildContext(device="meta"))
+    model_size, patch = re.fullmatch(r"DiT_(\w+?)_(\d+)", meta["constructor"]).groups()
+    kwargs = meta["kwargs"]
+    assert set(kwargs) <= {"input_size", "in_channels", "num_classes", "class_dropout_prob", "learn_sigma"}, kwargs
+    model = create(size=f"{model_size}/{patch}", device="meta", **kwargs)  # defaults: the constructor's
     assert {k: list(v.shape) for k, v in to_official(model).items()} == spec
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == meta["num_trainable_parameters"]
-    assert trainable + model.pos_embed.numel() == meta["num_parameters"] == 675_129_632
+    frozen = sum(model.state_dict()[k].numel() for k in meta["frozen_parameters"])
+    assert trainable + frozen == meta["num_parameters"]
 
 
-@needs_golden
 def test_matches_official_dit_forward_and_cfg():
-    model, gold = golden_dit()
+    model, meta, gold = golden_dit()
+    null = meta["dit_config"]["num_classes"]
+    assert torch.equal(gold["cfg_y"], torch.cat([gold["y"], torch.full_like(gold["y"], null)]))
     with torch.no_grad():
         out = model(gold["x"], gold["t"], gold["y"]).prediction
         torch.testing.assert_close(out, gold["out"], **TOL)
-        cfg = model.forward_with_cfg(gold["cfg_x"], gold["cfg_t"], gold["cfg_y"], 3.0)
+        cfg = model.forward_with_cfg(gold["cfg_x"], gold["cfg_t"], gold["cfg_y"], meta["cfg_scale"])
         torch.testing.assert_close(cfg, gold["out_cfg"], **TOL)
 
 
-@needs_golden
 def test_cfg_channel_count_is_a_parameter():
-    model, gold = golden_dit()
+    model, meta, gold = golden_dit()
+    scale, k = meta["cfg_scale"], REFERENCE_GUIDED_CHANNELS
     with torch.no_grad():
         raw = model(gold["cfg_x"], gold["cfg_t"], gold["cfg_y"]).prediction
         cond, uncond = raw.chunk(2)
-        every = model.forward_with_cfg(gold["cfg_x"], gold["cfg_t"], gold["cfg_y"], 3.0, guided_channels=None)
-    torch.testing.assert_close(every, torch.cat([uncond + 3.0 * (cond - uncond)] * 2), **TOL)
-    torch.testing.assert_close(every[:, :3], gold["out_cfg"][:, :3], **TOL)
-    assert not torch.allclose(every[:, 3:], gold["out_cfg"][:, 3:])
+        every = model.forward_with_cfg(gold["cfg_x"], gold["cfg_t"], gold["cfg_y"], scale, guided_channels=None)
+    torch.testing.assert_close(every, torch.cat([uncond + scale * (cond - uncond)] * 2), **TOL)
+    torch.testing.assert_close(every[:, :k], gold["out_cfg"][:, :k], **TOL)
+    assert not torch.allclose(every[:, k:], gold["out_cfg"][:, k:])

@@ -14,13 +14,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import repae
 from conftest import build_section
-from repae.errors import UserError
+from repae.errors import RecipeError, UserError
 from repae.weights import file_sha256
 from repae_encoders import CLIP_PRESETS, DINOV2_PRESETS, IJEPA_PRESETS, OFFICIAL_WEIGHTS
 from repae_encoders.common import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 PRESETS = {"dinov2": DINOV2_PRESETS, "clip": CLIP_PRESETS, "ijepa": IJEPA_PRESETS}
+CONFIGS = {"dinov2": "DINOv2Config", "clip": "CLIPConfig", "ijepa": "IJEPAConfig"}
 TINY = [("dinov2", "tiny"), ("dinov2", "tiny-reg"), ("clip", "tiny"), ("ijepa", "tiny")]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -67,8 +69,8 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 def test_registered_lazily(registry):
     for name, presets in PRESETS.items():
         entry = registry.get("encoder", name)
-        assert entry.preset_field == "variant" and dict(entry.presets) == presets
-        assert isinstance(entry.factory, str)
+        assert dict(entry.presets) == presets and isinstance(entry.factory, str)
+        assert entry.default_preset() in presets  # selected by the one preset field, `size`
     assert set(DINOV2_PRESETS) == {f"{v}{r}" for v in ("vit-s14", "vit-b14", "vit-l14", "vit-g14", "tiny")
                                    for r in ("", "-reg")}
     code = "import sys, repae_encoders; print(sorted({'torch', 'timm', 'open_clip'} & set(sys.modules)))"
@@ -78,24 +80,34 @@ def test_registered_lazily(registry):
 
 def test_config_problems(registry):
     entry = registry.get("encoder", "dinov2")
-    _, issues = entry.parse({"variant": "vit-b16"})
-    assert issues and "vit-b14" in issues[0].hint
-    _, issues = entry.parse({"variant": "tiny", "embed_dim": 30, "num_heads": 4})
+    _, issues = entry.parse({"size": "vit-b16"})
+    assert issues and issues[0].path == "size" and "vit-b14" in issues[0].hint
+    _, issues = entry.parse({"size": "tiny", "embed_dim": 30, "num_heads": 4})
     assert issues and "divisible" in issues[0].message
-    config, issues = entry.parse({"variant": "tiny", "depth": 3})
+    config, issues = entry.parse({"size": "tiny", "depth": 3})
     assert not issues and config.depth == 3 and config.embed_dim == 32  # explicit keys win over the preset
-    from repae_encoders import DINOv2Config
+    _, issues = entry.parse({"variant": "tiny"})  # the old selector name points to the new one
+    assert issues and "size: tiny" in issues[0].hint
+    with pytest.raises(RecipeError, match="mine"):
+        repae.create("encoder", "dinov2", size="mine", device="meta", registry=registry)
 
-    assert DINOv2Config(variant="tiny").resolved().embed_dim == 32  # null fields filled from the variant
-    with pytest.raises(ValueError, match="not a preset"):
-        DINOv2Config(variant="mine").resolved()
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_config_defaults_are_the_default_preset(registry, name):
+    """Encoder configs have concrete defaults (no null architecture fields): those of their default size."""
+    import repae_encoders
+
+    config = getattr(repae_encoders, CONFIGS[name])()
+    preset = PRESETS[name][config.size]
+    assert {k: getattr(config, k) for k in preset} == preset
+    assert registry.get("encoder", name).default_preset() == config.size
 
 
 # -- tiny forward, shapes, frozen ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,variant", TINY)
-def test_tiny_forward_shapes(registry, name, variant):
-    enc = build(registry, name, variant=variant)
-    assert enc.embed_dim == 32 and enc.weights_source is None
+@pytest.mark.parametrize("name,size", TINY)
+def test_tiny_forward_shapes(registry, name, size):
+    enc = build(registry, name, size=size)
+    assert enc.embed_dim == 32 and enc.loaded_weights == {}
     for size in (32, 64, 256):
         out = enc(raw_images(2, size))
         assert out.shape == (2, enc.num_tokens(size), enc.embed_dim)
@@ -107,9 +119,9 @@ def test_tiny_forward_shapes(registry, name, variant):
         enc(raw_images(1, 64).float())
 
 
-@pytest.mark.parametrize("name,variant", TINY)
-def test_frozen_and_always_eval(registry, name, variant):
-    enc = build(registry, name, variant=variant)
+@pytest.mark.parametrize("name,size", TINY)
+def test_frozen_and_always_eval(registry, name, size):
+    enc = build(registry, name, size=size)
     assert not any(p.requires_grad for p in enc.parameters())
     assert not enc.training
     parent = nn.ModuleDict({"encoder": enc, "head": nn.Linear(2, 2)})
@@ -121,7 +133,7 @@ def test_frozen_and_always_eval(registry, name, variant):
 
 
 def test_batch_independent_and_deterministic(registry):
-    enc = build(registry, "dinov2", variant="tiny")
+    enc = build(registry, "dinov2", size="tiny")
     imgs = raw_images(3, 64)
     full = enc(imgs)
     assert torch.allclose(enc(imgs[1:2]), full[1:2], atol=1e-6)
@@ -155,7 +167,7 @@ def reference_preprocess(images: torch.Tensor, mean, std, normalize_first: bool)
 def test_preprocessing_matches_repa(registry, name, mean, std, normalize_first):
     assert mean == ((0.485, 0.456, 0.406) if name != "clip" else (0.48145466, 0.4578275, 0.40821073))
     assert std == ((0.229, 0.224, 0.225) if name != "clip" else (0.26862954, 0.26130258, 0.27577711))
-    enc = build(registry, name, variant="tiny")
+    enc = build(registry, name, size="tiny")
     for res in (256, 512):
         imgs = raw_images(2, res)
         got = enc.preprocess(imgs)
@@ -183,8 +195,9 @@ def dinov2_vits14_file(tmp_path_factory):
 
 def test_dinov2_loads_timm_layout_strictly(registry, dinov2_vits14_file):
     path, model = dinov2_vits14_file
-    enc = build(registry, "dinov2", variant="vit-s14", weights=str(path))
-    assert enc.weights_sha256 == file_sha256(path) and enc.weights_source == str(path)
+    enc = build(registry, "dinov2", size="vit-s14", weights=str(path))
+    info = enc.loaded_weights["weights"]
+    assert (info.sha256, info.source, info.path, info.entry) == (file_sha256(path), str(path), str(path), None)
     saved = load_file(str(path))
     state = enc.backbone.state_dict()
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
@@ -201,21 +214,22 @@ def test_dinov2_official_weights_from_offline_cache(registry, dinov2_vits14_file
     source, _ = OFFICIAL_WEIGHTS["dinov2"]["vit-s14"]
     assert source == "hf://timm/vit_small_patch14_dinov2.lvd142m/model.safetensors"
     put_in_hub_cache(offline_hub, "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", path)
-    enc = build(registry, "dinov2", variant="vit-s14")  # weights: null -> the official file, offline from the cache
-    assert enc.weights_source == source and enc.weights_sha256 == file_sha256(path)
+    enc = build(registry, "dinov2", size="vit-s14")  # weights: null -> the official file, offline from the cache
+    info = enc.loaded_weights["weights"]
+    assert info.source == source and info.sha256 == file_sha256(path)
 
 
 @pytest.mark.parametrize(
-    "name,variant,repo,filename",
+    "name,size,repo,filename",
     [
         ("dinov2", "vit-b14", "timm/vit_base_patch14_dinov2.lvd142m", "model.safetensors"),
         ("dinov2", "vit-l14-reg", "timm/vit_large_patch14_reg4_dinov2.lvd142m", "model.safetensors"),
         ("clip", "vit-l14", "timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors"),
     ],
 )
-def test_official_weights_not_cached_message(registry, offline_hub, name, variant, repo, filename):
+def test_official_weights_not_cached_message(registry, offline_hub, name, size, repo, filename):
     with pytest.raises(UserError) as info:
-        build(registry, name, variant=variant)
+        build(registry, name, size=size)
     msg = str(info.value)
     assert repr(filename) in msg and repr(repo) in msg and str(offline_hub) in msg
     assert f"hf download {repo} {filename}" in msg and "local path" in msg
@@ -223,7 +237,7 @@ def test_official_weights_not_cached_message(registry, offline_hub, name, varian
 
 def test_ijepa_official_weights_not_cached_message(registry, offline_hub):
     with pytest.raises(UserError) as info:
-        build(registry, "ijepa", variant="vit-h14")
+        build(registry, "ijepa", size="vit-h14")
     msg = str(info.value)
     assert "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar" in msg
     assert str(offline_hub.parent / "torch-home" / "hub" / "checkpoints" / "IN1K-vit.h.14-300e.pth.tar") in msg
@@ -232,7 +246,7 @@ def test_ijepa_official_weights_not_cached_message(registry, offline_hub):
 def test_dinov2_meta_release_layout_with_registers(registry, tmp_path):
     """Meta's torch.hub layout (mask_token, register_tokens, CLS position inside pos_embed) loads and gives the same
     tokens as timm's layout of the same weights."""
-    enc = build(registry, "dinov2", variant="tiny-reg")
+    enc = build(registry, "dinov2", size="tiny-reg")
     randomize(enc)
     timm_state = {k: v.clone() for k, v in enc.backbone.state_dict().items()}
     save_file(timm_state, str(tmp_path / "timm.safetensors"))
@@ -245,18 +259,18 @@ def test_dinov2_meta_release_layout_with_registers(registry, tmp_path):
         mask_token=torch.zeros(1, 32),
     )
     torch.save(meta_state, tmp_path / "dinov2_tiny_reg4_pretrain.pth")
-    a = build(registry, "dinov2", variant="tiny-reg", weights=str(tmp_path / "timm.safetensors"))
-    b = build(registry, "dinov2", variant="tiny-reg", weights=str(tmp_path / "dinov2_tiny_reg4_pretrain.pth"))
+    a = build(registry, "dinov2", size="tiny-reg", weights=str(tmp_path / "timm.safetensors"))
+    b = build(registry, "dinov2", size="tiny-reg", weights=str(tmp_path / "dinov2_tiny_reg4_pretrain.pth"))
     imgs = raw_images(2, 64)
     torch.testing.assert_close(a(imgs), b(imgs), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(a(imgs), enc(imgs), atol=1e-6, rtol=1e-6)
 
 
 def test_mismatched_weights_name_the_keys(registry, tmp_path):
-    enc = build(registry, "dinov2", variant="tiny-reg")
+    enc = build(registry, "dinov2", size="tiny-reg")
     save_file(enc.backbone.state_dict(), str(tmp_path / "reg.safetensors"))
     with pytest.raises(UserError) as info:
-        build(registry, "dinov2", variant="tiny", depth=1, weights=str(tmp_path / "reg.safetensors"))
+        build(registry, "dinov2", size="tiny", depth=1, weights=str(tmp_path / "reg.safetensors"))
     msg = str(info.value)
     assert "dinov2 tiny weights from" in msg and str(tmp_path / "reg.safetensors") in msg
     assert "pos_embed: file [1, 16, 32] vs model [1, 17, 32]" in msg  # registers: no CLS position in the file
@@ -278,8 +292,8 @@ def test_clip_loads_open_clip_layout(registry, tmp_path):
     randomize(clip)
     path = tmp_path / "open_clip_model.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
-    enc = build(registry, "clip", variant="tiny", weights=str(path))
-    assert enc.weights_sha256 == file_sha256(path)
+    enc = build(registry, "clip", size="tiny", weights=str(path))
+    assert enc.loaded_weights["weights"].sha256 == file_sha256(path)
     visual = clip.visual.eval()
     for k, v in visual.state_dict().items():
         assert torch.equal(enc.backbone.state_dict()[k], v), k
@@ -293,24 +307,25 @@ def test_clip_loads_open_clip_layout(registry, tmp_path):
 
 def test_ijepa_loads_release_checkpoint(registry, tmp_path):
     """Meta's I-JEPA release: a .pth.tar with encoder / predictor / target_encoder entries, DDP ``module.`` keys."""
-    enc = build(registry, "ijepa", variant="tiny")
+    enc = build(registry, "ijepa", size="tiny")
     randomize(enc)
     encoder = {"module." + k: v.clone() for k, v in enc.backbone.state_dict().items()}
     path = tmp_path / "IN1K-vit.h.14-300e.pth.tar"
     torch.save({"encoder": encoder, "target_encoder": encoder, "predictor": {"module.x": torch.zeros(1)},
                 "epoch": 300}, path)
     with pytest.raises(UserError) as info:
-        build(registry, "ijepa", variant="tiny", weights=str(path))
+        build(registry, "ijepa", size="tiny", weights=str(path))
     assert "'encoder'" in str(info.value) and "'predictor'" in str(info.value) and "weights_key" in str(info.value)
-    loaded = build(registry, "ijepa", variant="tiny", weights=str(path), weights_key="encoder")
+    loaded = build(registry, "ijepa", size="tiny", weights=str(path), weights_key="encoder")
     imgs = raw_images(2, 64)
     torch.testing.assert_close(loaded(imgs), enc(imgs), atol=1e-6, rtol=1e-6)
-    assert loaded.weights_sha256 == file_sha256(path)
+    info = loaded.loaded_weights["weights"]
+    assert info.sha256 == file_sha256(path) and info.entry == "encoder"
 
 
 def test_random_weights_option(registry):
-    enc = build(registry, "dinov2", variant="tiny", weights="random")
-    assert enc.weights_source is None
+    enc = build(registry, "dinov2", size="tiny", weights="random")
+    assert enc.loaded_weights == {}
 
 
 # -- full size on meta -----------------------------------------------------------------------------------------------------
@@ -342,13 +357,14 @@ def reference_on_meta(name: str, model_name: str) -> nn.Module:
         return timm.create_model(model_name, pretrained=False, num_classes=0)
 
 
-@pytest.mark.parametrize("name,variant,count,model_name", FULL, ids=[f"{n}-{v}" for n, v, *_ in FULL])
-def test_full_size_on_meta(registry, name, variant, count, model_name):
+@pytest.mark.parametrize("name,size,count,model_name", FULL, ids=[f"{n}-{v}" for n, v, *_ in FULL])
+def test_full_size_on_meta(registry, name, size, count, model_name):
     # a weights path that does not exist proves that a meta build never touches weights
-    enc = build(registry, name, device="meta", variant=variant, weights="/nonexistent/weights.safetensors")
+    enc = build(registry, name, device="meta", size=size, weights="/nonexistent/weights.safetensors")
     assert all(p.is_meta for p in enc.parameters())
     assert sum(p.numel() for p in enc.parameters()) == count
-    assert enc.embed_dim == PRESETS[name][variant]["embed_dim"] and enc.num_tokens(256) == 256
+    assert enc.embed_dim == PRESETS[name][size]["embed_dim"] and enc.num_tokens(256) == 256
+    assert enc.loaded_weights == {}
     ref = reference_on_meta(name, model_name)
     mine = {k: tuple(v.shape) for k, v in enc.backbone.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -282,19 +282,19 @@ def test_sample_inputs(tmp_path):
 
 # -- plugin ----------------------------------------------------------------------------------------------------------
 def test_metric_components_are_registered_and_build(host):
-    from repae.build import BuildContext, build_component
+    import repae
+    from repae.errors import RecipeError
+    from repae.interfaces import Metric
 
     assert {"fid", "sfid", "inception-score", "precision-recall"} <= set(host.registry.names("metric"))
-    entry = host.registry.get("metric", "precision-recall")
-    config, issues = entry.parse({"k": 5, "distance_dtype": "float16"})
-    assert not issues
-    metric = build_component(entry, config, BuildContext(device="cpu"))
+    metric = repae.create("metric", "precision-recall", k=5, distance_dtype="float16", registry=host.registry)
+    assert isinstance(metric, Metric)  # the contract of the kind
     assert (metric.k, metric.dtype, metric.outputs) == (5, "float16", ("precision", "recall"))
-    _, issues = host.registry.get("metric", "inception-score").parse({"splits": 0})
-    assert issues
-    sfid = build_component(host.registry.get("metric", "sfid"), host.registry.get("metric", "sfid").parse({})[0],
-                           BuildContext())
-    assert (sfid.feature, sfid.outputs) == ("spatial", ("sfid",))
+    with pytest.raises(RecipeError, match="splits"):
+        repae.create("metric", "inception-score", splits=0, registry=host.registry)
+    sfid = repae.create("metric", "sfid", registry=host.registry)
+    assert isinstance(sfid, Metric) and (sfid.feature, sfid.outputs) == ("spatial", ("sfid",))
+    assert isinstance(repae.create("metric", "fid", registry=host.registry), Metric)
 
 
 def test_registration_and_cli_module_import_no_torch():
@@ -350,7 +350,7 @@ def test_cli_user_errors(cli, weights, image_sets, tmp_path, monkeypatch):
     unknown = cli(samples, "--ref", stats_only, "--metrics", "fdi")
     assert unknown.exit_code == 2 and "Did you mean 'fid'" in unknown.stderr
     bad_value = cli(samples, "--ref", stats_only, "--metrics", "fid,pr", "--set", "pr.k=0")
-    assert bad_value.exit_code == 2 and "k must be >= 1" in bad_value.stderr
+    assert bad_value.exit_code == 2 and "k: must be >= 1" in bad_value.stderr
     bad_field = cli(samples, "--ref", stats_only, "--set", "is.split=5")
     assert bad_field.exit_code == 2 and "splits" in bad_field.stderr
     not_chosen = cli(samples, "--ref", stats_only, "--metrics", "fid", "--set", "is.splits=5")

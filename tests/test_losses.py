@@ -2,13 +2,16 @@
 
 Golden checks take the intermediates of one official REPA-E step (``golden/repae_step.safetensors``) and of the
 official SiT forward (``golden/sit_forward.safetensors``) and evaluate each loss in isolation on a small fake step
-context; the whole-step comparison is the engine's test.
+context; every configuration value (depths, coefficients, discriminator size, optimiser) is read from the files'
+metadata. The whole-step comparison is the engine's test.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,9 +21,10 @@ from typing import Any
 import pytest
 import torch
 
-from repae.build import BuildContext, build_component
-from repae.errors import UserError, WeightsMismatchError
-from repae.interfaces import DenoiserOutput, Transport
+import repae
+from conftest import GOLDEN, ROOT, read_golden
+from repae import BuildContext, DenoiserOutput, GlobalBatchNorm, RecipeError, Transport, UserError, WeightsMismatchError
+from repae.build import build_component
 from repae.plugins import load_plugins
 from repae_losses import (
     DDPMConfig,
@@ -34,13 +38,13 @@ from repae_losses import (
 from repae_losses.ddpm import DDPMTransport, build_ddpm, linear_betas
 from repae_losses.flow_matching import FlowMatchingTransport, build_flow_matching, velocity_mse
 from repae_losses.lpips import LPIPS, build_lpips
-from repae_losses.patchgan import GlobalBatchNorm2d, NLayerDiscriminator, build_patchgan, hinge_d_loss
+from repae_losses.patchgan import NLayerDiscriminator, build_patchgan, hinge_d_loss
 from repae_losses.regularizers import build_kl, build_reconstruction
 from repae_losses.repa import build_repa, negative_cosine
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 REGISTRY = load_plugins(select={"repae"}).registry
 NAMES = ("flow-matching", "ddpm", "repa", "reconstruction", "kl", "lpips", "patchgan")
+CPU = BuildContext(device="cpu")
 NO_WEIGHTS = BuildContext(device="cpu", load_weights=False)
 
 
@@ -62,6 +66,11 @@ class FakeStep:
     noise: torch.Tensor | None = None
     target: torch.Tensor | None = None
 
+    @property
+    def prediction(self) -> torch.Tensor:
+        assert self.denoised is not None and self.denoised.prediction is not None
+        return self.denoised.prediction
+
 
 class Projector:
     """A denoiser stand-in whose ``project`` returns given tensors (the stored projector outputs)."""
@@ -81,13 +90,9 @@ class Posterior:
         return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
-def load_golden(name: str) -> dict[str, torch.Tensor]:
-    path = GOLDEN / name
-    if not path.is_file():
-        pytest.skip(f"golden file {path} is absent (the shared/ folder next to the repository)")
-    from safetensors.torch import load_file
-
-    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+def encoder_keys(meta: dict[str, Any], prefix: str) -> list[str]:
+    """``prefix.0``, ``prefix.1``, ...: one key per representation encoder of the reference SiT (``z_dims``)."""
+    return [f"{prefix}.{k}" for k in range(len(meta["sit_config"]["z_dims"]))]
 
 
 # -- registration and the loss contract ----------------------------------------------------------------------------
@@ -103,20 +108,23 @@ def test_default_config_builds_on_meta(name):
     config, issues = entry.parse({})
     assert not issues
     loss = build_component(entry, config, BuildContext(device="meta"))
-    assert isinstance(loss, torch.nn.Module) and callable(loss.weight)
+    assert isinstance(loss, repae.Loss) and isinstance(loss, torch.nn.Module) and callable(loss.weight)
     assert all(p.device.type == "meta" for p in loss.parameters())
-    assert loss.weight(loss.updates[0]) == config.weight
+    assert loss.config is config and loss.updates == tuple(config.updates)
+    for part in loss.updates:
+        assert loss.weight(part) == config.weight_of(part)
 
 
-EXPECTED = {  # name: (updates, weight, needs_prediction, needs_recon, needs_targets, feature_depths, has transport)
-    "flow-matching": (("denoiser",), 1.0, True, False, False, (), True),
-    "ddpm": (("denoiser",), 1.0, True, False, False, (), True),
-    "repa": (("denoiser",), 0.5, False, False, True, (8,), False),
-    "reconstruction": (("tokenizer",), 1.0, False, True, False, (), False),
-    "kl": (("tokenizer",), 1e-6, False, False, False, (), False),
-    "lpips": (("tokenizer",), 1.0, False, True, False, (), False),
-    "patchgan": (("tokenizer", "discriminator"), 0.1, False, True, False, (), False),
+EXPECTED = {  # name: (weight by updated part, needs_prediction, needs_recon, needs_targets, feature_depths, transport)
+    "flow-matching": ({"denoiser": 1.0}, True, False, False, (), None),
+    "ddpm": ({"denoiser": 1.0}, True, False, False, (), 1000),
+    "repa": ({"denoiser": 0.5}, False, False, True, (8,), False),
+    "reconstruction": ({"tokenizer": 1.0}, False, True, False, (), False),
+    "kl": ({"tokenizer": 1e-6}, False, False, False, (), False),
+    "lpips": ({"tokenizer": 1.0}, False, True, False, (), False),
+    "patchgan": ({"tokenizer": 0.1, "discriminator": 1.0}, False, True, False, (), False),
 }
+"""``transport``: False for none, else its ``discrete_steps`` (None: continuous time)."""
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -124,37 +132,91 @@ def test_declarations(name):
     entry = REGISTRY.get("loss", name)
     config, _ = entry.parse({})
     loss = build_component(entry, config, BuildContext(device="meta"))
-    updates, weight, prediction, recon, targets, depths, transport = EXPECTED[name]
-    assert loss.updates == updates
-    assert loss.weight(updates[0]) == pytest.approx(weight)
+    weights, prediction, recon, targets, depths, transport = EXPECTED[name]
+    assert loss.updates == tuple(weights)
+    assert {part: loss.weight(part) for part in loss.updates} == pytest.approx(weights)
     assert (loss.needs_prediction, loss.needs_recon, loss.needs_targets) == (prediction, recon, targets)
     assert tuple(loss.feature_depths) == depths
-    assert (loss.transport is not None) == transport
-    if transport:
-        assert isinstance(loss.transport, Transport)
+    assert (loss.transport is not None) == (transport is not False)
+    if transport is not False:
+        assert isinstance(loss.transport, Transport) and loss.transport.discrete_steps == transport
     assert set(loss.parts()) == ({"discriminator"} if name == "patchgan" else set())
 
 
 def test_updates_and_weights_are_configurable():
-    repa = build_repa(RepaConfig(weight=1.5, updates=["tokenizer"], depth=4))
+    repa = build_repa(RepaConfig(weight=1.5, updates=["tokenizer"], depth=4), CPU)
     assert repa.updates == ("tokenizer",) and repa.weight("tokenizer") == 1.5 and repa.feature_depths == (4,)
-    gan = build_patchgan(PatchGANConfig(ndf=8, n_layers=2, weight=0.3, disc_weight=2.0), NO_WEIGHTS)
+    gan = build_patchgan(PatchGANConfig(ndf=8, n_layers=2, weight={"tokenizer": 0.3, "discriminator": 2.0}),
+                         NO_WEIGHTS)
     assert gan.weight("tokenizer") == 0.3 and gan.weight("discriminator") == 2.0
     assert gan.parts()["discriminator"] is gan.discriminator
+    one = build_patchgan(PatchGANConfig(ndf=8, n_layers=2, weight=0.3), NO_WEIGHTS)  # one number: every part
+    assert one.weight("tokenizer") == one.weight("discriminator") == 0.3
     with pytest.raises(UserError, match="patchgan can update only"):
-        build_patchgan(PatchGANConfig(updates=["denoiser"]), NO_WEIGHTS)
+        build_patchgan(PatchGANConfig(updates=["denoiser"], weight=0.1), NO_WEIGHTS)
     with pytest.raises(ValueError, match="at least one part"):
         FlowMatchingConfig(updates=[])
+    with pytest.raises(ValueError, match="twice"):
+        FlowMatchingConfig(updates=["denoiser", "denoiser"])
     with pytest.raises(ValueError, match="depth"):
         RepaConfig(depth=0)
 
 
+def test_per_part_weights_cover_every_updated_part():
+    """REPA-E's alignment is one ``repa`` loss with a weight per part. A mapping must give a coefficient for every
+    part the loss updates (a clear config error naming both lists otherwise: directly, through ``repae.create`` and in
+    a recipe); an entry for a part it does not update is not used, so the REPA ablation of a REPA-E recipe is the one
+    line ``losses.repa.updates=[denoiser]``."""
+    both = {"denoiser": 0.5, "tokenizer": 1.5}
+    loss = repae.create("loss", "repa", registry=REGISTRY, depth=2, weight=both, updates=["denoiser", "tokenizer"])
+    assert loss.updates == ("denoiser", "tokenizer") and loss.feature_depths == (2,)
+    assert (loss.weight("denoiser"), loss.weight("tokenizer")) == (0.5, 1.5)
+    assert loss.config.weight_of("tokenizer") == 1.5
+    single = repae.create("loss", "repa", registry=REGISTRY, weight=0.7, updates=["denoiser", "tokenizer"])
+    assert single.weight("denoiser") == single.weight("tokenizer") == 0.7
+    denoiser_only = repae.create("loss", "repa", registry=REGISTRY, weight=both)  # updates: [denoiser] by default
+    assert denoiser_only.updates == ("denoiser",) and denoiser_only.weight("denoiser") == 0.5
+
+    missing = r"weight gives coefficients for \['denoiser'\] but the loss updates \['denoiser', 'tokenizer'\].*missing " \
+              r"\['tokenizer'\]"
+    with pytest.raises(ValueError, match=missing):
+        RepaConfig(weight={"denoiser": 0.5}, updates=["denoiser", "tokenizer"])
+    with pytest.raises(ValueError, match=r"missing \['discriminator'\]"):
+        PatchGANConfig(weight={"tokenizer": 0.1})
+    section = {"weight": {"denoiser": 0.5}, "updates": ["denoiser", "tokenizer"]}
+    config, issues = REGISTRY.get("loss", "repa").parse(section)
+    assert config is None and [i.path for i in issues] == ["weight"]
+    assert re.search(missing.removeprefix("weight "), issues[0].message), issues
+    with pytest.raises(RecipeError, match=missing.removeprefix("weight ")):
+        repae.create("loss", "repa", registry=REGISTRY, **section)
+    _, issues = REGISTRY.get("loss", "repa").parse({"weight": {"denoiser": "half"}})
+    assert [i.path for i in issues] == ["weight"]
+
+    recipe = ROOT / "recipes" / "quickstart.yaml"  # losses.repa: updates [denoiser, tokenizer], one weight per part
+
+    def repa_config(*overrides: str) -> RepaConfig:
+        resolved = repae.load_recipe(recipe, list(overrides), registry=REGISTRY)
+        return next(spec for spec in resolved.components if spec.label == "losses.repa").config
+
+    assert repa_config().updates == ["denoiser", "tokenizer"] and repa_config().weight == both
+    assert repa_config("losses.repa.updates=[denoiser]").updates == ["denoiser"]  # REPA: one line
+    with pytest.raises(RecipeError, match=r"losses\.repa\.weight: " + missing.removeprefix("weight ")):
+        repa_config("losses.repa.weight={denoiser: 0.5}")
+
+
 def test_patchgan_presets_and_recipe_parsing():
     entry = REGISTRY.get("loss", "patchgan")
-    config, issues = entry.parse({"variant": "tiny", "weight": 0.1})
-    assert not issues and (config.ndf, config.n_layers) == (8, 2)
-    config, issues = entry.parse({"variant": "tiny", "ndf": 16})
+    config, issues = entry.parse({"size": "tiny", "weight": 0.1})
+    assert not issues and (config.ndf, config.n_layers, config.weight) == (8, 2, 0.1)
+    config, issues = entry.parse({"size": "tiny", "ndf": 16})
     assert not issues and (config.ndf, config.n_layers) == (16, 2)
+    assert config.weight == {"tokenizer": 0.1, "discriminator": 1.0}
+    config, issues = entry.parse({})
+    assert not issues and (config.size, config.ndf, config.n_layers) == ("default", 64, 3)
+    _, issues = entry.parse({"variant": "tiny"})  # the old selector: a hint to the new one
+    assert [i.path for i in issues] == ["variant"] and "size: tiny" in issues[0].hint
+    _, issues = entry.parse({"disc_weight": 2.0})  # gone: weight.discriminator
+    assert [i.path for i in issues] == ["disc_weight"]
     _, issues = REGISTRY.get("loss", "reconstruction").parse({"kind": "l2"})
     assert issues
 
@@ -171,6 +233,7 @@ def test_flow_matching_transport_linear():
     torch.testing.assert_close(x_t[1], 0.75 * x0[1] + 0.25 * noise[1])
     torch.testing.assert_close(tr.target(x0, noise, t), noise - x0)
     assert tr.model_time(t) is t
+    assert tr.discrete_steps is None and isinstance(tr, Transport)  # continuous time
 
 
 def test_flow_matching_transport_cosine_velocity_is_the_time_derivative():
@@ -206,7 +269,7 @@ def test_flow_matching_time_sampling():
 
 
 def test_flow_matching_loss_and_learned_sigma_half():
-    loss = build_flow_matching(FlowMatchingConfig())
+    loss = build_flow_matching(FlowMatchingConfig(), CPU)
     pred, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
     target[1] *= 3
     ctx = FakeStep(denoised=DenoiserOutput(pred), target=target)
@@ -216,7 +279,7 @@ def test_flow_matching_loss_and_learned_sigma_half():
 
 
 def test_golden_flow_matching_sit_forward():
-    s = load_golden("sit_forward.safetensors")
+    _, s = read_golden("sit_forward.safetensors", float32=True)
     tr = FlowMatchingTransport()
     x0, noise, t = s["train.normalized_x"], s["noise"], s["t"]
     torch.testing.assert_close(tr.interpolate(x0, noise, t), s["train.model_input"], atol=1e-6, rtol=0)
@@ -228,8 +291,8 @@ def test_golden_flow_matching_sit_forward():
 
 
 def test_golden_flow_matching_repae_step():
-    g = load_golden("repae_step.safetensors")
-    loss = build_flow_matching(FlowMatchingConfig())
+    _, g = read_golden("repae_step.safetensors", float32=True)
+    loss = build_flow_matching(FlowMatchingConfig(), CPU)
     x0, noise, t = g["step.sit_normalized_x"], g["noise"], g["t"]
     ctx = FakeStep(denoised=DenoiserOutput(g["step.sit_model_output"]), x0=x0, noise=noise, t=t,
                    target=loss.transport.target(x0, noise, t))
@@ -242,6 +305,7 @@ def test_golden_flow_matching_repae_step():
 def test_ddpm_schedule_and_q_sample_by_hand():
     tr = DDPMTransport()
     assert tr.betas.dtype == torch.float64 and len(tr.betas) == 1000
+    assert tr.discrete_steps == 1000 and DDPMTransport(500).discrete_steps == 500 and isinstance(tr, Transport)
     assert tr.betas[0].item() == pytest.approx(1e-4) and tr.betas[-1].item() == pytest.approx(0.02)
     assert tr.betas[1].item() - tr.betas[0].item() == pytest.approx((0.02 - 1e-4) / 999)
     abar = 1.0
@@ -312,7 +376,7 @@ def test_ddpm_vlb_by_hand():
 
 
 def test_ddpm_loss_terms_and_gradients():
-    tr_loss = build_ddpm(DDPMConfig())
+    tr_loss = build_ddpm(DDPMConfig(), CPU)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
     t = torch.tensor([0, 10, 700])
@@ -347,7 +411,7 @@ def test_repa_by_hand():
     both = torch.cat([a, a.flip(-1)])  # samples: cos 1 and 0 -> mean -0.5
     assert negative_cosine([both], [torch.cat([a, a])]).item() == pytest.approx(-0.5)
     # two encoders: averaged
-    loss = build_repa(RepaConfig(depth=1))
+    loss = build_repa(RepaConfig(depth=1), CPU)
     ctx = FakeStep(denoised=DenoiserOutput(None, {1: torch.zeros(1, 2, 5)}), denoiser=Projector([a, a]),
                    targets=[a, -a])
     terms = loss(ctx)
@@ -361,20 +425,60 @@ def test_repa_errors_name_the_mismatch():
         negative_cosine([a], [torch.randn(2, 5, 8)])
     with pytest.raises(UserError, match="projector"):
         negative_cosine([a, a], [a])
-    with pytest.raises(UserError, match="exceeds"):
-        build_repa(RepaConfig(depth=9), BuildContext(device="meta", built={"denoiser": type("D", (), {"depth": 4})()}))
+    with pytest.raises(UserError, match="no representation encoder"):
+        negative_cosine([], [])
+
+
+def test_repa_depth_beyond_the_denoiser_is_reported_before_training(tmp_path):
+    """The alignment depth is checked against the denoiser's with the whole recipe (composed on ``meta``), naming the
+    key to change."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "dataset: {name: synthetic, num_classes: 10, resolution: 32, num_images: 8}\n"
+        "tokenizer: {name: sd-vae, size: tiny}\n"
+        "encoders: [{name: dinov2, size: tiny, token_stride: 8}]\n"
+        "denoiser: {name: sit, size: tiny, num_classes: 10}\n"
+        "losses:\n"
+        "  diffusion: {name: flow-matching}\n"
+        "  repa: {name: repa, depth: 9, weight: {denoiser: 0.5, tokenizer: 1.5}, updates: [denoiser, tokenizer]}\n"
+    )
+    with pytest.raises(RecipeError, match=r"losses\.repa\.depth: .*after block 9, but the denoiser has 4 blocks"):
+        repae.load_recipe(recipe, [], registry=REGISTRY, check=True)
+    checked = repae.load_recipe(recipe, ["losses.repa.depth=4"], registry=REGISTRY, check=True)
+    assert next(s for s in checked.components if s.label == "losses.repa").config.depth == 4
 
 
 def test_golden_repa():
-    g = load_golden("repae_step.safetensors")
-    loss = build_repa(RepaConfig(depth=2, weight=1.5, updates=["tokenizer"]))
-    ctx = FakeStep(phase="tokenizer", denoised=DenoiserOutput(None, {2: torch.zeros(4, 16, 64)}),
-                   denoiser=Projector([g["step.vae_align_zs_tilde.0"]]), targets=[g["zs.0"]])
-    torch.testing.assert_close(loss(ctx)["loss"], g["vae_loss.align_proj_loss"], atol=1e-5, rtol=1e-4)
-    s = load_golden("sit_forward.safetensors")
+    """REPA-E's two alignment terms are one ``repa`` loss: depth ``encoder_depth``, weight ``vae_align_proj_coeff``
+    in the tokenizer's objective and ``proj_coeff`` in the denoiser's (all read from the file)."""
+    meta, g = read_golden("repae_step.safetensors", float32=True)
+    sit, coeff = meta["sit_config"], meta["repae"]
+    depth = sit["encoder_depth"]
+    loss = build_repa(RepaConfig(depth=depth, updates=["denoiser", "tokenizer"],
+                                 weight={"denoiser": coeff["proj_coeff"], "tokenizer": coeff["vae_align_proj_coeff"]}),
+                      CPU)
+    assert loss.feature_depths == (depth,)
+    tokens = (sit["input_size"] // sit["patch_size"]) ** 2
+    hidden = {depth: torch.zeros(coeff["batch_size"], tokens, sit["hidden_size"])}  # the projector stand-in ignores it
+    targets = [g[k] for k in encoder_keys(meta, "zs")]
+    # tokenizer phase: the projector outputs of the eval-mode alignment pass on z
+    ctx = FakeStep(phase="tokenizer", denoised=DenoiserOutput(None, hidden),
+                   denoiser=Projector([g[k] for k in encoder_keys(meta, "step.vae_align_zs_tilde")]), targets=targets)
+    align = loss(ctx)["loss"]
+    torch.testing.assert_close(align, g["vae_loss.align_proj_loss"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g["vae_loss.total_without_align"] + loss.weight("tokenizer") * align,
+                               g["vae_loss.total"], atol=1e-5, rtol=1e-4)
+    # denoiser phase: its weight is the one of the SiT update
+    torch.testing.assert_close(g["sit_loss.denoising_loss"] + loss.weight("denoiser") * g["sit_loss.proj_loss"],
+                               g["sit_loss.total"], atol=1e-5, rtol=1e-4)
+    s_meta, s = read_golden("sit_forward.safetensors", float32=True)
+    s_targets = [s[k] for k in encoder_keys(s_meta, "zs")]
     for mode in ("train", "eval", "eval_align"):
-        torch.testing.assert_close(negative_cosine([s[f"{mode}.zs_tilde.0"]], [s["zs.0"]]), s[f"{mode}.proj_loss"],
-                                   atol=1e-5, rtol=1e-4)
+        projected = [s[k] for k in encoder_keys(s_meta, f"{mode}.zs_tilde")]
+        torch.testing.assert_close(negative_cosine(projected, s_targets), s[f"{mode}.proj_loss"], atol=1e-5, rtol=1e-4)
+        ctx = FakeStep(phase="denoiser", denoised=DenoiserOutput(None, hidden), denoiser=Projector(projected),
+                       targets=s_targets)
+        torch.testing.assert_close(loss(ctx)["loss"], s[f"{mode}.proj_loss"], atol=1e-5, rtol=1e-4)
 
 
 def test_repa_and_flow_matching_in_a_real_step_context():
@@ -387,7 +491,7 @@ def test_repa_and_flow_matching_in_a_real_step_context():
     assert not issues
     torch.manual_seed(0)
     sit = build_component(entry, config, NO_WEIGHTS)
-    fm, repa = build_flow_matching(FlowMatchingConfig()), build_repa(RepaConfig(depth=1))
+    fm, repa = build_flow_matching(FlowMatchingConfig(), CPU), build_repa(RepaConfig(depth=1), CPU)
     g = torch.Generator().manual_seed(0)
     latents = torch.cat([torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 4, 8, 8, generator=g)], dim=1)
     inputs = StepInputs(labels=torch.tensor([1, 2]), images=torch.zeros(2, 3, 64, 64, dtype=torch.uint8),
@@ -406,9 +510,9 @@ def test_repa_and_flow_matching_in_a_real_step_context():
 def test_reconstruction_kinds_and_precision():
     x, r = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     r[0] = -1.0
-    l1 = build_reconstruction(ReconstructionConfig())
+    l1 = build_reconstruction(ReconstructionConfig(), CPU)
     assert l1(FakeStep(images=x, recon=r))["loss"].item() == pytest.approx(0.75)
-    mse = build_reconstruction(ReconstructionConfig(kind="mse"))
+    mse = build_reconstruction(ReconstructionConfig(kind="mse"), CPU)
     assert mse(FakeStep(images=x, recon=r))["loss"].item() == pytest.approx((1 + 0.25) / 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mse(FakeStep(images=x, recon=r.bfloat16()))["loss"]
@@ -421,7 +525,7 @@ def test_kl_by_hand_and_in_reduced_precision():
     mean, logvar = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     mean[0] = 1.0  # KL = 0.5 * 4 * 1 for sample 0
     logvar[1] = math.log(2.0)  # KL = 0.5 * 4 * (2 - 1 - log 2) for sample 1
-    loss = build_kl(KLConfig())
+    loss = build_kl(KLConfig(), CPU)
     want = (2.0 + 2 * (1 - math.log(2))) / 2
     assert loss(FakeStep(posterior=Posterior(mean, logvar)))["loss"].item() == pytest.approx(want)
     half = loss(FakeStep(posterior=Posterior(mean.bfloat16(), logvar.bfloat16())))["loss"]
@@ -431,14 +535,15 @@ def test_kl_by_hand_and_in_reduced_precision():
 
 
 def test_golden_reconstruction_and_kl():
-    g = load_golden("repae_step.safetensors")
+    meta, g = read_golden("repae_step.safetensors", float32=True)
     torch.testing.assert_close(g["images"].float() / 127.5 - 1, g["step.processed_image"])
     ctx = FakeStep(phase="tokenizer", images=g["step.processed_image"], recon=g["step.recon_image"],
                    posterior=Posterior(g["step.posterior_mean"], g["step.posterior_logvar"]))
-    rec, kl = build_reconstruction(ReconstructionConfig())(ctx)["loss"], build_kl(KLConfig())(ctx)["loss"]
+    kl_loss = build_kl(KLConfig(weight=meta["repae"]["kl_weight"]), CPU)
+    rec, kl = build_reconstruction(ReconstructionConfig(), CPU)(ctx)["loss"], kl_loss(ctx)["loss"]
     torch.testing.assert_close(rec, g["vae_loss.reconstruction_loss"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(kl, g["vae_loss.kl_loss_unweighted"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(1e-6 * kl, g["vae_loss.kl_loss"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kl_loss.weight("tokenizer") * kl, g["vae_loss.kl_loss"], atol=1e-5, rtol=1e-4)
 
 
 # -- LPIPS ----------------------------------------------------------------------------------------------------------
@@ -458,11 +563,14 @@ def _random_lpips_files(tmp_path: Path) -> tuple[LPIPS, Path, Path]:
 
 def test_lpips_loads_the_real_layouts_strictly(tmp_path):
     model, heads, vgg = _random_lpips_files(tmp_path)
-    loss = build_lpips(LPIPSConfig(weights=str(heads), vgg_weights=str(vgg)), BuildContext())
+    loss = build_lpips(LPIPSConfig(weights=str(heads), vgg_weights=str(vgg)), CPU)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loss.lpips.state_dict()[key], value, rtol=0, atol=0)
     assert not any(p.requires_grad for p in loss.parameters())
-    assert set(loss.weights_sha256) == {str(heads), str(vgg)}
+    assert repae.supports(loss, repae.RecordsWeights) and set(loss.loaded_weights) == {"heads", "vgg"}
+    for role, path in (("heads", heads), ("vgg", vgg)):
+        info = loss.loaded_weights[role]
+        assert (info.source, info.sha256) == (str(path), repae.file_sha256(path))
     # a full LPIPS state dict (heads + backbone as net.slice<k>.<j>) needs no separate VGG file
     slices = {3: 1, 8: 2, 15: 3, 22: 4, 29: 5}
     full = dict(torch.load(heads))
@@ -473,8 +581,10 @@ def test_lpips_loads_the_real_layouts_strictly(tmp_path):
             full[f"net.slice{part}.{index}.{key.split('.')[2]}"] = value
     full["scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)
     torch.save(full, tmp_path / "full.pth")
-    again = build_lpips(LPIPSConfig(weights=str(tmp_path / "full.pth"), vgg_weights=str(tmp_path / "absent.pth")))
+    again = build_lpips(LPIPSConfig(weights=str(tmp_path / "full.pth"), vgg_weights=str(tmp_path / "absent.pth")), CPU)
     torch.testing.assert_close(again.lpips.state_dict(), model.state_dict(), rtol=0, atol=0)
+    assert set(again.loaded_weights) == {"heads"}  # the backbone came with the heads
+    assert not build_lpips(LPIPSConfig(), NO_WEIGHTS).loaded_weights  # nothing loaded, nothing recorded
 
 
 def test_lpips_loading_errors_name_the_keys(tmp_path):
@@ -484,16 +594,16 @@ def test_lpips_loading_errors_name_the_keys(tmp_path):
     partial["lin9.extra"] = torch.zeros(1)
     torch.save(partial, tmp_path / "bad.pth")
     with pytest.raises(WeightsMismatchError, match="lin9.extra"):
-        build_lpips(LPIPSConfig(weights=str(tmp_path / "bad.pth"), vgg_weights=str(vgg)))
+        build_lpips(LPIPSConfig(weights=str(tmp_path / "bad.pth"), vgg_weights=str(vgg)), CPU)
     del partial["lin9.extra"]
     torch.save(partial, tmp_path / "bad.pth")
     with pytest.raises(WeightsMismatchError, match=r"lin4\.model\.1\.weight"):
-        build_lpips(LPIPSConfig(weights=str(tmp_path / "bad.pth"), vgg_weights=str(vgg)))
+        build_lpips(LPIPSConfig(weights=str(tmp_path / "bad.pth"), vgg_weights=str(vgg)), CPU)
     shape = dict(torch.load(heads))
     shape["lin0.model.1.weight"] = torch.zeros(1, 32, 1, 1)
     torch.save(shape, tmp_path / "shape.pth")
     with pytest.raises(WeightsMismatchError, match="shape"):
-        build_lpips(LPIPSConfig(weights=str(tmp_path / "shape.pth"), vgg_weights=str(vgg)))
+        build_lpips(LPIPSConfig(weights=str(tmp_path / "shape.pth"), vgg_weights=str(vgg)), CPU)
 
 
 def test_lpips_default_sources_fail_cleanly_offline(tmp_path, monkeypatch):
@@ -501,15 +611,15 @@ def test_lpips_default_sources_fail_cleanly_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # as if the lpips package were absent
     with pytest.raises(UserError, match=r"vgg\.pth"):
-        build_lpips(LPIPSConfig())
+        build_lpips(LPIPSConfig(), CPU)
     _, heads, _ = _random_lpips_files(tmp_path)
     with pytest.raises(UserError, match=r"vgg16-397923af\.pth"):
-        build_lpips(LPIPSConfig(weights=str(heads)))
+        build_lpips(LPIPSConfig(weights=str(heads)), CPU)
 
 
 def test_lpips_distance_properties(tmp_path):
     model, heads, vgg = _random_lpips_files(tmp_path)
-    loss = build_lpips(LPIPSConfig(weights=str(heads), vgg_weights=str(vgg)))
+    loss = build_lpips(LPIPSConfig(weights=str(heads), vgg_weights=str(vgg)), CPU)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1  # 16 px: relu5_3 sees 1 x 1
     y = (x + 0.3 * torch.randn(2, 3, 16, 16, generator=g)).clamp(-1, 1)
@@ -526,20 +636,45 @@ def test_lpips_distance_properties(tmp_path):
 
 
 # -- PatchGAN -------------------------------------------------------------------------------------------------------
+def _constructor_kwargs(text: str) -> dict[str, Any]:
+    """``{"input_nc": 3, ...}`` from a manifest's ``"NLayerDiscriminator(input_nc=3, ndf=64, ...)"``."""
+    values = {"True": True, "False": False}
+    return {k: values.get(v, int(v) if v.isdigit() else v) for k, v in re.findall(r"(\w+)=(\w+)", text)}
+
+
+def test_patchgan_default_is_the_official_discriminator():
+    """The default ``patchgan`` discriminator has the state-dict layout of REPA-E's (golden/manifests/
+    discriminator.json: keys, shapes, parameter count), so its checkpoints load as they are."""
+    manifest = json.loads((GOLDEN / "manifests" / "discriminator.json").read_text())
+    meta = manifest.pop("_meta")
+    official = _constructor_kwargs(meta["constructor"])
+    loss = repae.create("loss", "patchgan", device="meta", registry=REGISTRY)
+    assert (official["input_nc"], official["use_actnorm"]) == (3, False)  # what NLayerDiscriminator implements
+    assert (loss.config.ndf, loss.config.n_layers) == (official["ndf"], official["n_layers"])
+    state = loss.discriminator.state_dict()
+    assert [(k, list(v.shape)) for k, v in state.items()] == list(manifest.items())
+    assert sum(p.numel() for p in loss.discriminator.parameters()) == meta["num_parameters"]
+    assert len(state) == meta["num_state_dict_entries"]
+    for key, spec in meta["buffers"].items():
+        assert str(state[key].dtype) == f"torch.{spec['dtype']}" and list(state[key].shape) == spec["shape"]
+
+
 def test_patchgan_shapes_and_init():
     with torch.device("meta"):
         disc = NLayerDiscriminator()
         assert disc(torch.empty(2, 3, 256, 256)).shape == (2, 1, 30, 30)
-    assert sum(p.numel() for p in disc.parameters()) == 2_765_633
-    keys = [k for k in disc.state_dict() if not k.endswith("num_batches_tracked")]
-    assert keys[:4] == ["main.0.weight", "main.0.bias", "main.2.weight", "main.3.weight"] and keys[-1] == "main.11.bias"
     torch.manual_seed(0)
     tiny = NLayerDiscriminator(ndf=8, n_layers=2)
     assert tiny(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 6, 6)
     conv = torch.cat([m.weight.flatten() for m in NLayerDiscriminator().modules() if isinstance(m, torch.nn.Conv2d)])
     assert abs(conv.std().item() - 0.02) < 1e-3 and abs(conv.mean().item()) < 1e-3
-    bn = [m for m in tiny.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert all(isinstance(m, GlobalBatchNorm2d) for m in bn) and all((m.bias == 0).all() for m in bn)
+    # its BatchNorms are the shared global-batch primitive (affine, synchronised), one per stride-2/1 block
+    bn = [m for m in tiny.modules() if isinstance(m, GlobalBatchNorm)]
+    assert len(bn) == 2 and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in tiny.modules())
+    assert all(m.affine and m.sync for m in bn) and all((m.bias == 0).all() for m in bn)
+    assert all(abs(m.weight.mean().item() - 1) < 0.05 for m in bn)  # N(1, 0.02)
+    per_process = build_patchgan(PatchGANConfig(ndf=8, n_layers=2, global_batch_norm=False), NO_WEIGHTS)
+    assert [m.sync for m in per_process.discriminator.modules() if isinstance(m, GlobalBatchNorm)] == [False, False]
 
 
 def test_hinge_values():
@@ -553,6 +688,7 @@ def test_patchgan_phases_and_start_step():
     gan = build_patchgan(PatchGANConfig(ndf=8, n_layers=2, start_step=5), NO_WEIGHTS)
     x, r = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
     bn = gan.discriminator.main[3]
+    assert isinstance(bn, GlobalBatchNorm)
     early = gan(FakeStep(phase="tokenizer", step=4, images=x, recon=r))
     assert early["loss"].item() == 0 and bn.num_batches_tracked.item() == 1  # the discriminator still runs
     late = gan(FakeStep(phase="tokenizer", step=5, images=x, recon=r))
@@ -564,19 +700,26 @@ def test_patchgan_phases_and_start_step():
     assert bn.num_batches_tracked.item() == 4
 
 
-def _golden_discriminator(g: dict[str, torch.Tensor], tmp_path: Path, **config: Any):
+def _golden_discriminator(g: dict[str, torch.Tensor], meta: dict[str, Any], tmp_path: Path, **config: Any):
+    """The loss of the reference step: its discriminator (size from the file's ``disc_config``, initial weights
+    ``disc.*``) and its generator coefficient (``disc_weight``)."""
     from safetensors.torch import save_file
 
+    disc = meta["disc_config"]
+    assert disc["input_nc"] == 3  # RGB images, as NLayerDiscriminator reads
     state = {k[len("disc."):]: v for k, v in g.items() if k.startswith("disc.")}
     save_file(state, str(tmp_path / "disc.safetensors"))
     torch.save({"discriminator": state, "steps": torch.tensor(0)}, tmp_path / "ckpt.pt")
-    return build_patchgan(PatchGANConfig(variant="tiny", ndf=8, n_layers=2, weights=str(tmp_path / "disc.safetensors"),
-                                         **config))
+    weight = {"tokenizer": meta["repae"]["disc_weight"], "discriminator": 1.0}
+    return build_patchgan(PatchGANConfig(ndf=disc["ndf"], n_layers=disc["n_layers"], weight=weight,
+                                         weights=str(tmp_path / "disc.safetensors"), **config), CPU)
 
 
 def test_golden_patchgan(tmp_path):
-    g = load_golden("repae_step.safetensors")
-    gan = _golden_discriminator(g, tmp_path)
+    meta, g = read_golden("repae_step.safetensors", float32=True)
+    opt = meta["repae"]
+    gan = _golden_discriminator(g, meta, tmp_path)
+    assert gan.loaded_weights["discriminator"].source == str(tmp_path / "disc.safetensors")
     x, r = g["step.processed_image"], g["step.recon_image"]
     # tokenizer phase first (the reference's first D call), with the discriminator frozen as the engine does
     gan.discriminator.requires_grad_(False)
@@ -591,20 +734,26 @@ def test_golden_patchgan(tmp_path):
     (gan.weight("discriminator") * d["loss"]).backward()
     for name, p in gan.discriminator.named_parameters():
         torch.testing.assert_close(p.grad.norm(), g[f"disc_grad_norm.{name}"], atol=1e-5, rtol=1e-4)
-    norm = torch.nn.utils.clip_grad_norm_(gan.discriminator.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(gan.discriminator.parameters(), opt["max_grad_norm"])
     torch.testing.assert_close(norm, g["d_loss.grad_norm"], atol=1e-5, rtol=1e-4)
-    torch.optim.AdamW(gan.discriminator.parameters(), lr=1e-3, weight_decay=0.0).step()
+    torch.optim.AdamW(gan.discriminator.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["adam_eps"],
+                      weight_decay=opt["weight_decay"]).step()
     for key, value in gan.discriminator.state_dict().items():  # incl. BN running stats after the 3 calls
         torch.testing.assert_close(value.to(g[f"disc_after.{key}"].dtype), g[f"disc_after.{key}"], atol=1e-4, rtol=0)
 
 
 def test_patchgan_weights_from_a_training_checkpoint(tmp_path):
-    g = load_golden("repae_step.safetensors")
-    flat = _golden_discriminator(g, tmp_path)
-    ckpt = build_patchgan(PatchGANConfig(ndf=8, n_layers=2, weights=str(tmp_path / "ckpt.pt")))
+    meta, g = read_golden("repae_step.safetensors", float32=True)
+    flat = _golden_discriminator(g, meta, tmp_path)
+    disc = meta["disc_config"]
+    ckpt = build_patchgan(PatchGANConfig(ndf=disc["ndf"], n_layers=disc["n_layers"], weights=str(tmp_path / "ckpt.pt")),
+                          CPU)
     torch.testing.assert_close(ckpt.discriminator.state_dict(), flat.discriminator.state_dict(), rtol=0, atol=0)
-    with pytest.raises(WeightsMismatchError, match="main.3.weight"):
-        build_patchgan(PatchGANConfig(weights=str(tmp_path / "ckpt.pt")))  # ndf 64 does not fit the tiny file
+    assert ckpt.loaded_weights["discriminator"].entry == "discriminator"
+    assert ckpt.loaded_weights["discriminator"].sha256 == repae.file_sha256(tmp_path / "ckpt.pt")
+    with pytest.raises(WeightsMismatchError, match="main.3.weight"):  # twice as wide does not fit the file
+        build_patchgan(PatchGANConfig(ndf=2 * disc["ndf"], n_layers=disc["n_layers"],
+                                      weights=str(tmp_path / "ckpt.pt")), CPU)
 
 
 def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
@@ -629,13 +778,15 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_patchgan_batchnorm_uses_the_global_batch(tmp_path):
-    """Two processes with half the batch each give the gradients and statistics of one process with all of it."""
+    """Two processes with half the batch each give the gradients and statistics of one process with all of it (through
+    repae.GlobalBatchNorm, the BatchNorm of the discriminator)."""
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "ddp.pt")
     mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
     torch.manual_seed(0)
     disc = NLayerDiscriminator(ndf=8, n_layers=2)
+    assert [type(m) for m in disc.main if "BatchNorm" in type(m).__name__] == [GlobalBatchNorm, GlobalBatchNorm]
     g = torch.Generator().manual_seed(1)
     real, fake = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
     hinge_d_loss(disc(real), disc(fake)).backward()

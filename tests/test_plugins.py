@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from repae import hookimpl, option
-from repae.errors import DuplicateComponentError, PluginError, UnknownComponentError
+from repae.errors import PluginError, UnknownComponentError
 from repae.plugins import PluginHost, load_plugins
 
 GOOD = '''
@@ -94,6 +94,55 @@ def test_register_errors_roll_back_the_whole_plugin():
     assert len(host.registry) == 0
 
 
+@dataclass(kw_only=True)
+class WrongDefault:
+    depth: int = option(2.5, doc="a float default for an int field")  # type: ignore[assignment]
+
+
+@dataclass(kw_only=True)
+class SetField:
+    ids: set[int] = option(default_factory=set, doc="sets are not a recipe type")
+
+
+@dataclass(kw_only=True)
+class Sized:
+    size: str = option("big", doc="preset")
+    width: int = option(4, doc="width")
+
+
+@dataclass(kw_only=True)
+class RejectsItsDefault:
+    width: int = option(0, doc="width")
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError("width must be >= 1")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"config": WrongDefault}, "its default 2.5 is not int"),
+        ({"config": SetField}, "set[int] is not a supported config type"),
+        ({"config": Sized, "presets": {"small": {"width": 1}}}, "default size 'big' is not one of its presets"),
+        ({"config": Sized, "presets": {"big": {"width": "wide"}}}, "preset 'big' sets width to 'wide'"),
+        ({"config": RejectsItsDefault}, "its default values fail its own checks: width must be >= 1"),
+    ],
+)
+def test_config_classes_are_checked_at_registration(kwargs, message):
+    """The measured bug: a wrong-typed default passed registration, `show` and `validate`, then failed in the build."""
+    args = {"name": "ok", "summary": "s", "factory": "m:f", **kwargs}
+
+    class Plugin:
+        @hookimpl
+        def register_components(self, register):
+            register("encoder", args.pop("name"), **args)
+
+    host = PluginHost()
+    assert host.add_plugin(Plugin(), "p") is None
+    assert message in host.failures[0].error and host.failures[0].stage == "register"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -101,8 +150,8 @@ def test_register_errors_roll_back_the_whole_plugin():
         ({"summary": ""}, "summary"),
         ({"config": dict}, "dataclass"),
         ({"factory": "no_colon"}, "module:function"),
-        ({"presets": {"a": {"nope": 1}}, "preset_field": "width"}, "unknown field"),
-        ({"presets": {"a": {"width": 1}}}, "preset_field"),
+        ({"presets": {"a": {"nope": 1}}}, "no field 'size'"),
+        ({"presets": {"a": {"width": 1}}}, "no field 'size'"),
     ],
 )
 def test_invalid_registrations_are_explained(kwargs, message):
@@ -118,23 +167,52 @@ def test_invalid_registrations_are_explained(kwargs, message):
     assert message in host.failures[0].error
 
 
-def test_duplicate_names_both_providers_and_blocks_the_name(fake_dists):
+def test_a_name_clash_keeps_the_first_plugin_and_reaches_the_other_by_qualified_name(fake_dists):
+    import os
+    import time
+
     fake_dists.add("dist-a", {"a": "plug_a"}, modules={"plug_a": GOOD.replace("{name}", "same")})
     fake_dists.add("dist-b", {"b": "plug_b"}, modules={"plug_b": GOOD.replace("{name}", "same")})
+    now = time.time()  # dist-b was installed first: it keeps the plain name
+    os.utime(fake_dists.root / "dist_a-1.0.dist-info", (now, now))
+    os.utime(fake_dists.root / "dist_b-1.0.dist-info", (now - 60, now - 60))
     host = load_plugins(select={"a", "b"})
-    assert "dist-a" in host.failures[0].error and "dist-b" in host.failures[0].error
-    with pytest.raises(DuplicateComponentError, match=r"'a' \(dist-a 1.0\) and plugin 'b' \(dist-b 1.0\)"):
-        host.registry.get("encoder", "same")
-    # disabling one provider resolves it
+    assert host.failures == []
+    (clash,) = host.clashes
+    assert clash.winner.plugin.distribution == "dist-b" and [e.plugin.name for e in clash.others] == ["a"]
+    assert "'dist-a:same'" in str(clash) and "keep using" in str(clash)
+    assert host.registry.get("encoder", "same").plugin.name == "b"
+    assert host.registry.get("encoder", "dist-a:same").plugin.name == "a"
+    assert host.registry.get("encoder", "a:same").plugin.name == "a"  # the plugin (entry-point) name works too
+    assert host.registry.get("encoder", "dist-b:same").plugin.name == "b"
+    assert "dist-a:same" in host.registry.names("encoder")
+    with pytest.raises(UnknownComponentError, match="dist-a:same"):
+        host.registry.get("encoder", "dist-c:same")
+    # strict mode does not turn a clash into an error: nothing failed
+    assert load_plugins(select={"a", "b"}, strict=True).registry.get("encoder", "same").plugin.name == "b"
+    # disabling one provider leaves a plain name again
     host = load_plugins(select={"a", "b"}, disable={"b"})
-    assert host.registry.get("encoder", "same").plugin.name == "a"
+    assert host.clashes == [] and host.registry.get("encoder", "same").plugin.name == "a"
 
 
-def test_duplicate_in_strict_mode_raises(fake_dists):
-    fake_dists.add("dist-a", {"a": "plug_a"}, modules={"plug_a": GOOD.replace("{name}", "same")})
-    fake_dists.add("dist-b", {"b": "plug_b"}, modules={"plug_b": GOOD.replace("{name}", "same")})
-    with pytest.raises(PluginError, match="registered twice"):
-        load_plugins(select={"a", "b"}, strict=True)
+def test_installing_a_plugin_that_reuses_a_builtin_name_breaks_no_recipe(fake_dists, monkeypatch, tmp_path):
+    """The measured bug: a third-party `sd-vae` made the built-in unusable and the stock quickstart failed."""
+    from repae.recipe import read_recipe
+
+    from conftest import ROOT
+
+    clash = GOOD.replace('"encoder", "{name}"', '"tokenizer", "sd-vae"')
+    fake_dists.add("acme-vae", {"acme": "acme_vae_plugin"}, modules={"acme_vae_plugin": clash})
+    host = load_plugins(select={"repae", "acme"})
+    assert host.failures == []
+    (clash_info,) = [c for c in host.clashes if c.name == "sd-vae"]
+    assert clash_info.winner.plugin.distribution == "repae" and clash_info.others[0].plugin.name == "acme"
+    resolved = read_recipe(ROOT / "recipes" / "quickstart.yaml", [], host.registry)
+    assert resolved.get("tokenizer")[0].entry.plugin.distribution == "repae"
+    theirs = read_recipe(ROOT / "recipes" / "quickstart.yaml", ["tokenizer={name: acme-vae:sd-vae}"], host.registry)
+    spec = theirs.get("tokenizer")[0]
+    assert spec.entry.plugin.name == "acme" and spec.name == "acme-vae:sd-vae"
+    assert "name: acme-vae:sd-vae" in theirs.to_yaml()
 
 
 def test_selection_and_disabling_through_the_environment(fake_dists, monkeypatch):

@@ -1,20 +1,20 @@
 """Tests generated from the registry: every built-in tokenizer, denoiser and encoder, through its kind's interface.
 
-For each registered component: the `tiny` preset builds on CPU, runs forward and backward through the interface of
-its kind, and survives a strict state-dict round trip; every other preset builds on the `meta` device. New built-in
+For each registered component: the `tiny` preset builds on CPU (through ``repae.create``, as a recipe section would,
+its shapes derived from the components built before it), runs forward and backward through the interface of its
+kind, and survives a strict state-dict round trip; every other preset builds on the `meta` device. New built-in
 components are picked up without touching this file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from repae.build import BuildContext, build_component
+import repae
 from repae.interfaces import Denoiser, DenoiserOutput, RepresentationEncoder, Tokenizer
 from repae.plugins import load_plugins
+from repae.registry import PRESET_FIELD
 
 KINDS = ("tokenizer", "denoiser", "encoder")
 REGISTRY = load_plugins(select={"repae"}).registry
@@ -23,18 +23,25 @@ RESOLUTION = 32
 
 
 def build(entry, preset: str, device: str = "cpu", built=None, **overrides):
-    config, issues = entry.parse({entry.preset_field: preset, **overrides})
-    assert not issues, issues
-    return build_component(entry, config, BuildContext(device=device, built=built or {}))
+    """``entry`` with ``preset`` as a recipe section ``{name: ..., size: preset, **overrides}`` builds it."""
+    return repae.create(entry.kind, entry.qualified_name, device=device, built=built, registry=REGISTRY,
+                        **{PRESET_FIELD: preset, **overrides})
+
+
+def context(resolution: int, tokenizer, encoder, device: str = "cpu") -> dict:
+    """An image dataset of ``resolution`` px, a tokenizer and an encoder: what a denoiser's shapes derive from."""
+    dataset = repae.create("dataset", "synthetic", registry=REGISTRY, resolution=resolution, num_images=8,
+                           device=device)
+    return {"dataset": dataset, "tokenizer": build(REGISTRY.get("tokenizer", "sd-vae"), tokenizer, device),
+            "encoders": [build(REGISTRY.get("encoder", "dinov2"), encoder, device)]}
 
 
 @pytest.fixture(scope="module")
 def context_components():
-    """A tiny tokenizer and encoder for denoisers that take their shapes from the components built before them."""
+    """A tiny dataset, tokenizer and encoder for denoisers that take their shapes from the components built before
+    them."""
     torch.manual_seed(0)
-    tokenizer = build(REGISTRY.get("tokenizer", "sd-vae"), "tiny")
-    encoder = build(REGISTRY.get("encoder", "dinov2"), "tiny")
-    return {"tokenizer": tokenizer, "encoders": [encoder]}
+    return context(RESOLUTION, "tiny", "tiny")
 
 
 def test_every_builtin_kind_is_populated():
@@ -45,12 +52,10 @@ def test_every_builtin_kind_is_populated():
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.qualified_name)
 def test_tiny_preset_forward_backward_roundtrip(entry, context_components):
     assert "tiny" in entry.presets, f"{entry.qualified_name} needs a 'tiny' preset for tests and the quickstart"
-    fields = {f.name for f in dataclasses.fields(entry.config)}
-    overrides = {"resolution": RESOLUTION} if "resolution" in fields and entry.kind == "denoiser" else {}
     torch.manual_seed(0)
-    model = build(entry, "tiny", built=context_components, **overrides)
+    model = build(entry, "tiny", built=context_components)
     torch.manual_seed(1)
-    twin = build(entry, "tiny", built=context_components, **overrides)
+    twin = build(entry, "tiny", built=context_components)
     twin.load_state_dict(model.state_dict(), strict=True)
     generator = torch.Generator().manual_seed(2)
 
@@ -70,8 +75,11 @@ def test_tiny_preset_forward_backward_roundtrip(entry, context_components):
         torch.testing.assert_close(again, recon.detach())
     elif entry.kind == "denoiser":
         assert isinstance(model, Denoiser)
-        tokenizer = context_components["tokenizer"]
+        tokenizer, (encoder,) = context_components["tokenizer"], context_components["encoders"]
         side = RESOLUTION // tokenizer.downsample
+        # derived: the latent shape from the dataset and the tokenizer, one projector per encoder
+        assert (model.input_size, model.in_channels) == (side, tokenizer.latent_channels)
+        assert model.encoder_dims == [encoder.embed_dim]
         x = torch.randn(2, tokenizer.latent_channels, side, side, generator=generator)
         t = torch.rand(2, generator=generator)
         y = torch.randint(0, model.num_classes, (2,), generator=generator)
@@ -83,6 +91,7 @@ def test_tiny_preset_forward_backward_roundtrip(entry, context_components):
         hidden = out.hidden[1]
         assert hidden.shape[0] == 2 and hidden.shape[2] == model.hidden_size
         projected = model.project(hidden)
+        assert [p.shape[-1] for p in projected] == [encoder.embed_dim]
         target = torch.randn(out.prediction.shape, generator=generator)
         loss = (out.prediction - target).square().mean() + sum(p.square().mean() for p in projected)
         with torch.no_grad():
@@ -111,11 +120,10 @@ PRESETS = [(e, p) for e in ENTRIES for p in e.presets if not p.startswith("tiny"
 
 @pytest.mark.parametrize("entry, preset", PRESETS, ids=[f"{e.name}-{p}" for e, p in PRESETS])
 def test_full_size_presets_build_on_meta(entry, preset):
-    built = {}
-    if entry.kind == "denoiser":
-        built = {"tokenizer": build(REGISTRY.get("tokenizer", "sd-vae"), "f8d4", device="meta"),
-                 "encoders": [build(REGISTRY.get("encoder", "dinov2"), "vit-b14", device="meta")]}
+    built = context(256, "f8d4", "vit-b14", device="meta") if entry.kind == "denoiser" else {}
     model = build(entry, preset, device="meta", built=built)
+    if entry.kind == "denoiser":  # 256 px through an f8 tokenizer: 32 x 32 x 4 latents, one projector
+        assert (model.input_size, model.in_channels, model.encoder_dims) == (32, 4, [768])
     tensors = list(model.parameters()) + list(model.buffers())
     assert tensors and all(t.device.type == "meta" for t in tensors)
     assert sum(p.numel() for p in model.parameters()) > 1_000_000

@@ -3,6 +3,7 @@ and ``repae sample`` on the quickstart run (npz layout and order, PNGs, resume, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -28,6 +29,7 @@ from repae.generate import (
 )
 from repae.interfaces import DenoiserOutput
 from repae.plugins import load_plugins
+from repae.sampling import SamplingSettings
 from repae_losses.ddpm import DDPMTransport
 from repae_samplers.base import VelocityField
 from repae_samplers.ddpm import DDPMSampler, RespacedSchedule, respaced_steps
@@ -115,6 +117,7 @@ class GaussianFlow(nn.Module):
     """The exact velocity ``E[eps - x0 | x_t]`` of the linear path for data N(MEAN, STD^2) (t = 1 is noise)."""
 
     num_classes = 2
+    class_dropout_prob = 0.1  # labels do not matter; the null class exists
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,6 +135,7 @@ class GaussianEps(nn.Module):
     variance values (learned-range channels) when ``var`` is given."""
 
     num_classes = 2
+    class_dropout_prob = 0.1  # labels do not matter; the null class exists
 
     def __init__(self, var: float | None = None) -> None:
         super().__init__()
@@ -151,6 +155,8 @@ class GaussianEps(nn.Module):
 
 class LinearToy(nn.Module):
     """``v = a * x + b[y] + c * t`` per channel: a field with labels, time and state dependence."""
+
+    class_dropout_prob = 0.1  # b has the null row
 
     def __init__(self, channels: int = 3, num_classes: int = 3) -> None:
         super().__init__()
@@ -403,11 +409,21 @@ def test_cli_writes_npz_pngs_and_settings(first_samples, quick_run):
     meta = json.loads((first_samples / "sampling.json").read_text())
     settings = meta["settings"]
     assert meta["status"] == "done" and meta["npz"] == "samples.npz"
-    assert settings["sampler"]["name"] == "euler" and settings["sampler"]["steps"] == 2  # the recipe's, overridden
-    assert settings["cfg_scale"] == 4.0 and settings["guidance_interval"] == [0.0, 1.0]
+    # the SamplingSettings of the command line, then what they resolved to for this run
+    fields = [f.name for f in dataclasses.fields(SamplingSettings)]
+    assert set(settings) == {*fields, "checkpoint", "step", "sampler_config", "latent_shape"}
+    given = SamplingSettings(num=6, steps=2)
+    assert {name: settings[name] for name in fields} == given.to_json()  # the command line's settings, all of them
+    assert SamplingSettings(**{name: settings[name] for name in fields}).to_json() == given.to_json()
+    config = settings["sampler_config"]
+    assert settings["sampler"] is None and config["name"] == "euler"  # the recipe's sampler ...
+    assert settings["steps"] == config["steps"] == 2  # ... with the steps overridden
+    # not overridden: the recipe sampler's own guidance
+    assert settings["cfg_scale"] is None and settings["guidance_interval"] is None
+    assert (config["cfg_scale"], config["guidance_low"], config["guidance_high"]) == (4.0, 0.0, 1.0)
     assert (settings["num"], settings["seed"], settings["labels"], settings["ema"], settings["step"]) == \
         (6, 0, "balanced", True, 4)
-    assert settings["checkpoint"].endswith("step-0000004")
+    assert settings["checkpoint"].endswith("step-0000004") and settings["latent_shape"] == [4, 8, 8]
     assert len({arr[i].tobytes() for i in range(6)}) == 6
 
 
@@ -427,7 +443,8 @@ def test_cli_resume_skips_valid_pngs(first_samples, tmp_path):
     again = run_sample(run_dir, "--num", 6, "--steps", 2, "--out", out)
     assert again.exit_code == 0 and "nothing to do" in again.output
     other = run_sample(run_dir, "--num", 6, "--steps", 3, "--out", out)  # other settings: refused
-    assert other.exit_code == 2 and "other settings (sampler.steps: 2 -> 3)" in other.output
+    # both the given setting and the sampler config it resolved to changed
+    assert other.exit_code == 2 and "other settings (sampler_config.steps: 2 -> 3, steps: 2 -> 3)" in other.output
 
 
 def test_cli_same_seed_same_npz_other_seed_differs(first_samples, quick_run, tmp_path):
@@ -446,8 +463,10 @@ def test_cli_sampler_options(quick_run, tmp_path):
                         "--labels", "random", "--no-ema", "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.output
     settings = json.loads((out / "sampling.json").read_text())["settings"]
-    assert settings["sampler"] == {"name": "euler-maruyama", "cfg_scale": 1.8, "guidance_low": 0.0,
-                                   "guidance_high": 0.65, "cfg_channels": 3, "steps": 3, "last_step": 0.04}
+    assert settings["sampler_config"] == {"name": "euler-maruyama", "cfg_scale": 1.8, "guidance_low": 0.0,
+                                          "guidance_high": 0.65, "cfg_channels": 3, "steps": 3, "last_step": 0.04}
+    assert (settings["sampler"], settings["steps"], settings["cfg_scale"], settings["cfg_channels"]) == \
+        ("euler-maruyama", 3, 1.8, 3)
     assert settings["guidance_interval"] == [0.0, 0.65] and settings["step"] == 2 and settings["ema"] is False
     assert settings["labels"] == "random" and read_npz(out / "samples.npz").shape == (3, 32, 32, 3)
     for args, message in (
@@ -464,10 +483,63 @@ def test_cli_sampler_options(quick_run, tmp_path):
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
 
 
-def test_default_output_dir_name(opened):
-    from repae.cli.sample import build_sampler, default_dirname
+def test_cli_uses_the_hosts_plugins_and_shows_their_failures(quick_run, tmp_path, fake_dists, monkeypatch):
+    """`repae sample` loads the plugins once (the CLI's host, whose load failures it reports), not a second time."""
+    import repae.build
 
-    name, s = build_sampler(opened, "euler-maruyama", steps=250, cfg=1.8, guidance_interval=(0.0, 0.65))
-    assert default_dirname(opened, name, s.config, 0, True) == "step-0000004_euler-maruyama-250_cfg1.8-0-0.65_seed0"
-    name, s = build_sampler(opened, None)
-    assert default_dirname(opened, name, s.config, 3, False) == "step-0000004_euler-20_cfg4_seed3_raw"
+    fake_dists.add("repae-broken", {"broken": "repae_broken"}, modules={"repae_broken": "raise ImportError('boom')"})
+    monkeypatch.setenv("REPAE_PLUGINS", "repae,repae-broken")
+
+    def second_load():
+        raise AssertionError("the plugins were loaded a second time")
+
+    monkeypatch.setattr(repae.build, "default_registry", second_load)
+    result = run_sample(quick_run, "--num", 1, "--sampler", "euler", "--steps", 1, "--out", tmp_path / "one")
+    assert result.exit_code == 0, result.output
+    assert "repae-broken" in result.output and "boom" in result.output
+    assert read_npz(tmp_path / "one" / "samples.npz").shape == (1, 32, 32, 3)
+
+
+def test_default_output_dir_name(opened):
+    from repae.sampling import build_sampler, default_dirname
+
+    settings = SamplingSettings(sampler="euler-maruyama", steps=250, cfg_scale=1.8, guidance_interval=(0.0, 0.65))
+    name, s = build_sampler(opened, settings, registry=REGISTRY)
+    assert (s.config.steps, s.config.cfg_scale, s.config.guidance_low, s.config.guidance_high) == (250, 1.8, 0.0, 0.65)
+    assert default_dirname(opened, name, s.config, settings) == "step-0000004_euler-maruyama-250_cfg1.8-0-0.65_seed0"
+    settings = SamplingSettings(seed=3, ema=False)
+    name, s = build_sampler(opened, settings)  # the run's recipe sampler with its settings
+    assert default_dirname(opened, name, s.config, settings) == "step-0000004_euler-20_cfg4_seed3_raw"
+
+
+def test_sampling_settings_are_checked_and_serialised():
+    settings = SamplingSettings(num=4, guidance_interval=(0.0, 0.65), cfg_channels="all")
+    assert settings.to_json() == {"num": 4, "seed": 0, "labels": "balanced", "ema": True, "sampler": None,
+                                  "steps": None, "cfg_scale": None, "guidance_interval": [0.0, 0.65],
+                                  "cfg_channels": "all"}
+    json.dumps(settings.to_json())  # what sampling.json holds
+    for fields, message in (({"num": 0}, "--num"), ({"labels": "equal"}, "--labels equal"), ({"steps": 0}, "--steps"),
+                            ({"cfg_channels": 0}, "--cfg-channels")):
+        with pytest.raises(UserError, match=message):
+            SamplingSettings(**fields)
+
+
+def test_sample_run_api_matches_the_cli(first_samples, quick_run, tmp_path):
+    """`repae sample` is a thin front end: the library call with the same settings makes the same samples."""
+    from repae.sampling import sample_run
+
+    said = []
+    folder = sample_run(quick_run, SamplingSettings(num=6, steps=2), out=tmp_path / "api", batch_size=3,
+                        device="cpu", progress=False, registry=REGISTRY, echo=said.append)
+    assert folder == tmp_path / "api" and len(said) == 1 and "wrote" in said[0]
+    reference = read_npz(first_samples / "samples.npz")
+    assert np.abs(read_npz(folder / "samples.npz").astype(int) - reference).max() <= 1  # float32 batch effects only
+    ours = json.loads((folder / "sampling.json").read_text())["settings"]
+    assert ours == json.loads((first_samples / "sampling.json").read_text())["settings"]
+    # the default folder: RUN/samples/<default_dirname> (in a copy: the session's run is shared)
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run, ignore=shutil.ignore_patterns("step-0000004", "samples", "analysis"))
+    default = sample_run(run, SamplingSettings(num=1, steps=1, seed=5), device="cpu", progress=False,
+                         registry=REGISTRY, echo=said.append)
+    assert default == run / "samples" / "step-0000002_euler-1_cfg4_seed5"
+    assert read_npz(default / "samples.npz").shape == (1, 32, 32, 3)

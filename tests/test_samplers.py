@@ -3,30 +3,23 @@ and the official REPA-E ``euler_sampler`` (golden/sampler_ode.safetensors: final
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from repae.build import BuildContext, build_component
+import repae
+from conftest import official_weights, read_golden, sit_fields
 from repae.errors import UserError
 from repae.interfaces import DenoiserOutput
 from repae.plugins import load_plugins
 from repae_samplers.ode import EulerSampler, HeunSampler, time_grid
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden tensors not found at {GOLDEN}")
 REGISTRY = load_plugins(select={"repae"}).registry
 
 
 def sampler(name: str, **section):
-    entry = REGISTRY.get("sampler", name)
-    config, issues = entry.parse(section)
-    assert not issues, issues
-    return build_component(entry, config, BuildContext())
+    return repae.create("sampler", name, registry=REGISTRY, **section)
 
 
 class Recorder(nn.Module):
@@ -36,6 +29,7 @@ class Recorder(nn.Module):
         super().__init__()
         self.model = model
         self.num_classes = model.num_classes
+        self.class_dropout_prob = model.class_dropout_prob
         self.calls: list[tuple[torch.Tensor, ...]] = []
 
     def forward(self, x, t, y, **kwargs):
@@ -46,6 +40,8 @@ class Recorder(nn.Module):
 
 class Toy(nn.Module):
     """A velocity "denoiser": ``v = a * x + b[y]`` per channel, optionally with extra (learned-sigma) channels."""
+
+    class_dropout_prob = 0.1  # the label table has the null row (b has num_classes + 1 rows)
 
     def __init__(self, channels: int = 4, num_classes: int = 3, extra: int = 0) -> None:
         super().__init__()
@@ -139,11 +135,8 @@ def test_dtypes_modes_learned_sigma_and_errors():
 
 
 def test_guidance_without_null_row_is_a_clear_error():
-    from repae_sit import SiTConfig
-    from repae_sit.model import build_sit
-
-    model = build_sit(SiTConfig.from_preset("tiny", input_size=4, in_channels=4, num_classes=5, encoder_dims=[],
-                                            class_dropout_prob=0.0), BuildContext())
+    model = repae.create("denoiser", "sit", registry=REGISTRY, size="tiny", input_size=4, in_channels=4,
+                         num_classes=5, encoder_dims=[], class_dropout_prob=0.0)
     noise, y = torch.randn(2, 4, 4, 4), torch.tensor([0, 1])
     with pytest.raises(UserError, match="null"):
         sampler("euler", steps=2, cfg_scale=1.5)(model, noise, y)
@@ -154,37 +147,22 @@ def test_guidance_without_null_row_is_a_clear_error():
 
 
 def golden_sampler_setup():
-    """The golden file's tensors and metadata, and the registry's ``sit`` (size tiny) with the golden weights."""
-    from safetensors.torch import load_file
-
+    """The golden file's tensors and metadata, and the registry's ``sit`` configured as the file's official SiT
+    (every field from its ``sit_config``, no preset) with the golden weights."""
     from repae_sit.checkpoint import from_official, load_strict
 
-    path = GOLDEN / "sampler_ode.safetensors"
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["json"])
-    gold = load_file(path)
-    weights = {k[len("weights."):]: v.float() if v.is_floating_point() else v
-               for k, v in load_file(GOLDEN / "sit_forward.safetensors").items() if k.startswith("weights.")}
+    meta, gold = read_golden("sampler_ode.safetensors")
+    _, source = read_golden(meta["weights_from"].split()[0])  # the SiT weights, except the label table stored here
+    weights = official_weights(source)
     weights["y_embedder.embedding_table.weight"] = gold["weights.y_embedder.embedding_table.weight"].float()
 
-    sit = meta["sit_config"]
-    entry = REGISTRY.get("denoiser", "sit")
-    config, issues = entry.parse({
-        "size": "tiny", "depth": sit["depth"], "hidden_size": sit["hidden_size"], "num_heads": sit["num_heads"],
-        "patch_size": sit["patch_size"], "mlp_ratio": sit["mlp_ratio"], "input_size": sit["input_size"],
-        "in_channels": sit["in_channels"], "num_classes": sit["num_classes"],
-        "class_dropout_prob": sit["class_dropout_prob"], "encoder_dims": sit["z_dims"],
-        "projector_dim": sit["projector_dim"], "qk_norm": sit["qk_norm"],
-    })
-    assert not issues, issues
-    model = build_component(entry, config, BuildContext())
+    model = repae.create("denoiser", "sit", registry=REGISTRY, **sit_fields(meta["sit_config"]))
     denoiser_state, bn_state = from_official(weights)
     assert set(bn_state) == {"running_mean", "running_var", "num_batches_tracked"}
     load_strict(model, denoiser_state)
     return gold, meta, model.eval()
 
 
-@needs_golden
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_matches_official_euler_sampler(method):
     gold, meta, model = golden_sampler_setup()
@@ -200,15 +178,20 @@ def test_matches_official_euler_sampler(method):
     out = s(rec, x_T.double(), y)  # float64 noise: the float64 state is returned as is
     torch.testing.assert_close(out, gold[f"out_{method}"], **tol)
     calls = sorted(k.rsplit(".", 1)[0] for k in gold if k.startswith(f"{method}.call") and k.endswith(".x"))
-    assert len(rec.calls) == len(calls) == (8 if method == "euler" else 15)
+    steps = ref["num_steps"]
+    assert len(rec.calls) == len(calls) == (steps if method == "euler" else 2 * steps - 1) == s.last_calls
     for name, (x, t, labels, v) in zip(calls, rec.calls):
         assert x.dtype == t.dtype == torch.float32
         assert torch.equal(labels, gold[f"{name}.y"]), name
         for key, value in (("x", x), ("t", t), ("v", v)):
             torch.testing.assert_close(value, gold[f"{name}.{key}"], **tol, msg=lambda m: f"{name}.{key}: {m}")
     guided = [len(c[2]) == 2 * len(y) for c in rec.calls]
-    steps = guided if method == "euler" else guided[0::2]  # Heun: 2 calls per step, the last step 1
-    assert steps == [bool(v) for v in gold["cfg_active"].tolist()]
+    per_step = guided if method == "euler" else guided[0::2]  # Heun: 2 calls per step, the last step 1
+    assert per_step == [bool(v) for v in gold["cfg_active"].tolist()]
+    null = meta["sit_config"]["num_classes"]  # the null label of the guided calls
+    for (_, _, labels, _), on in zip(rec.calls, guided):
+        if on:
+            assert torch.equal(labels, torch.cat([y, torch.full_like(y, null)]))
 
     # unguided runs (cfg_scale 1 per call), and the float32 interface (noise dtype in, same dtype out)
     torch.testing.assert_close(s(model, x_T.double(), y, cfg_scale=1.0), gold[f"out_{method}_nocfg"], **tol)

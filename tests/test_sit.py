@@ -1,34 +1,48 @@
-"""Tests of the ``sit`` denoiser: configs and presets, tiny forward/backward, checkpoint adapters, full-size builds on
-the meta device against the official manifests, and numerical equivalence with the official REPA-E SiT."""
+"""Tests of the ``sit`` denoiser: configs and presets, derived shapes, tiny forward/backward, checkpoint adapters,
+full-size builds on the meta device against the official manifests, and numerical equivalence with the official
+REPA-E SiT (every configuration value of the golden tests is read from the golden files' metadata)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from repae.build import BuildContext
-from repae.errors import UserError
+import repae
+from conftest import GOLDEN, official_weights, read_golden, sit_fields
+from repae.errors import ComponentBuildError, RecipeError, UserError, WeightsMismatchError
 from repae.interfaces import Denoiser
 from repae_sit import SIT_PRESETS, SiTConfig
-from repae.errors import WeightsMismatchError
 from repae_sit.checkpoint import from_official, load_strict, to_official
-from repae_sit.model import SiT, build_sit
+from repae_sit.model import SiT
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden tensors not found at {GOLDEN}")
-TOL = {"atol": 1e-5, "rtol": 1e-5}  # golden/README.md, "Suggested tolerances", sit_forward
+TOL = {"atol": 1e-5, "rtol": 1e-5}  # golden/README.md, "Suggested tolerances", sit_forward and sampler_ode
 FULL_PRESETS = [name for name in SIT_PRESETS if name != "tiny"]
 BN_KEYS = {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
+BN_EPS = 1e-4  # REPA-E's latent BatchNorm2d(eps=1e-4) is hard-coded in the reference (README, "Key facts")
+
+
+def create(**fields) -> SiT:
+    """``repae.create("denoiser", "sit", ...)`` on the installed (built-in) plugins."""
+    return repae.create("denoiser", "sit", **fields)
 
 
 def tiny(**overrides) -> SiT:
-    fields = dict(input_size=8, in_channels=4, num_classes=10, encoder_dims=[32, 16])
-    return build_sit(SiTConfig.from_preset("tiny", **{**fields, **overrides}), BuildContext())
+    fields = dict(size="tiny", input_size=8, in_channels=4, num_classes=10, encoder_dims=[32, 16])
+    return create(**{**fields, **overrides})
+
+
+def parse(**section) -> SiTConfig:
+    """The config a recipe section resolves to (presets applied)."""
+    from repae import load_plugins
+
+    config, issues = load_plugins().registry.get("denoiser", "sit").parse(section)
+    assert not issues, issues
+    return config
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -51,7 +65,38 @@ def expected_parameters(cfg: SiTConfig, input_size: int, in_channels: int, encod
         + cfg.depth * block + (p * p * out * d + p * p * out + 2 * d * d + 2 * d) + proj
 
 
-# -- config, registry ------------------------------------------------------------------------------------------------
+class Images:
+    """What the denoiser's shapes are derived from: an image dataset (its resolution)."""
+
+    kind, latent_shape, num_classes = "images", None, 1000
+
+    def __init__(self, resolution: int) -> None:
+        self.resolution = resolution
+
+
+class Tok:
+    def __init__(self, latent_channels: int, downsample: int) -> None:
+        self.latent_channels, self.downsample = latent_channels, downsample
+
+
+class Enc:
+    def __init__(self, dim: int) -> None:
+        self.embed_dim = dim
+
+
+# -- golden files: configuration from their metadata -----------------------------------------------------------------
+
+def golden_sit(cfg: dict, weights: dict[str, torch.Tensor]) -> tuple[SiT, dict[str, torch.Tensor]]:
+    """The registry's ``sit`` configured as the official ``SiT(**cfg)`` with the golden weights; returns it and the
+    split-off latent BatchNorm buffers (REPA-E's ``bn.*``)."""
+    model = create(**sit_fields(cfg))
+    torch.testing.assert_close(model.pos_embed, weights["pos_embed"], rtol=0, atol=0)  # our sin-cos table
+    state, norm = from_official(weights)
+    load_strict(model, state)
+    return model, {k: v.clone() for k, v in norm.items()}
+
+
+# -- config, registry, derived shapes --------------------------------------------------------------------------------
 
 
 def test_registered_with_presets():
@@ -65,25 +110,28 @@ def test_registered_with_presets():
     assert issues and "XL/2" in issues[0].hint
     _, issues = entry.parse({"size": "tiny", "num_heads": 5})
     assert issues and "divisible" in issues[0].message
+    with pytest.raises(RecipeError, match="divisible"):  # repae.create validates as a recipe does
+        create(size="tiny", num_heads=5, device="meta")
 
 
-def test_shapes_from_context_and_explicit_values_win():
-    class Tok:
-        latent_channels, downsample = 32, 16
+def test_shapes_derived_from_context_and_explicit_values_win():
+    built = {"dataset": Images(256), "tokenizer": Tok(32, 16), "encoders": [Enc(768), Enc(1024)]}
+    model = create(size="XL/1", device="meta", built=built)
+    assert (model.input_size, model.in_channels, model.encoder_dims) == (16, 32, [768, 1024])
+    assert len(model.projectors) == 2
+    model = create(size="XL/1", device="meta", built=built, input_size=8, in_channels=4, encoder_dims=[])
+    assert (model.input_size, model.in_channels, model.encoder_dims, len(model.projectors)) == (8, 4, [], 0)
 
-    class Enc:
-        def __init__(self, dim):
-            self.embed_dim = dim
+    class Latents:  # a latent cache gives the latent shape itself
+        kind, latent_shape, resolution, num_classes = "latents", (8, 4, 4), 64, 10
 
-    built = {"tokenizer": Tok(), "encoders": [Enc(768), Enc(1024)]}
-    cfg = SiTConfig.from_preset("XL/1")
-    with torch.device("meta"):
-        model = build_sit(cfg, BuildContext(device="meta", built=built))
-        assert (model.input_size, model.in_channels, model.encoder_dims) == (16, 32, [768, 1024])
-        model = build_sit(cfg.replace(input_size=8, in_channels=4, encoder_dims=[]), BuildContext("meta", built=built))
-        assert (model.input_size, model.in_channels, model.encoder_dims, len(model.projectors)) == (8, 4, [], 0)
-    with pytest.raises(UserError, match="input_size"):
-        build_sit(cfg, BuildContext(device="meta"))
+    model = create(size="XL/2", device="meta", built={"dataset": Latents(), "tokenizer": Tok(8, 16)})
+    assert (model.input_size, model.in_channels, model.encoder_dims) == (4, 8, [])
+    model = create(size="XL/2", device="meta")  # nothing to derive from: the defaults (SD-VAE latents at 256 px)
+    assert (model.input_size, model.in_channels, model.encoder_dims) == (32, 4, [])
+    # a derived latent size the patch does not tile names the fields that were derived and where from
+    with pytest.raises(ComponentBuildError, match=r"(?s)input_size 3 is not divisible.*dataset\.resolution"):
+        create(size="XL/2", device="meta", built={"dataset": Images(24), "tokenizer": Tok(4, 8)})
 
 
 # -- tiny model ------------------------------------------------------------------------------------------------------
@@ -181,7 +229,6 @@ def test_strict_loading_names_offending_keys():
 
 
 def test_weights_load_from_file_with_entry_and_sha256(tmp_path):
-    pytest.importorskip("repae.weights", reason="repae.weights is not there yet")
     import hashlib
 
     src = tiny()
@@ -190,10 +237,10 @@ def test_weights_load_from_file_with_entry_and_sha256(tmp_path):
                                  "num_batches_tracked": torch.tensor(5)})
     file = tmp_path / "sit.safetensors"
     save_file({k: v.contiguous() for k, v in official.items()}, file)
-    cfg = SiTConfig.from_preset("tiny", input_size=8, in_channels=4, num_classes=10, encoder_dims=[32, 16],
-                                weights=str(file))
-    model = build_sit(cfg, BuildContext())
-    assert model.weights_sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    model = tiny(weights=str(file))
+    info = model.loaded_weights["weights"]
+    assert info.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert (info.source, info.path, info.entry) == (str(file), str(file), None)
     assert torch.equal(model.latent_norm_state["running_var"], torch.full((4,), 2.0))
     for key, value in src.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -203,19 +250,22 @@ def test_weights_load_from_file_with_entry_and_sha256(tmp_path):
     ckpt = tmp_path / "0400000.pt"
     torch.save({"model": official, "ema": to_official(ema), "steps": 400000}, ckpt)
     for key, want in (("ema", ema), ("model", src)):
-        model = build_sit(cfg.replace(weights=str(ckpt), weights_key=key), BuildContext())
+        model = tiny(weights=str(ckpt), weights_key=key)
         assert torch.equal(model.blocks[0].attn.qkv.weight, want.blocks[0].attn.qkv.weight), key
+        assert model.loaded_weights["weights"].entry == key
     flat = tmp_path / "release.pt"  # a release file is a flat state dict: weights_key does not apply
     torch.save(to_official(ema), flat)
-    model = build_sit(cfg.replace(weights=str(flat)), BuildContext())
-    assert model.loaded_weights.key is None and model.latent_norm_state is None
+    model = tiny(weights=str(flat))
+    assert model.loaded_weights["weights"].entry is None and model.latent_norm_state is None
     assert torch.equal(model.final_layer.linear.weight, ema.final_layer.linear.weight)
     with pytest.raises(UserError, match="'ema'"):  # a checkpoint without the entry asked for
         torch.save({"model": official, "opt": {"lr": 1.0}}, ckpt)
-        build_sit(cfg.replace(weights=str(ckpt)), BuildContext())
+        tiny(weights=str(ckpt))
     # on meta nothing is read
-    with torch.device("meta"):
-        build_sit(cfg.replace(weights=str(tmp_path / "absent.pt")), BuildContext(device="meta"))
+    model = tiny(weights=str(tmp_path / "absent.pt"), device="meta")
+    assert model.loaded_weights == {} and model.latent_norm_state is None
+    # nor with load_weights=False
+    assert tiny(weights=str(tmp_path / "absent.pt"), load_weights=False).loaded_weights == {}
 
 
 # -- full size on meta -----------------------------------------------------------------------------------------------
@@ -223,46 +273,56 @@ def test_weights_load_from_file_with_entry_and_sha256(tmp_path):
 
 @pytest.mark.parametrize("size", FULL_PRESETS)
 def test_full_size_presets_build_on_meta(size):
-    cfg = SiTConfig.from_preset(size)
+    cfg = parse(size=size)
     patch = cfg.patch_size
     input_size = 32 if patch > 1 else 16
-    with torch.device("meta"):
-        model = build_sit(cfg.replace(input_size=input_size, in_channels=4, encoder_dims=[768]),
-                          BuildContext(device="meta"))
+    model = create(size=size, device="meta", input_size=input_size, in_channels=4, encoder_dims=[768])
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == expected_parameters(cfg, input_size, 4, [768])
     assert model.pos_embed.shape == (1, (input_size // patch) ** 2, cfg.hidden_size)
 
 
-@needs_golden
-@pytest.mark.parametrize(("manifest", "size", "input_size", "channels"),
-                         [("sit_xl_2.json", "XL/2", 32, 4), ("sit_xl_1.json", "XL/1", 16, 32)])
-def test_full_size_matches_official_manifest(manifest, size, input_size, channels):
+SIT_MANIFESTS = sorted(p.name for p in (GOLDEN / "manifests").glob("sit_*.json"))
+# What the official constructor's keyword arguments mean here; the others change no shape.
+_MANIFEST_SHAPE_KWARGS = {"input_size", "in_channels", "num_classes", "class_dropout_prob", "z_dims", "qk_norm"}
+_MANIFEST_OTHER_KWARGS = {"encoder_depth", "bn_momentum", "fused_attn"}
+
+
+def test_sit_manifests_are_there():
+    assert {"sit_xl_1.json", "sit_xl_2.json"} <= set(SIT_MANIFESTS)
+
+
+@pytest.mark.parametrize("manifest", SIT_MANIFESTS)
+def test_full_size_matches_official_manifest(manifest):
+    """The official full-size model of a manifest (preset and constructor arguments from its ``_meta``), its shapes
+    derived from a dataset, tokenizer and encoders as in a recipe."""
     spec = json.loads((GOLDEN / "manifests" / manifest).read_text())
     meta = spec.pop("_meta")
-
-    class Tok:  # the sizes come from the "built" tokenizer and encoder, as in a recipe
-        latent_channels, downsample = channels, 256 // input_size
-
-    class Enc:
-        embed_dim = meta["kwargs"]["z_dims"][0]
-
-    with torch.device("meta"):
-        model = build_sit(SiTConfig.from_preset(size),
-                          BuildContext(device="meta", built={"tokenizer": Tok(), "encoders": [Enc()]}))
-    bn = {"running_mean": torch.empty(channels, device="meta"), "running_var": torch.empty(channels, device="meta"),
-          "num_batches_tracked": torch.empty((), dtype=torch.long, device="meta")}
+    size = re.fullmatch(r"SiT_models\['SiT-(\w+/\d+)'\]", meta["constructor"]).group(1)
+    kwargs = meta["kwargs"]
+    assert not set(kwargs) - _MANIFEST_SHAPE_KWARGS - _MANIFEST_OTHER_KWARGS, kwargs
+    f = 8  # any tokenizer downsampling: the latent size is derived as resolution // f
+    built = {"dataset": Images(kwargs["input_size"] * f), "tokenizer": Tok(kwargs["in_channels"], f),
+             "encoders": [Enc(dim) for dim in kwargs["z_dims"]]}
+    model = create(size=size, device="meta", built=built, num_classes=kwargs["num_classes"],
+                   class_dropout_prob=kwargs["class_dropout_prob"], qk_norm=kwargs["qk_norm"])
+    assert (model.input_size, model.in_channels, model.encoder_dims) == (
+        kwargs["input_size"], kwargs["in_channels"], kwargs["z_dims"])
+    bn = {k[len("bn."):]: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device="meta")
+          for k, v in meta["buffers"].items() if k.startswith("bn.")}
+    assert list(bn["running_mean"].shape) == [kwargs["in_channels"]]
     ours = {k: list(v.shape) for k, v in to_official(model, bn).items()}
     assert ours == spec
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == meta["num_trainable_parameters"]
-    assert trainable + model.pos_embed.numel() == meta["num_parameters"]
+    frozen = sum(model.state_dict()[k].numel() for k in meta["frozen_parameters"])
+    assert trainable + frozen == meta["num_parameters"]
 
 
 # -- golden: the official REPA-E SiT ---------------------------------------------------------------------------------
 
 
-def latent_batchnorm(x, state, *, training, momentum=0.1, eps=1e-4):
+def latent_batchnorm(x, state, *, training, momentum, eps=BN_EPS):
     """The REPA-E latent BatchNorm2d(affine=False) on ``state`` (running stats updated in place when training)."""
     if training:
         state["num_batches_tracked"] += 1
@@ -275,85 +335,92 @@ def proj_loss(zs, zs_tilde):
     return -sum(sims) / len(sims)
 
 
-@needs_golden
 def test_matches_official_repae_sit_forward():
-    gold = load_file(GOLDEN / "sit_forward.safetensors")
-    official = {k[len("weights."):]: v.float() if v.is_floating_point() else v
-                for k, v in gold.items() if k.startswith("weights.")}
-    model = tiny(class_dropout_prob=0.0, encoder_dims=[32])
-    torch.testing.assert_close(model.pos_embed, official["pos_embed"], rtol=0, atol=0)  # our sin-cos table
-    state, norm = from_official(official)
-    load_strict(model, state)
-    norm = {k: v.clone() for k, v in norm.items()}
-    x, t, y, noise, zs = gold["x"], gold["t"], gold["y"], gold["noise"], [gold["zs.0"]]
+    meta, gold = read_golden("sit_forward.safetensors")
+    cfg = meta["sit_config"]
+    model, norm = golden_sit(cfg, official_weights(gold))
+    depth, momentum = cfg["encoder_depth"], cfg["bn_momentum"]  # alignment depth, latent BatchNorm momentum
+    encoders = range(len(cfg["z_dims"]))
+    x, t, y, noise = gold["x"], gold["t"], gold["y"], gold["noise"]
+    zs = [gold[f"zs.{i}"] for i in encoders]
     tb = t.view(-1, 1, 1, 1)
+    checked: set[str] = set()
 
     def check(name, value):
         torch.testing.assert_close(value, gold[name], **TOL, msg=lambda m: f"{name}: {m}")
+        checked.add(name)
+
+    def check_projections(prefix, hidden):
+        zt = model.project(hidden)
+        for i in encoders:
+            check(f"{prefix}.zs_tilde.{i}", zt[i])
+        check(f"{prefix}.proj_loss", proj_loss(zs, zt))
 
     torch.set_grad_enabled(False)
     try:
-        model.eval()  # (a) align-only pass: eval BN, stop after block 2
-        nx = latent_batchnorm(x, norm, training=False)
+        model.eval()  # (a) align-only pass: eval BN, stop after block `encoder_depth`
+        nx = latent_batchnorm(x, norm, training=False, momentum=momentum)
         x_t = (1 - tb) * nx + tb * noise
-        out = model(x_t, t, y, feature_depths=[2], features_only=True)
-        zt = model.project(out.hidden[2])
+        out = model(x_t, t, y, feature_depths=[depth], features_only=True)
         check("eval_align.normalized_x", nx)
         check("eval_align.model_input", x_t)
-        check("eval_align.zs_tilde.0", zt[0])
-        check("eval_align.proj_loss", proj_loss(zs, zt))
+        check_projections("eval_align", out.hidden[depth])
         c = model.t_embedder(t) + model.y_embedder(y)  # the reference's align-only "model_output" artefact
-        check("eval_align.model_output", model.unpatchify(model.final_layer(out.hidden[2], c)))
+        check("eval_align.model_output", model.unpatchify(model.final_layer(out.hidden[depth], c)))
 
-        out = model(x_t, t, y, feature_depths=[2])  # (a2) full eval pass
+        out = model(x_t, t, y, feature_depths=[depth])  # (a2) full eval pass
         check("eval.model_output", out.prediction)
-        check("eval.zs_tilde.0", model.project(out.hidden[2])[0])
-        check("eval.proj_loss", proj_loss(zs, model.project(out.hidden[2])))
+        check_projections("eval", out.hidden[depth])
         check("eval.denoising_loss", (out.prediction - (noise - nx)).square().mean(dim=(1, 2, 3)))
 
         check("inference.out", model(gold["inference.x_t"], gold["inference.t"], gold["inference.y"]).prediction)
 
         model.train()  # (b) train pass: batch statistics, running stats updated
-        nx = latent_batchnorm(x, norm, training=True)
+        nx = latent_batchnorm(x, norm, training=True, momentum=momentum)
         x_t = (1 - tb) * nx + tb * noise
-        out = model(x_t, t, y, feature_depths=[2])
+        out = model(x_t, t, y, feature_depths=[depth])
         check("train.normalized_x", nx)
         check("train.model_input", x_t)
         check("train.model_output", out.prediction)
         check("train.model_target", noise - nx)
         check("train.denoising_loss", (out.prediction - (noise - nx)).square().mean(dim=(1, 2, 3)))
-        check("train.zs_tilde.0", model.project(out.hidden[2])[0])
-        check("train.proj_loss", proj_loss(zs, model.project(out.hidden[2])))
+        check_projections("train", out.hidden[depth])
         for key in ("running_mean", "running_var"):
             check(f"bn_after_train.{key}", norm[key])
         assert torch.equal(norm["num_batches_tracked"], gold["bn_after_train.num_batches_tracked"])
+        checked.add("bn_after_train.num_batches_tracked")
     finally:
         torch.set_grad_enabled(True)
+    assert checked == set(meta["roles"]["outputs"]), "every output of the file is compared"
 
 
-@needs_golden
 def test_matches_official_sampler_model_calls():
     """Every model call logged by the official Euler/Heun sampler (label table with the null row), and the guided
-    Euler sample."""
-    gold = load_file(GOLDEN / "sampler_ode.safetensors")
-    official = {k[len("weights."):]: v.float() if v.is_floating_point() else v
-                for k, v in load_file(GOLDEN / "sit_forward.safetensors").items() if k.startswith("weights.")}
-    official["y_embedder.embedding_table.weight"] = gold["weights.y_embedder.embedding_table.weight"].float()
-    model = tiny(class_dropout_prob=0.1, encoder_dims=[32]).eval()
-    load_strict(model, from_official(official)[0])
+    Euler sample; steps, guidance scale and interval, and the null label from the file's metadata."""
+    meta, gold = read_golden("sampler_ode.safetensors")
+    cfg, ref = meta["sit_config"], meta["sampler"]
+    _, source = read_golden(meta["weights_from"].split()[0])  # the SiT weights, except the label table stored here
+    weights = official_weights(source)
+    weights["y_embedder.embedding_table.weight"] = gold["weights.y_embedder.embedding_table.weight"].float()
+    model, _ = golden_sit(cfg, weights)
+    model.eval()
+    null, scale, steps = cfg["num_classes"], ref["cfg_scale"], ref["num_steps"]
     calls = sorted({k.rsplit(".", 1)[0] for k in gold if ".call" in k})
+    assert len(calls) == steps + (2 * steps - 1)  # Euler: one call per step; Heun: two, the last step one
     with torch.no_grad():
         for call in calls:
             v = model(gold[f"{call}.x"], gold[f"{call}.t"], gold[f"{call}.y"]).prediction
             torch.testing.assert_close(v, gold[f"{call}.v"], **TOL, msg=lambda m: f"{call}: {m}")
-        assert len(calls) == 8 + 15
-        # the guided Euler run end to end: float64 state, float32 model calls, CFG on all channels in [0, 0.7]
-        x, y, steps = gold["x_T"].double(), gold["y"], gold["t_steps"]
-        for i, active in enumerate(gold["cfg_active"].tolist()):
-            batch, labels = (torch.cat([x, x]), torch.cat([y, torch.full_like(y, 10)])) if active else (x, y)
-            v = model(batch.float(), steps[i].float().expand(len(batch)), labels).prediction
-            if active:
+        # the guided Euler run end to end: float64 state, float32 model calls, CFG on all channels in the interval
+        x, y, grid = gold["x_T"].double(), gold["y"], gold["t_steps"]
+        assert len(grid) == steps + 1
+        active = [scale != 1.0 and ref["guidance_low"] <= float(t) <= ref["guidance_high"] for t in grid[:-1]]
+        assert active == [bool(a) for a in gold["cfg_active"].tolist()]
+        for i, guided in enumerate(active):
+            batch, labels = (torch.cat([x, x]), torch.cat([y, torch.full_like(y, null)])) if guided else (x, y)
+            v = model(batch.float(), grid[i].float().expand(len(batch)), labels).prediction
+            if guided:
                 cond, uncond = v.chunk(2)
-                v = uncond + 2.0 * (cond - uncond)
-            x = x + (steps[i + 1] - steps[i]) * v
+                v = uncond + scale * (cond - uncond)
+            x = x + (grid[i + 1] - grid[i]) * v
     torch.testing.assert_close(x, gold["out_euler"], **TOL)

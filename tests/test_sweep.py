@@ -24,7 +24,7 @@ from repae.sweep import parse_sweep_args, plan_sweep, point_name, run_sweep, spl
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 # two steps, a checkpoint after each (so that a point can be left unfinished), a log line per step
-TINY = [*QUICK_RUN_OVERRIDES, "dataset.size=16", "trainer.batch_size=4", "trainer.steps=2", "trainer.log_every=1",
+TINY = [*QUICK_RUN_OVERRIDES, "dataset.num_images=16", "trainer.batch_size=4", "trainer.steps=2", "trainer.log_every=1",
         "trainer.checkpoint_every=1"]
 LR_AXIS = "trainer.optimizers.default.lr=1.0e-3,2.0e-3"
 
@@ -93,6 +93,32 @@ def test_plan_is_the_product_in_order(registry, tmp_path):
     assert resolved["denoiser"]["depth"] == 3 and resolved["losses"]["repa"]["depth"] == 1
     assert plan.points[0].steps == 7 and plan.points[0].step is None
     assert plan_sweep(QUICKSTART, [], registry).out == Path("runs/quickstart-sweep")
+
+
+def test_every_point_is_checked_whole(registry, tmp_path):
+    """Each point's components are composed on meta before anything trains: a point whose alignment depth exceeds
+    its denoiser's depth is a problem naming both keys; values that follow from others are derived per point."""
+    plan = plan_sweep(QUICKSTART, ["denoiser.depth=1,3"], registry, tmp_path / "depth")
+    assert len(plan.problems) == 1
+    text = str(plan.problems[0])
+    assert text.startswith("[point 000-denoiser.depth=1]") and "losses.repa.depth" in text
+    assert "denoiser has 1 blocks" in text and "denoiser.depth=1" in text
+    result = invoke("sweep", QUICKSTART, "denoiser.depth=1,3", "--out", tmp_path / "cli", "--dry-run")
+    assert result.exit_code == 2 and "losses.repa.depth" in result.output and not (tmp_path / "cli").exists()
+    # the denoiser's input size follows the dataset resolution at every point (the paper's 512 px is one line)
+    plan = plan_sweep(QUICKSTART, ["dataset.resolution=32,64"], registry, tmp_path / "res")
+    assert not plan.problems
+    assert [p.resolved.to_dict()["denoiser"]["input_size"] for p in plan.points] == [8, 16]
+
+
+def test_compare_uses_the_one_recipe_flattener():
+    import repae.recipe
+
+    assert flatten_recipe is repae.recipe.flatten_recipe
+    recipe = {"losses": {"diffusion": {"updates": ["denoiser", "tokenizer"]}}, "encoders": [{"name": "dinov2"}],
+              "trainer": {"optimizers": {}}}
+    assert flatten_recipe(recipe) == {"losses.diffusion.updates": ["denoiser", "tokenizer"],
+                                      "encoders.0.name": "dinov2", "trainer.optimizers": {}}
 
 
 def test_dry_run_reports_every_invalid_point_and_writes_nothing(tmp_path):
@@ -186,6 +212,10 @@ def test_sweep_again_skips_finished_points_and_resumes_unfinished(swept, tmp_pat
     changed = invoke("sweep", QUICKSTART, *TINY, "trainer.steps=3", LR_AXIS, "--out", copy, "--dry-run")
     assert changed.exit_code == 2 and "already holds a run of a different recipe (differing keys: trainer.steps)" \
         in " ".join(changed.output.split())
+    # a changed list is one key (one flattener for run, sweep and compare), not losses.diffusion.updates.1
+    listed = invoke("sweep", QUICKSTART, *TINY, "losses.diffusion.updates=[denoiser,tokenizer]", LR_AXIS, "--out",
+                    copy, "--dry-run")
+    assert listed.exit_code == 2 and "(differing keys: losses.diffusion.updates)" in " ".join(listed.output.split())
     allowed = invoke("sweep", QUICKSTART, *TINY, "trainer.steps=3", LR_AXIS, "--out", copy, "--dry-run",
                      "--allow-recipe-change")
     assert allowed.exit_code == 0 and allowed.output.count("step 2/3") == 2, allowed.output

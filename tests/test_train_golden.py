@@ -8,87 +8,81 @@ the encoder targets are injected. LPIPS has weight 0 in the golden step and is l
 One quirk of the reference is deliberately not copied: its training loop flips ``requires_grad`` on the fixed sin-cos
 ``pos_embed`` and so updates it. Our ``pos_embed`` is a frozen buffer; every comparison below excludes it, and the
 SiT's global gradient norm is compared after removing ``pos_embed``'s share from the reference value.
+
+Every configuration value (model sizes, channels, classes, depths, coefficients, optimizer settings) is read from the
+golden file's metadata, so another file made by the same reference script with other settings can be dropped in.
+Constants of the reference code that its metadata does not carry are named where they are used (GroupNorm with 32
+groups in the LDM VAE, the latent BatchNorm's eps 1e-4).
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from repae.plugins import load_plugins
 from repae.train.config import OptimizerConfig, TrainerConfig
 from repae.train.context import StepInputs
-from repae.train.engine import Trainer
+from repae.train.engine import PhasedTrainer
 
-from conftest import GOLDEN, build_section
+from conftest import build_section, official_weights, read_golden
 
 LOSS_TOL = dict(atol=1e-5, rtol=1e-4)
 
 
-def _load(name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    path = GOLDEN / name
-    if not path.is_file():
-        pytest.skip(f"golden file {path} is absent (the shared/ folder next to the repository)")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["json"])
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
-
-
-def _weights(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in tensors.items()
-            if k.startswith(prefix)}
-
-
 @pytest.fixture(scope="module")
 def golden_step():
-    g, meta = _load("repae_step.safetensors")
-    vae_fwd, _ = _load("vae_forward.safetensors")
-    vae_dec, _ = _load("vae_forward_decoder.safetensors")
-    sit_fwd, _ = _load("sit_forward.safetensors")
+    meta, g = read_golden("repae_step.safetensors")
+    _, vae_fwd = read_golden("vae_forward.safetensors")
+    _, vae_dec = read_golden("vae_forward_decoder.safetensors")
+    _, sit_fwd = read_golden("sit_forward.safetensors")
     from repae_sit.checkpoint import from_official
 
     registry = load_plugins(select={"repae"}).registry
     torch.manual_seed(0)
     vc = meta["vae_config"]
-    vae = build_section(registry, "tokenizer", "sd-vae", variant="tiny", ch=vc["ch"], ch_mult=vc["ch_mult"],
+    assert vc["z_channels"] == vc["embed_dim"] and vc["double_z"], "the LDM KL-VAE ties z_channels to embed_dim"
+    vae = build_section(registry, "tokenizer", "sd-vae", size="tiny", ch=vc["ch"], ch_mult=vc["ch_mult"],
                         num_res_blocks=vc["num_res_blocks"], attn_resolutions=vc["attn_resolutions"],
-                        resolution=vc["resolution"], latent_channels=vc["embed_dim"], norm_groups=32)
-    vae.load_state_dict({**_weights(vae_fwd, "weights."), **_weights(vae_dec, "weights.")}, strict=True)
+                        resolution=vc["resolution"], latent_channels=vc["embed_dim"],
+                        norm_groups=32)  # the reference's Normalize(): GroupNorm(32 groups) at every width
+    vae.load_state_dict({**official_weights(vae_fwd, "weights."), **official_weights(vae_dec, "weights.")}, strict=True)
     sc = meta["sit_config"]
-    sit = build_section(registry, "denoiser", "sit", size="tiny", input_size=sc["input_size"],
-                        in_channels=sc["in_channels"], num_classes=sc["num_classes"],
+    sit = build_section(registry, "denoiser", "sit", size="tiny", depth=sc["depth"], hidden_size=sc["hidden_size"],
+                        num_heads=sc["num_heads"], patch_size=sc["patch_size"], mlp_ratio=sc["mlp_ratio"],
+                        input_size=sc["input_size"], in_channels=sc["in_channels"], num_classes=sc["num_classes"],
                         class_dropout_prob=sc["class_dropout_prob"], encoder_dims=sc["z_dims"],
-                        projector_dim=sc["projector_dim"])
-    sit_state, bn_state = from_official(_weights(sit_fwd, "weights."))
+                        projector_dim=sc["projector_dim"], qk_norm=sc["qk_norm"])
+    sit_state, bn_state = from_official(official_weights(sit_fwd, "weights."))
     sit.load_state_dict(sit_state, strict=True)
-    norm = build_section(registry, "normalizer", "batchnorm", channels=sc["in_channels"], init="none")
+    norm = build_section(registry, "normalizer", "batchnorm", channels=sc["in_channels"], init="none",
+                         momentum=sc["bn_momentum"], eps=1e-4)  # eps: the reference's BatchNorm2d(eps=1e-4)
     norm.load_state_dict(bn_state, strict=True)
     r = meta["repae"]
-    depth = sc["encoder_depth"]
+    assert r["perceptual_weight"] == 0, "LPIPS is left out: the golden step has it at weight 0"
     dc = meta["disc_config"]
     losses = {
         "reconstruction": build_section(registry, "loss", "reconstruction", kind="l1", updates=["tokenizer"]),
         "kl": build_section(registry, "loss", "kl", weight=r["kl_weight"], updates=["tokenizer"]),
-        "gan": build_section(registry, "loss", "patchgan", variant="tiny", ndf=dc["ndf"], n_layers=dc["n_layers"],
-                             weight=r["disc_weight"], disc_weight=1.0, updates=["tokenizer", "discriminator"]),
-        "repa_tokenizer": build_section(registry, "loss", "repa", depth=depth, weight=r["vae_align_proj_coeff"],
-                                        updates=["tokenizer"]),
+        "gan": build_section(registry, "loss", "patchgan", size="tiny", ndf=dc["ndf"], n_layers=dc["n_layers"],
+                             weight={"tokenizer": r["disc_weight"], "discriminator": 1.0},
+                             updates=["tokenizer", "discriminator"]),
         "diffusion": build_section(registry, "loss", "flow-matching", updates=["denoiser"]),
-        "repa": build_section(registry, "loss", "repa", depth=depth, weight=r["proj_coeff"], updates=["denoiser"]),
+        "repa": build_section(registry, "loss", "repa", depth=sc["encoder_depth"],
+                              weight={"denoiser": r["proj_coeff"], "tokenizer": r["vae_align_proj_coeff"]},
+                              updates=["denoiser", "tokenizer"]),
     }
-    losses["gan"].discriminator.load_state_dict(_weights(g, "disc."), strict=True)
+    losses["gan"].discriminator.load_state_dict(official_weights(g, "disc."), strict=True)
     config = TrainerConfig(
         steps=1, batch_size=r["batch_size"], precision="fp32", label_dropout=0.0, ema_decay=r["ema_decay"],
         clip_grad_norm=r["max_grad_norm"],
         optimizers={"default": OptimizerConfig(lr=r["lr"], betas=tuple(r["betas"]), weight_decay=r["weight_decay"],
                                                eps=r["adam_eps"])},
     )
-    trainer = Trainer(config, {"dataset": object(), "tokenizer": vae, "denoiser": sit, "latent_norm": norm,
-                               "losses": losses, "encoders": []}, seed=0)
+    trainer = PhasedTrainer(config, {"dataset": object(), "tokenizer": vae, "denoiser": sit, "latent_norm": norm,
+                                     "losses": losses, "encoders": []}, seed=r["seed"])
     trainer.setup()
     inputs = StepInputs(labels=g["labels"], images=g["images"], eps_posterior=g["eps_posterior"], t=g["t"],
                         noise=g["noise"], drop_labels=torch.zeros(len(g["labels"]), dtype=torch.bool),
@@ -106,7 +100,7 @@ def test_losses_match(golden_step):
         "tokenizer/reconstruction": "vae_loss.reconstruction_loss",
         "tokenizer/kl": "vae_loss.kl_loss_unweighted",
         "tokenizer/gan": "vae_loss.gan_loss",
-        "tokenizer/repa_tokenizer": "vae_loss.align_proj_loss",
+        "tokenizer/repa": "vae_loss.align_proj_loss",
         "tokenizer/total": "vae_loss.total",
         "discriminator/gan": "d_loss.total",
         "discriminator/gan.logits_real": "d_loss.logits_real",

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import build_section
+import repae
+import repae.weights
+from conftest import GOLDEN, build_section, read_golden
 from repae.errors import ComponentBuildError, UserError
 from repae.interfaces import Posterior, Tokenizer
 from repae_vae import F8D4, F16D32, TINY
@@ -25,7 +26,6 @@ from repae_vae.convert import (
     save_diffusers,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 MANIFESTS = GOLDEN / "manifests"
 NAMES = ("sd-vae", "in-vae", "va-vae")
 
@@ -49,32 +49,30 @@ def tiny(seed: int = 0) -> KLAutoencoder:
     return randomize_(KLAutoencoder(**TINY), seed).eval()
 
 
-@pytest.fixture
-def weights_api():
-    return pytest.importorskip("repae.weights", reason="repae/weights.py (weight resolution) is not there yet")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Registration, interface, forward/backward
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("name", "variant", "channels", "factor"),
+    ("name", "size", "channels", "factor"),
     [("sd-vae", "f8d4", 4, 8), ("in-vae", "f16d32", 32, 16), ("va-vae", "f16d32", 32, 16)],
 )
-def test_registered_with_sensible_defaults(registry, name, variant, channels, factor):
+def test_registered_with_sensible_defaults(registry, name, size, channels, factor):
     entry = registry.get("tokenizer", name)
     config, issues = entry.parse({})
     assert not issues
-    assert config.variant == variant and config.latent_channels == channels
+    assert config.size == size and config.latent_channels == channels
+    assert {k: getattr(config, k) for k in entry.presets[size]} == entry.presets[size]  # defaults = default preset
     assert 2 ** (len(config.ch_mult) - 1) == factor
     assert config.weights is None  # tests and dry runs never download
     assert set(entry.presets) >= {"f8d4", "f16d32", "tiny"}
+    _, issues = entry.parse({"variant": "tiny"})  # the old selector name points to the new one
+    assert issues and "size: tiny" in issues[0].hint
 
 
 def test_tiny_forward_backward(registry):
-    vae = build(registry, "sd-vae", variant="tiny")
+    vae = build(registry, "sd-vae", size="tiny")
     assert isinstance(vae, Tokenizer)
     assert 1_000 <= sum(p.numel() for p in vae.parameters()) <= 100_000
     assert (vae.latent_channels, vae.downsample) == (4, 4)
@@ -93,7 +91,7 @@ def test_tiny_forward_backward(registry):
     loss.backward()
     missing = [n for n, p in vae.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
-    assert vae.weights_sha256 is None and vae.latent_stats is None
+    assert vae.loaded_weights == {} and vae.latent_stats is None
 
 
 def test_sample_draws_fresh_noise_unless_given():
@@ -106,7 +104,7 @@ def test_sample_draws_fresh_noise_unless_given():
 
 def test_invalid_architecture_is_a_config_error(registry):
     with pytest.raises(ComponentBuildError, match="norm_groups"):
-        build(registry, "sd-vae", variant="tiny", ch=6)
+        build(registry, "sd-vae", size="tiny", ch=6)
 
 
 def test_state_dict_round_trip_is_strict_and_exact():
@@ -125,10 +123,7 @@ def test_state_dict_round_trip_is_strict_and_exact():
 
 
 def load_manifest(name: str) -> tuple[dict, dict]:
-    path = MANIFESTS / name
-    if not path.is_file():
-        pytest.skip(f"golden manifest {path} is absent")
-    shapes = json.loads(path.read_text())
+    shapes = json.loads((MANIFESTS / name).read_text())
     return shapes.pop("_meta"), shapes
 
 
@@ -138,7 +133,9 @@ def load_manifest(name: str) -> tuple[dict, dict]:
 )
 def test_full_size_on_meta_matches_official_layout(registry, name, manifest):
     meta, shapes = load_manifest(manifest)
-    vae = build(registry, name, device="meta")
+    vae = build(registry, name, device="meta")  # the component's defaults are the official model's
+    kwargs = meta["kwargs"]
+    assert (vae.architecture["ch_mult"], vae.latent_channels) == (kwargs["ch_mult"], kwargs["embed_dim"])
     assert all(p.is_meta for p in vae.parameters())
     assert sum(p.numel() for p in vae.parameters()) == meta["num_parameters"]
     assert {k: list(v.shape) for k, v in vae.state_dict().items()} == shapes
@@ -174,25 +171,29 @@ def test_diffusers_config_round_trip(arch):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_golden_forward_matches_official():
-    files = [GOLDEN / "vae_forward.safetensors", GOLDEN / "vae_forward_decoder.safetensors"]
-    if not all(f.is_file() for f in files):
-        pytest.skip(f"golden files {[str(f) for f in files]} are absent")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), "pt") as f:
-            if file.name == "vae_forward.safetensors":
-                meta = json.loads(f.metadata()["json"])
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+REFERENCE_NORM_GROUPS = 32
+"""The official Encoder/Decoder use GroupNorm(32 groups) whatever their width (golden/README.md §3): a property of
+the reference code, not a setting of the golden file."""
+
+
+def test_golden_forward_matches_official(registry):
+    meta, tensors = read_golden("vae_forward.safetensors")
+    also = meta.get("weights_also_in", [])  # the weights are split over several files (size limit)
+    for name in [also] if isinstance(also, str) else also:
+        tensors.update(read_golden(name)[1])
     cfg, tol = meta["vae_config"], meta["suggested_tolerance"]
     assert cfg["z_channels"] == cfg["embed_dim"] and cfg["double_z"] and cfg["dropout"] == 0
-    vae = KLAutoencoder(
+    assert cfg["in_channels"] == cfg["out_ch"] == 3  # RGB
+    vae = build(  # every architecture field set: no preset involved
+        registry,
+        "sd-vae",
         latent_channels=cfg["embed_dim"],
         ch=cfg["ch"],
         ch_mult=cfg["ch_mult"],
         num_res_blocks=cfg["num_res_blocks"],
         attn_resolutions=cfg["attn_resolutions"],
         resolution=cfg["resolution"],
+        norm_groups=REFERENCE_NORM_GROUPS,
     ).eval()
     weights = {k[len("weights.") :]: v.float() for k, v in tensors.items() if k.startswith("weights.")}
     vae.load_state_dict(weights, strict=True)
@@ -213,6 +214,7 @@ def test_golden_forward_matches_official():
             "decoded_from_mean": vae.decode(posterior.mode()),
             "forward_recon": vae(tensors["image"], tensors["eps"])[2],
         }
+    assert set(meta["roles"]["outputs"]) <= set(got), "every output of the file is compared"
     expected = dict(tensors, forward_recon=tensors["decoded_from_sample"])
     for key, value in got.items():
         torch.testing.assert_close(
@@ -279,7 +281,7 @@ def test_legacy_diffusers_attention_names_convert():
 def test_save_diffusers_folder_loads_in_diffusers(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     ours = tiny(seed=8)
-    ours.set_latent_stats(torch.arange(4.0), torch.full((4,), 2.0))
+    ours.set_latent_stats(torch.arange(4.0), torch.full((4,), 0.5))  # mean, std
     folder = save_diffusers(ours, tmp_path / "vae-hf")
     theirs = diffusers.AutoencoderKL.from_pretrained(str(folder)).eval()
     assert list(theirs.config.latents_std) == [0.5] * 4 and list(theirs.config.latents_mean) == [0.0, 1.0, 2.0, 3.0]
@@ -301,103 +303,107 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(v, sb[k]), k
 
 
-def test_loads_ldm_pt_with_repae_latent_stats(registry, weights_api, tmp_path):
+def test_loads_ldm_pt_with_repae_latent_stats(registry, tmp_path):
     ours = tiny(seed=10)
     ckpt = tmp_path / "e2e-tiny-400k.pt"
     torch.save(ours.state_dict(), ckpt)
     stats = {"latents_scale": torch.full((1, 4, 1, 1), 0.5), "latents_bias": torch.arange(4.0).view(1, 4, 1, 1)}
     torch.save(stats, tmp_path / "e2e-tiny-400k-latents-stats.pt")
-    vae = build(registry, "sd-vae", variant="tiny", weights=str(ckpt))
+    vae = build(registry, "sd-vae", size="tiny", weights=str(ckpt))
     assert_same_weights(ours, vae)
-    assert vae.weights_sha256 == sha256(ckpt)
+    assert vae.loaded_weights["weights"].sha256 == sha256(ckpt)
     assert vae.latent_stats is not None
     torch.testing.assert_close(vae.latent_stats.mean, torch.arange(4.0))
-    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 0.5))
-    assert vae.latent_stats_sha256 == sha256(tmp_path / "e2e-tiny-400k-latents-stats.pt")
-    assert build(registry, "sd-vae", variant="tiny", weights=str(ckpt), latent_stats=None).latent_stats is None
+    torch.testing.assert_close(vae.latent_stats.std, torch.full((4,), 2.0))  # REPA-E's latents_scale is 1 / std
+    stats = vae.loaded_weights["latent_stats"]
+    assert stats.sha256 == sha256(tmp_path / "e2e-tiny-400k-latents-stats.pt")
+    assert stats.path == str(tmp_path / "e2e-tiny-400k-latents-stats.pt")
+    assert build(registry, "sd-vae", size="tiny", weights=str(ckpt), latent_stats=None).latent_stats is None
 
 
-def test_loads_safetensors_with_lightningdit_stats(registry, weights_api, tmp_path):
+def test_loads_safetensors_with_lightningdit_stats(registry, tmp_path):
     ours = tiny(seed=11)
     save_file(ours.state_dict(), str(tmp_path / "vae.safetensors"))
     torch.save({"mean": torch.ones(1, 4, 1, 1), "std": torch.full((1, 4, 1, 1), 4.0)}, tmp_path / "stats.pt")
     vae = build(
         registry,
         "va-vae",
-        variant="tiny",
+        size="tiny",
         weights=str(tmp_path / "vae.safetensors"),
         latent_stats=str(tmp_path / "stats.pt"),
     )
     assert_same_weights(ours, vae)
-    assert vae.weights_sha256 == sha256(tmp_path / "vae.safetensors")
-    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 0.25))
+    assert vae.loaded_weights["weights"].sha256 == sha256(tmp_path / "vae.safetensors")
+    torch.testing.assert_close(vae.latent_stats.mean, torch.ones(4))
+    torch.testing.assert_close(vae.latent_stats.std, torch.full((4,), 4.0))
 
 
-def test_loads_diffusers_folder_with_config_stats(registry, weights_api, tmp_path):
+def test_loads_diffusers_folder_with_config_stats(registry, tmp_path):
     ours = tiny(seed=12)
-    ours.set_latent_stats(torch.zeros(4), torch.full((4,), 4.0))
+    ours.set_latent_stats(torch.zeros(4), torch.full((4,), 4.0))  # mean, std
     folder = save_diffusers(ours, tmp_path / "e2e-tiny-hf")
-    vae = build(registry, "in-vae", variant="tiny", weights=str(folder))
+    vae = build(registry, "in-vae", size="tiny", weights=str(folder))
     assert_same_weights(ours, vae)
-    assert vae.weights_sha256 == sha256(folder / "diffusion_pytorch_model.safetensors")
-    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 4.0))
+    assert vae.loaded_weights["weights"].sha256 == sha256(folder / "diffusion_pytorch_model.safetensors")
+    assert vae.loaded_weights["latent_stats"].path == str(folder / "config.json")
+    torch.testing.assert_close(vae.latent_stats.std, torch.full((4,), 4.0))
 
 
-def test_loads_vae_from_a_training_checkpoint(registry, weights_api, tmp_path):
+def test_loads_vae_from_a_training_checkpoint(registry, tmp_path):
     ours = tiny(seed=13)
     ckpt = tmp_path / "0400000.pt"
     torch.save({"vae": ours.state_dict(), "model": {"blocks.0.weight": torch.zeros(1)}}, ckpt)
     with pytest.raises(UserError, match="vae"):
-        build(registry, "sd-vae", variant="tiny", weights=str(ckpt))
-    vae = build(registry, "sd-vae", variant="tiny", weights=str(ckpt), weights_key="vae")
+        build(registry, "sd-vae", size="tiny", weights=str(ckpt))
+    vae = build(registry, "sd-vae", size="tiny", weights=str(ckpt), weights_key="vae")
     assert_same_weights(ours, vae)
 
 
-def test_missing_file_names_it(registry, weights_api, tmp_path):
+def test_missing_file_names_it(registry, tmp_path):
     with pytest.raises(UserError, match="nowhere.pt"):
-        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "nowhere.pt"))
+        build(registry, "sd-vae", size="tiny", weights=str(tmp_path / "nowhere.pt"))
 
 
-def test_wrong_layout_names_keys(registry, weights_api, tmp_path):
+def test_wrong_layout_names_keys(registry, tmp_path):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "sit.safetensors"))
     with pytest.raises(UserError, match=r"not an AutoencoderKL state dict.*blocks\.0\.attn\.qkv\.weight"):
-        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "sit.safetensors"))
+        build(registry, "sd-vae", size="tiny", weights=str(tmp_path / "sit.safetensors"))
 
 
-def test_shape_mismatch_names_keys(registry, weights_api, tmp_path):
+def test_shape_mismatch_names_keys(registry, tmp_path):
     other = KLAutoencoder(**{**TINY, "latent_channels": 8})
     save_file(other.state_dict(), str(tmp_path / "d8.safetensors"))
     expected = r"shape mismatch.*quant_conv\.weight: file \[16, 16, 1, 1\] vs model \[8, 8, 1, 1\]"
     with pytest.raises(UserError, match=expected):
-        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "d8.safetensors"))
+        build(registry, "sd-vae", size="tiny", weights=str(tmp_path / "d8.safetensors"))
 
 
-def test_missing_and_unexpected_keys_are_named(registry, weights_api, tmp_path):
+def test_missing_and_unexpected_keys_are_named(registry, tmp_path):
     state = tiny().state_dict()
     del state["decoder.conv_out.bias"]
     state["loss.discriminator.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / "partial.safetensors"))
     expected = r"(?s)missing key.*decoder\.conv_out\.bias.*unexpected key.*loss\.discriminator\.weight"
     with pytest.raises(UserError, match=expected):
-        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "partial.safetensors"))
+        build(registry, "sd-vae", size="tiny", weights=str(tmp_path / "partial.safetensors"))
     state["decoder.conv_out.bias"] = torch.zeros(3)
     save_file(state, str(tmp_path / "extra.safetensors"))
     with pytest.raises(UserError, match="unexpected"):
-        build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "extra.safetensors"))
-    vae = build(registry, "sd-vae", variant="tiny", weights=str(tmp_path / "extra.safetensors"), strict=False)
+        build(registry, "sd-vae", size="tiny", weights=str(tmp_path / "extra.safetensors"))
+    vae = build(registry, "sd-vae", size="tiny", weights=str(tmp_path / "extra.safetensors"), strict=False)
     assert torch.equal(vae.decoder.conv_out.bias, torch.zeros(3))
 
 
-def test_latent_stats_of_another_vae_are_rejected(registry, weights_api, tmp_path):
+def test_latent_stats_of_another_vae_are_rejected(registry, tmp_path):
     torch.save({"latents_scale": torch.ones(1, 32, 1, 1), "latents_bias": torch.zeros(1, 32, 1, 1)}, tmp_path / "s.pt")
     with pytest.raises(UserError, match="32"):
-        build(registry, "sd-vae", variant="tiny", latent_stats=str(tmp_path / "s.pt"))
+        build(registry, "sd-vae", size="tiny", latent_stats=str(tmp_path / "s.pt"))
 
 
 def test_meta_build_never_touches_weights(registry, tmp_path):
     absent = {"weights": str(tmp_path / "absent.pt"), "latent_stats": str(tmp_path / "x.pt")}
     vae = build(registry, "sd-vae", device="meta", **absent)
-    assert vae.weights_sha256 is None and vae.latent_stats is None
+    assert vae.loaded_weights == {} and vae.latent_stats is None
 
 
 def fake_hub_repo(cache: Path, repo: str, files: dict[str, Path]) -> None:
@@ -413,7 +419,7 @@ def fake_hub_repo(cache: Path, repo: str, files: dict[str, Path]) -> None:
 
 
 @pytest.fixture
-def offline_hub(weights_api, tmp_path, monkeypatch):
+def offline_hub(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -427,10 +433,11 @@ def test_loads_repae_hub_repository_offline(registry, offline_hub, tmp_path):
     torch.save(stats, tmp_path / "s.pt")
     files = {"sdvae-f8d4.pt": tmp_path / "w.pt", "sdvae-f8d4-latents-stats.pt": tmp_path / "s.pt"}
     fake_hub_repo(offline_hub, "REPA-E/sdvae", files)
-    vae = build(registry, "sd-vae", variant="tiny", weights="hf://REPA-E/sdvae")  # the repository alone names its file
+    vae = build(registry, "sd-vae", size="tiny", weights="hf://REPA-E/sdvae")  # the repository alone names its file
     assert_same_weights(ours, vae)
-    assert vae.weights_sha256 == sha256(tmp_path / "w.pt") and vae.weights_source == "hf://REPA-E/sdvae"
-    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 3.0))
+    info = vae.loaded_weights["weights"]
+    assert info.sha256 == sha256(tmp_path / "w.pt") and info.source == "hf://REPA-E/sdvae"
+    torch.testing.assert_close(vae.latent_stats.std, torch.full((4,), 1 / 3))
 
 
 def test_hub_repository_without_cached_stats_loads_without_them(registry, offline_hub, tmp_path):
@@ -438,14 +445,14 @@ def test_hub_repository_without_cached_stats_loads_without_them(registry, offlin
     folder = save_diffusers(ours, tmp_path / "hf")
     weights_file = folder / "diffusion_pytorch_model.safetensors"
     fake_hub_repo(offline_hub, "someone/tiny-vae-hf", {weights_file.name: weights_file})
-    vae = build(registry, "sd-vae", variant="tiny", weights="hf://someone/tiny-vae-hf")
+    vae = build(registry, "sd-vae", size="tiny", weights="hf://someone/tiny-vae-hf")
     assert_same_weights(ours, vae)
     assert vae.latent_stats is None
 
 
 def test_uncached_hub_weights_say_what_to_download(registry, offline_hub):
     with pytest.raises(UserError, match=r"(?s)e2e-vavae-400k\.pt.*REPA-E/e2e-vavae"):
-        build(registry, "va-vae", variant="tiny", weights="hf://REPA-E/e2e-vavae")
+        build(registry, "va-vae", size="tiny", weights="hf://REPA-E/e2e-vavae")
 
 
 def test_registration_module_does_not_import_torch():
@@ -456,7 +463,7 @@ def test_registration_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_hub_stats_are_fetched_beside_the_checkpoint(registry, weights_api, tmp_path, monkeypatch):
+def test_hub_stats_are_fetched_beside_the_checkpoint(registry, tmp_path, monkeypatch):
     ours = tiny(seed=16)
     (tmp_path / "cached").mkdir()
     (tmp_path / "fetched").mkdir()
@@ -470,8 +477,10 @@ def test_hub_stats_are_fetched_beside_the_checkpoint(registry, weights_api, tmp_
         asked.append(source)
         return stats if "latents-stats" in source else ckpt
 
-    monkeypatch.setattr(weights_api, "resolve_weights", resolve)
-    vae = build(registry, "va-vae", variant="tiny", weights="hf://REPA-E/e2e-vavae/e2e-vavae-400k.pt@v1")
+    # the public name (what plugins import) and the module's own (what repae.load_weights calls)
+    monkeypatch.setattr(repae.weights, "resolve_weights", resolve)
+    monkeypatch.setattr(repae, "resolve_weights", resolve)
+    vae = build(registry, "va-vae", size="tiny", weights="hf://REPA-E/e2e-vavae/e2e-vavae-400k.pt@v1")
     repo = "hf://REPA-E/e2e-vavae"
     assert asked == [f"{repo}/e2e-vavae-400k.pt@v1", f"{repo}/e2e-vavae-400k-latents-stats.pt@v1"]
-    torch.testing.assert_close(vae.latent_stats.scale, torch.full((4,), 2.0))
+    torch.testing.assert_close(vae.latent_stats.std, torch.full((4,), 0.5))

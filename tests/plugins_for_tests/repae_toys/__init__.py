@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from repae import hookimpl, option
+from repae import LossConfig, hookimpl, option
 
 
 @dataclass(kw_only=True)
@@ -31,9 +31,8 @@ class ToyEncoderConfig:
 
 
 @dataclass(kw_only=True)
-class ToyLossConfig:
-    weight: float = option(1.0, doc="weight")
-    updates: list[str] = option(default_factory=lambda: ["denoiser"], doc="parts it may update")
+class ToyLossConfig(LossConfig):
+    pass
 
 
 @dataclass(kw_only=True)
@@ -50,7 +49,7 @@ def register_components(register):
     register("tokenizer", "toy-vae", summary="toy tokenizer", config=ToyVAEConfig,
              factory="repae_toys.models:build_vae")
     register("denoiser", "toy-dit", summary="toy denoiser", config=ToyDenoiserConfig,
-             factory="repae_toys.models:build_denoiser", presets=TOY_DENOISER_PRESETS, preset_field="size")
+             factory="repae_toys.models:build_denoiser", presets=TOY_DENOISER_PRESETS)
     register("encoder", "toy-enc", summary="toy encoder", config=ToyEncoderConfig,
              factory="repae_toys.models:build_encoder")
     register("loss", "toy-loss", summary="toy loss", config=ToyLossConfig, factory="repae_toys.models:build_loss")
