@@ -1,14 +1,17 @@
-"""An example repae plugin: registers the tokenizer ``pixel-shuffle`` and the encoder ``patch-stats``.
+"""An example repae plugin: registers the tokenizer ``pixel-shuffle``, the encoder ``patch-stats``, the loss
+``variance-floor`` and the sampler ``midpoint``.
 
-This module is what the entry point names. It stays free of torch so that ``repae list`` remains fast; the models
-live in :mod:`repae_plugin_example.models` and are imported only when a recipe builds them.
+This module is what the entry point names. It stays free of torch so that ``repae list`` remains fast; the
+implementations live in :mod:`repae_plugin_example.models` and are imported only when a recipe builds them. Like every
+plugin it imports only the public names of ``repae``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from repae import hookimpl, option
+from repae import FieldError, LossConfig, hookimpl, option
 
 
 @dataclass(kw_only=True)
@@ -21,7 +24,7 @@ class PixelShuffleConfig:
 
     def __post_init__(self) -> None:
         if self.downsample < 1:
-            raise ValueError("downsample must be >= 1")
+            raise FieldError("downsample", f"must be >= 1, got {self.downsample}")
 
 
 @dataclass(kw_only=True)
@@ -33,8 +36,43 @@ class PatchStatsConfig:
     seed: int = option(0, doc="seed of the fixed random projection")
 
 
+@dataclass(kw_only=True)
+class VarianceFloorConfig(LossConfig):
+    """Config of the ``variance-floor`` loss: ``mean over channels of relu(floor - spatial std of z)``.
+
+    REPA-E observes that back-propagating the diffusion loss into the tokenizer collapses the latent space (its
+    spatial variance goes to zero). This regulariser keeps every latent channel's spatial standard deviation above
+    ``floor``; it reads the tokenizer's latents ``z`` and, by default, updates the tokenizer only.
+    """
+
+    updates: list[str] = option(default_factory=lambda: ["tokenizer"],
+                                doc="trainable parts this loss's gradient may update (the tokenizer)")
+    floor: float = option(0.5, doc="smallest spatial standard deviation per latent channel that costs nothing")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.floor <= 0:
+            raise FieldError("floor", f"must be > 0, got {self.floor}")
+
+
+@dataclass(kw_only=True)
+class MidpointConfig:
+    """Config of the ``midpoint`` sampler (explicit midpoint rule, two model calls per step, four where guided)."""
+
+    steps: int = option(8, doc="intervals of linspace(1, 0, steps + 1)")
+    cfg_scale: float = option(1.0, doc="classifier-free guidance scale s: v = v_null + s (v - v_null); 1 = none")
+    guidance_low: float = option(0.0, doc="guide only at times t >= guidance_low (t = 1 is noise)")
+    guidance_high: float = option(1.0, doc="guide only at times t <= guidance_high")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise FieldError("steps", f"must be >= 1, got {self.steps}")
+        if self.guidance_low > self.guidance_high:
+            raise FieldError("guidance_low", f"{self.guidance_low} is above guidance_high {self.guidance_high}")
+
+
 @hookimpl
-def register_components(register):
+def register_components(register: Any) -> None:
     register(
         "tokenizer",
         "pixel-shuffle",
@@ -48,4 +86,18 @@ def register_components(register):
         summary="example: frozen random projection of image patches",
         config=PatchStatsConfig,
         factory="repae_plugin_example.models:build_patch_stats",
+    )
+    register(
+        "loss",
+        "variance-floor",
+        summary="example: keeps each latent channel's spatial std above a floor (against latent collapse)",
+        config=VarianceFloorConfig,
+        factory="repae_plugin_example.models:build_variance_floor",
+    )
+    register(
+        "sampler",
+        "midpoint",
+        summary="example: explicit-midpoint ODE sampler for flow matching (t = 1 noise), with CFG",
+        config=MidpointConfig,
+        factory="repae_plugin_example.models:build_midpoint",
     )
