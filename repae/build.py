@@ -196,10 +196,9 @@ def derive_config(config: Any, explicit: Iterable[str], context: BuildContext, *
     try:
         return dataclasses.replace(config, **changes), frozenset(derived)
     except (TypeError, ValueError) as exc:
-        derived = ", ".join(f"{k}={v!r}" for k, v in changes.items())
-        problem = str(exc)
+        values = ", ".join(f"{k}={v!r}" for k, v in changes.items())
         raise ComponentBuildError(
-            f"{what}: {problem}. The values {derived} were derived from {context.describe()}: change those (e.g. "
+            f"{what}: {exc}. The values {values} were derived from {context.describe()}: change those (e.g. "
             f"dataset.resolution), or set the field(s) in the recipe"
         ) from exc
 
