@@ -44,7 +44,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "ExportContext", "Exportable", "HasLatentStatistics", "LatentNormalizer", "LatentStatistics",
         "LoadsLatentNormState", "LossConfig", "Metric", "PhasePlan", "Posterior", "ReadsImages", "RecordsWeights",
         "ReferenceFeatures", "RepresentationEncoder", "Sampler", "StepPlan", "Tokenizer", "Trainer", "Transport",
-        "WeightsInfo", "require", "supports",
+        "WeightsInfo", "adopt_latent_norm_state", "require", "supports",
     ),
     "repae.loss": ("Loss",),
     "repae.train.context": ("StepContext", "StepInputs"),
@@ -54,7 +54,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.weights": ("file_sha256", "load_into", "load_state_dict", "load_weights", "read_checkpoint",
                       "resolve_weights", "select_entry"),
     "repae.batchnorm": ("GlobalBatchNorm",),
-    "repae.fileio": ("atomic_path", "atomic_write", "write_json"),
+    "repae.fileio": ("atomic_path", "atomic_write", "write_json", "write_safetensors"),
     "repae.reporting": ("progress",),
     "repae.generate": ("decode_latents", "to_uint8"),
     "repae.latent_cache": ("LatentCache", "write_latent_cache"),
@@ -105,7 +105,7 @@ if TYPE_CHECKING:
         inception_score,
         precision_recall,
     )
-    from repae.fileio import atomic_path, atomic_write, write_json
+    from repae.fileio import atomic_path, atomic_write, write_json, write_safetensors
     from repae.generate import decode_latents, to_uint8
     from repae.interfaces import (
         AffineNormalizer,
@@ -134,6 +134,7 @@ if TYPE_CHECKING:
         Trainer,
         Transport,
         WeightsInfo,
+        adopt_latent_norm_state,
         require,
         supports,
     )

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repae.errors import UserError
+from repae.errors import UserError, describe_exception, first_line
+from repae.generate import to_uint8  # the one [-1, 1] -> uint8 conversion (sampling uses it too)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -181,13 +182,6 @@ def latent_pca_rgb(z: Tensor) -> Tensor:
     if scaled.shape[1] < 3:
         scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], 3 - scaled.shape[1])], dim=1)
     return scaled.reshape(b, h, w, 3).permute(0, 3, 1, 2).float().contiguous()
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Images in ``[-1, 1]`` to uint8 ``[0, 255]`` (clamped, rounded), as the trainer saves samples."""
-    import torch
-
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def psnr(reference: Tensor, estimate: Tensor, *, data_range: float = 255.0) -> float:
@@ -447,7 +441,7 @@ def analyze_run(
 ) -> dict[str, Any]:
     """Analyse a run's checkpoint and write ``analysis.json`` and the pictures into ``out`` (default
     ``RUN/analysis/<checkpoint>``); returns the JSON."""
-    from repae.fileio import write_json
+    from repae.fileio import write_json, write_png
     from repae.reporting import progress as progress_bar
     from repae.runs import open_run
     from repae.train.distributed import resolve_device
@@ -478,7 +472,7 @@ def analyze_run(
     folder.mkdir(parents=True, exist_ok=True)
     files = {name: str(folder / f"{name}.png") for name in analysis.pictures}
     for name, picture in analysis.pictures.items():
-        _save_png(picture, folder / f"{name}.png")
+        write_png(picture, folder / f"{name}.png")
     files["analysis"] = str(folder / ANALYSIS_FILE)
     result: dict[str, Any] = {
         "step": run.step,
@@ -541,7 +535,7 @@ def _rfid(pixels: Any, reconstructions: Any, device: str, weights: str | None) -
         )
         from repae.evaluate.metrics import feature_statistics, frechet_distance
     except Exception as exc:  # noqa: BLE001 - the evaluation package or torch-fidelity may be missing
-        return None, f"the evaluation package is not available ({type(exc).__name__}: {_first_line(exc)})"
+        return None, f"the evaluation package is not available ({describe_exception(exc)})"
     try:
         with _no_downloads():
             path = find_inception_weights(weights)
@@ -555,12 +549,8 @@ def _rfid(pixels: Any, reconstructions: Any, device: str, weights: str | None) -
         fake = extract_features(batches(reconstructions), extractor)["pool"]
         return frechet_distance(*feature_statistics(real), *feature_statistics(fake)), None
     except Exception as exc:  # noqa: BLE001 - rFID is optional: record why it is missing
-        return None, _first_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        return None, first_line(exc) if isinstance(exc, UserError) else describe_exception(exc)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 @contextlib.contextmanager
@@ -577,10 +567,3 @@ def _no_downloads() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = saved
 
 
-def _save_png(picture: Any, path: Path) -> None:
-    from PIL import Image
-
-    from repae.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from repae.config import ConfigIssue, _coerce, config_to_dict, type_name
+from repae.config import ConfigIssue, _coerce, _hints, config_to_dict, type_name
 from repae.errors import ComponentBuildError, Problem, RecipeError, UserError
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ __all__ = [
     "count_parameters",
     "create",
     "derive_config",
+    "latent_shape",
 ]
 
 
@@ -116,21 +117,34 @@ class BuildContext:
         return ", ".join(parts) or "no component"
 
     def latent_shape(self) -> tuple[int, int, int] | None:
-        """``(C, h, w)`` of the latents the denoiser will see, from the components built so far: a latents dataset's
-        ``latent_shape``, else the tokenizer's ``latent_channels`` and the dataset's ``resolution`` divided by the
-        tokenizer's ``downsample``. ``None`` when they do not tell (no dataset, or a resolution that the factor does
-        not divide: :mod:`repae.compose` reports that one)."""
-        dataset, tokenizer = self.dataset, self.tokenizer
-        if dataset is not None and getattr(dataset, "kind", None) == "latents":
-            shape = getattr(dataset, "latent_shape", None)
-            return tuple(int(v) for v in shape) if shape else None  # type: ignore[return-value]
-        resolution = getattr(dataset, "resolution", None) if dataset is not None else None
-        if tokenizer is None or not resolution:
-            return None
-        f, channels = int(tokenizer.downsample), int(tokenizer.latent_channels)
-        if f < 1 or resolution % f:
-            return None
-        return channels, resolution // f, resolution // f
+        """``(C, h, w)`` of the latents the denoiser will see, from the components built so far
+        (:func:`latent_shape`)."""
+        return latent_shape(self.dataset, self.tokenizer)
+
+    def latent_channels(self) -> int | None:
+        """``C`` of the latents: :meth:`latent_shape`'s, else the tokenizer's ``latent_channels`` (known even when the
+        resolution does not tile); ``None`` without either."""
+        shape = self.latent_shape()
+        if shape is not None:
+            return shape[0]
+        return int(self.tokenizer.latent_channels) if self.tokenizer is not None else None
+
+
+def latent_shape(dataset: Any, tokenizer: Any) -> tuple[int, int, int] | None:
+    """``(C, h, w)`` of the latents a denoiser trains on, from the contracts of the dataset and the tokenizer (no data
+    is read): a latents dataset's ``latent_shape``, else the tokenizer's ``latent_channels`` and the dataset's
+    ``resolution`` divided by the tokenizer's ``downsample``. ``None`` when they do not tell (no dataset, a cache that
+    is not there, or a resolution that the factor does not divide: :mod:`repae.compose` reports those)."""
+    if dataset is not None and getattr(dataset, "kind", None) == "latents":
+        shape = getattr(dataset, "latent_shape", None)
+        return (int(shape[0]), int(shape[1]), int(shape[2])) if shape else None
+    resolution = getattr(dataset, "resolution", None) if dataset is not None else None
+    if tokenizer is None or not resolution:
+        return None
+    f, channels = int(tokenizer.downsample), int(tokenizer.latent_channels)
+    if f < 1 or resolution % f:
+        return None
+    return channels, resolution // f, resolution // f
 
 
 @dataclass
@@ -176,9 +190,7 @@ def derive_config(config: Any, explicit: Iterable[str], context: BuildContext, *
     explicit = set(explicit)
     changes: dict[str, Any] = {}
     derived: set[str] = set()
-    import typing
-
-    hints = typing.get_type_hints(type(config))
+    hints = _hints(type(config))
     for name, value in proposals.items():
         if name not in fields:
             raise ComponentBuildError(f"{what}: its config's derive() proposes {name!r}, which is not a field")
@@ -251,12 +263,13 @@ class RecipeBuild:
         self._context_built: dict[str, Any] = {}
         self._names: dict[str, str] = {}
 
-    def build(self, spec: ComponentSpec) -> BuiltComponent:
-        """Build ``spec`` in the context of the components added so far (not added itself: see :meth:`add`)."""
-        context = BuildContext(device=self.device, built=dict(self._context_built), seed=self.recipe.seed,
-                               names=dict(self._names))
-        if self.load_weights is not None and self.device != "meta":
-            context.load_weights = self.load_weights
+    def build(self, spec: ComponentSpec, *, device: str | None = None, load_weights: bool | None = None
+              ) -> BuiltComponent:
+        """Build ``spec`` in the context of the components added so far (not added itself: see :meth:`add`), on
+        ``device`` and with ``load_weights`` when given (else the build's own)."""
+        load = self.load_weights if load_weights is None else load_weights
+        context = BuildContext(device=device or self.device, built=dict(self._context_built), seed=self.recipe.seed,
+                               names=dict(self._names), **({} if load is None else {"load_weights": load}))
         component, config, derived = _build(spec.entry, spec.config, context, label=spec.label,
                                             explicit=spec.explicit)
         return BuiltComponent(spec.slot, spec.label, spec.entry, config, component, derived | spec.derived)

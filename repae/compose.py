@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repae.build import BuiltComponent, RecipeBuild, with_built_configs
-from repae.errors import Problem, RecipeError, UserError
+from repae.errors import Problem, RecipeError, UserError, describe_exception, first_line
 from repae.interfaces import StepPlan
 from repae.recipe import ResolvedRecipe
 
@@ -69,7 +69,7 @@ def compose_recipe(recipe: ResolvedRecipe, *, check_step: bool = True) -> Compos
             continue
         except Exception as exc:  # noqa: BLE001 - a plugin's factory failing on meta is reported, not raised
             problems.append(_problem(recipe, spec.path, f"{spec.kind} '{spec.name}' failed to build on meta: "
-                                                        f"{type(exc).__name__}: {_first_line(exc)}"))
+                                                        f"{describe_exception(exc)}"))
             continue
         missing = contract_problems(spec.kind, one.component)
         if missing:
@@ -94,8 +94,8 @@ def compose_recipe(recipe: ResolvedRecipe, *, check_step: bool = True) -> Compos
             problems.append(_problem(recipe, ("trainer",), str(exc)))
         except Exception as exc:  # noqa: BLE001 - a component failing the one-step check on meta is reported
             problems.append(_problem(
-                recipe, ("trainer",), f"one training step on meta tensors failed: {type(exc).__name__}: "
-                f"{_first_line(exc)}", "the components passed their own checks but do not run together: the message "
+                recipe, ("trainer",), f"one training step on meta tensors failed: {describe_exception(exc)}",
+                "the components passed their own checks but do not run together: the message "
                 "names the operation that failed; report it to the plugin whose component raised it"))
     composition.seconds = time.perf_counter() - start
     if problems:
@@ -130,10 +130,6 @@ def _unique(problems: Sequence[Problem]) -> list[Problem]:
             out.append(p)
     return out
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _problem(recipe: ResolvedRecipe, path: tuple[Any, ...], message: str, hint: str = "") -> Problem:
@@ -324,7 +320,7 @@ def check_composition(recipe: ResolvedRecipe, built: Sequence[BuiltComponent]) -
                     tokens = int(encoder.num_tokens(resolution))
                 except Exception as exc:  # noqa: BLE001 - a plugin's num_tokens rejecting the resolution
                     problems.append(r.problem(label, None, f"{r.key(label)} cannot encode {resolution} px images: "
-                                              f"{_first_line(exc)}"))
+                                              f"{first_line(exc)}"))
                     continue
                 if tokens != int(denoiser.num_tokens):
                     problems.append(r.problem(

@@ -22,7 +22,22 @@ __all__ = [
     "UserError",
     "WeightsMismatchError",
     "closest",
+    "describe_exception",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none): for messages that quote
+    an error from torch, a plugin or a library without its whole text."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"TypeName: first line"`` (:func:`first_line`), or the type's name alone for an empty message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {first_line(exc)}" if text else type(exc).__name__
 
 
 def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -17,7 +17,6 @@ normaliser (its EMA copy; :class:`repae.AffineNormalizer`), else from the tokeni
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,26 +76,19 @@ def _check_out(out: Path, force: bool) -> None:
                         "(files of the same names are replaced, others are left alone)")
 
 
-def _cpu(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-
-
 def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = False,
                registry: Any = None) -> dict[str, Any]:
     """Export the models of a run (its latest checkpoint) or of one checkpoint folder in format ``fmt`` into ``out``;
     returns the manifest written to ``out/export.json``. A format no component of the run declares is a
     :class:`~repae.errors.CapabilityError` listing the formats this run has."""
-    from safetensors.torch import save_file
-
     from repae import __version__
-    from repae.fileio import atomic_path, write_json
+    from repae.fileio import write_json, write_safetensors
     from repae.runs import open_run
-    from repae.train.checkpoint import load_checkpoint
     from repae.weights import file_sha256
 
     out = Path(out)
     run = open_run(path, device="cpu", use_ema=True, slots=("tokenizer", "latent_norm", "denoiser"),
-                   registry=registry)
+                   registry=registry, keep_models=True)
     formats = available_formats(run)
     if fmt not in formats:
         declared = "; ".join(
@@ -109,7 +101,7 @@ def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = Fal
                               f"this run: {', '.join(formats)} (`{GENERIC_FORMAT}`: every model's state dict)")
     _check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
-    models = load_checkpoint(run.checkpoint).models
+    models = run.models
     metadata = {"format": "pt", "repae_version": __version__, "step": str(run.step), "checkpoint": str(run.checkpoint)}
     stats = latent_statistics(run.normalizer, run.tokenizer)
     if "ema-latent_norm" in models and stats.source.startswith("latent"):  # open_run loaded the normaliser's EMA
@@ -117,8 +109,7 @@ def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = Fal
     files: dict[str, str] = {}
     if fmt == GENERIC_FORMAT:
         for name, state in sorted(models.items()):
-            with atomic_path(out / f"{name}.safetensors") as tmp:
-                save_file(_cpu(state), str(tmp), metadata=metadata)
+            write_safetensors(out / f"{name}.safetensors", state, metadata=metadata)
             files[f"{name}.safetensors"] = f"the state dict of the checkpoint's {name}, repae layout"
     else:
         for slot in formats[fmt]:

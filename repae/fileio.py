@@ -1,7 +1,7 @@
 """Atomic writes: a file or folder appears under its final name only once complete.
 
 One mechanism for every file repae writes that a reader may meet half-written (recipes, JSON indexes, PNG samples,
-``samples.npz``, latent-cache shards, checkpoints): write to a temporary sibling, then ``os.replace`` it over the final
+``samples.npz``, latent-cache shards, checkpoints, exported weights): write to a temporary sibling, then ``os.replace`` it over the final
 name (atomic on POSIX within one file system). A failure removes the temporary and leaves any previous version intact.
 """
 
@@ -11,11 +11,11 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "write_json"]
+__all__ = ["atomic_path", "atomic_write", "write_json", "write_png", "write_safetensors"]
 
 
 def _remove(path: Path) -> None:
@@ -59,3 +59,25 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
 def write_json(path: str | os.PathLike[str], data: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
     """``data`` as JSON (``indent`` spaces, a final newline) to ``path``, atomically."""
     return atomic_write(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def write_png(image: Any, path: str | os.PathLike[str]) -> Path:
+    """A uint8 RGB image, a ``[3, H, W]`` tensor, to ``path`` as PNG, atomically; returns ``path``."""
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).contiguous().numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")  # uint8 [H, W, 3]: RGB
+    return Path(path)
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], *,
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """``tensors`` (name -> tensor) as a safetensors file at ``path``, atomically; returns ``path``. Each tensor is
+    detached, moved to the CPU, made contiguous and copied (safetensors refuses tensors that share storage)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=dict(metadata) if metadata is not None else None)
+    return Path(path)

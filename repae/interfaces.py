@@ -85,6 +85,7 @@ __all__ = [
     "Trainer",
     "Transport",
     "WeightsInfo",
+    "adopt_latent_norm_state",
     "require",
     "supports",
 ]
@@ -739,6 +740,22 @@ class RecordsWeights(Protocol):
 def supports(component: object, capability: type) -> bool:
     """Whether ``component`` declares ``capability`` (one of the protocols of this module)."""
     return isinstance(component, capability)
+
+
+def adopt_latent_norm_state(normalizer: Any, denoiser: Any) -> bool:
+    """Give a latent normaliser (:class:`LoadsLatentNormState`) the ``bn.*`` buffers a REPA-E checkpoint carried with
+    the denoiser (:class:`CarriesLatentNormState`; none when the denoiser does not declare it, so that a normaliser
+    that requires them can say so). Returns whether the normaliser took them; ``False`` when it does not declare the
+    capability. The trainer calls it once both exist, before the EMA copy is taken; the ``batchnorm`` normaliser when
+    it is built after the denoiser."""
+    if not supports(normalizer, LoadsLatentNormState):
+        return False
+    state = denoiser.latent_norm_state if supports(denoiser, CarriesLatentNormState) else {}
+    if not state:
+        return bool(normalizer.adopt_latent_norm_state({}, source="the denoiser (no bn.* buffers)"))
+    loaded = denoiser.loaded_weights.get("weights") if supports(denoiser, RecordsWeights) else None
+    source = loaded.source if loaded is not None else "the denoiser checkpoint"
+    return bool(normalizer.adopt_latent_norm_state(state, source=source))
 
 
 def require(component: object, capability: type, *, what: str, needed_for: str) -> Any:

@@ -34,6 +34,7 @@ from typing import Any
 from repae.config import (
     ConfigIssue,
     _coerce,
+    _hints,
     check_config_class,
     parse_config,
     type_name,
@@ -204,7 +205,7 @@ def validate_entry(entry: ComponentEntry) -> None:
         if default is not None and default not in entry.presets:
             raise PluginError(f"{who}: the default {PRESET_FIELD} {default!r} is not one of its presets "
                               f"({', '.join(entry.presets)})")
-    hints = _field_types(entry.config)
+    hints = _hints(entry.config)
     for preset, values in entry.presets.items():
         unknown = sorted(set(values) - set(fields))
         if unknown:
@@ -221,12 +222,6 @@ def validate_entry(entry: ComponentEntry) -> None:
             if issues:
                 raise PluginError(f"{who}: preset {preset!r} fails the config's checks: "
                                   + "; ".join(f"{i.path}: {i.message}" for i in issues))
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls)
 
 
 @dataclass(frozen=True)

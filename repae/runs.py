@@ -45,6 +45,9 @@ class OpenedRun:
     recipe: Any
     components: dict[str, Any] = field(default_factory=dict)
     use_ema: bool = True
+    models: dict[str, Any] = field(default_factory=dict)
+    """The checkpoint's state dicts by model name (``denoiser``, ``ema-denoiser``, ...), when :func:`open_run` was
+    asked to keep them (``keep_models``); empty otherwise."""
 
     @property
     def denoiser(self) -> Any:
@@ -102,17 +105,19 @@ def open_run(
     slots: tuple[str, ...] = ("tokenizer", "encoders", "latent_norm", "denoiser", "sampler", "dataset"),
     registry: Any = None,
     meta_slots: tuple[str, ...] = ("losses",),
+    keep_models: bool = False,
 ) -> OpenedRun:
     """Rebuild a run's components from its ``recipe.yaml`` and load checkpoint weights into them (EMA by default).
 
     Only ``slots`` are built (losses and the trainer are not needed to use a trained model). Those also in
     ``meta_slots`` are built on ``meta``, for what they declare (a loss's ``transport`` and ``feature_depths``; a
     dataset's image preprocessing without reading its data). Pretrained weights the recipe names are not loaded for
-    parts the checkpoint holds (it overrides them). ``registry`` defaults to the installed plugins.
+    parts the checkpoint holds (it overrides them). ``registry`` defaults to the installed plugins. With
+    ``keep_models`` the checkpoint's state dicts stay available as :attr:`OpenedRun.models` (read once).
     """
     import torch
 
-    from repae.build import BuildContext, build_component, default_registry
+    from repae.build import RecipeBuild, default_registry
     from repae.recipe import read_recipe
     from repae.rundir import RECIPE_FILE
     from repae.train.checkpoint import load_checkpoint
@@ -126,16 +131,15 @@ def open_run(
     models = checkpoint.models
     held = {"tokenizer": "tokenizer", "denoiser": "ema-denoiser" if use_ema else "denoiser",
             "latent_norm": "ema-latent_norm" if use_ema else "latent_norm"}
-    built: dict[str, Any] = {}
+    assembly = RecipeBuild(resolved, device=device)
     components: dict[str, Any] = {}
     for spec in resolved.components:
         if spec.slot not in slots:
             continue
         from_checkpoint = held.get(spec.slot) in models
         on = "meta" if spec.slot in meta_slots else device
-        context = BuildContext(device=on, built=dict(built), seed=resolved.seed,
-                               load_weights=not from_checkpoint)
-        component = build_component(spec.entry, spec.config, context, label=spec.label, explicit=spec.explicit)
+        one = assembly.build(spec, device=on, load_weights=not from_checkpoint)
+        component = one.component
         if from_checkpoint:
             state = models[held[spec.slot]]
             try:
@@ -146,13 +150,9 @@ def open_run(
         if isinstance(component, torch.nn.Module) and on != "meta":
             component.to(device).eval().requires_grad_(False)
         components[spec.label] = component
-        if spec.key is None:
-            built[spec.slot] = component
-        elif isinstance(spec.key, int):
-            built.setdefault(spec.slot, []).append(component)
-        else:
-            built.setdefault(spec.slot, {})[spec.key] = component
-    return OpenedRun(run_dir, checkpoint_dir, int(checkpoint.state["step"]), resolved, components, use_ema)
+        assembly.add(spec, one)
+    return OpenedRun(run_dir, checkpoint_dir, int(checkpoint.state["step"]), resolved, components, use_ema,
+                     models=dict(models) if keep_models else {})
 
 
 def _mismatch(exc: BaseException) -> str:

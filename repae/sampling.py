@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from repae.errors import UserError
-from repae.fileio import atomic_path, write_json
+from repae.fileio import atomic_path, write_json, write_png
 
 if TYPE_CHECKING:
     from repae.runs import OpenedRun
@@ -200,7 +200,7 @@ def sample_run(
             for batch, images in generate(run, all_labels, indices=todo, seed=settings.seed, sampler=chosen,
                                           batch_size=batch_size, device=topology.device):
                 for i, image in zip(batch, images):
-                    _save_png(image, png(i))
+                    write_png(image, png(i))
                 bar.advance(len(batch))
         seconds = time.perf_counter() - started
         made = int(distributed.all_reduce_sum(torch.tensor([len(todo)], device=topology.device)).item())
@@ -219,7 +219,7 @@ def sample_run(
 
 
 def _check_resumable(out: Path, settings: dict[str, Any]) -> None:
-    from repae.recipe import flatten_recipe
+    from repae.recipe import diff_keys, flatten_recipe
 
     path = out / SETTINGS_FILE
     if not path.is_file():
@@ -230,8 +230,7 @@ def _check_resumable(out: Path, settings: dict[str, Any]) -> None:
         raise UserError(f"{path} is unreadable; delete it (and {out}/{IMAGES_DIR}) or choose another --out") from None
     if previous != settings:
         old, new = flatten_recipe(previous or {}), flatten_recipe(settings)
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff_keys(previous or {}, settings))
         raise UserError(f"{out} holds samples made with other settings ({changes}); choose another --out, or delete "
                         "the directory to start over")
 
@@ -248,15 +247,6 @@ def _valid_png(path: Path, size: tuple[int, int]) -> bool:
             return image.format == "PNG" and image.mode == "RGB" and image.size == (size[1], size[0])
     except Exception:  # noqa: BLE001 - any decoding failure means: make this sample again
         return False
-
-
-def _save_png(image: Any, path: Path) -> None:
-    """A uint8 ``[3, H, W]`` tensor to ``path``, atomically (a partial file never carries the final name)."""
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).contiguous().numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
 
 
 def _read_png(path: Path, size: tuple[int, int]) -> Any:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repae.errors import UserError, WeightsMismatchError
+from repae.errors import UserError, WeightsMismatchError, first_line
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -171,14 +171,14 @@ def _resolve_hf(src: HfSource, default_filename: str | None) -> Path:
     except hf_errors.RepositoryNotFoundError as exc:
         raise UserError(
             f"Hugging Face repository {src.repo_id!r} not found or not accessible (private or gated repositories "
-            f"need `hf auth login`): {_first_line(exc)}"
+            f"need `hf auth login`): {first_line(exc)}"
         ) from None
     except hf_errors.RevisionNotFoundError:
         raise UserError(f"revision {src.revision!r} does not exist in Hugging Face repository {src.repo_id!r}") from None
     except hf_errors.EntryNotFoundError:
         raise UserError(f"{where} does not exist; check the file name in the repository") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
-        raise UserError(f"could not fetch {where}: {_first_line(exc)}") from None
+        raise UserError(f"could not fetch {where}: {first_line(exc)}") from None
     return Path(path)
 
 
@@ -201,7 +201,7 @@ def _resolve_url(url: str) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(target), progress=True)
     except Exception as exc:  # noqa: BLE001 - any network failure becomes the same user-facing message
-        raise UserError(f"could not download {url}: {_first_line(exc)}. Fix: {fix}") from None
+        raise UserError(f"could not download {url}: {first_line(exc)}. Fix: {fix}") from None
     return target
 
 
@@ -283,7 +283,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
         try:
             return load_file(str(p), device="cpu"), digest
         except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
-            raise UserError(f"could not read safetensors file {p}: {_first_line(exc)}") from None
+            raise UserError(f"could not read safetensors file {p}: {first_line(exc)}") from None
     return _torch_load(p), digest
 
 
@@ -312,7 +312,7 @@ def _torch_load(path: Path) -> Any:
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if "Unsupported global" not in text:
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-            reason = detail.group(1).strip() if detail else _first_line(exc)
+            reason = detail.group(1).strip() if detail else first_line(exc)
             raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint ({reason})") from None
         what = f" (such as {found.group(1)})" if found else ""
         raise UserError(
@@ -327,7 +327,7 @@ def _torch_load(path: Path) -> Any:
                 f"{path} is a TorchScript archive, not a state dict; use the safetensors or state-dict release of "
                 "these weights instead"
             ) from None
-        raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint: {_first_line(exc)}") from None
+        raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint: {first_line(exc)}") from None
 
 
 def _is_tensor(value: Any) -> bool:
@@ -455,7 +455,3 @@ def load_into(
     result = module.load_state_dict(tensors, strict=strict, assign=assign)
     return LoadReport(list(result.missing_keys), list(result.unexpected_keys))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -383,3 +383,20 @@ def test_fixed_scale_and_channel_stats():
         build("channel-stats", built={"tokenizer": Tok(4)})
     with pytest.raises(UserError, match="channels"):
         build("channel-stats", built={"tokenizer": Tok(8)}, mean=[0.0], std=[1.0])
+
+
+def test_a_denoiser_without_checkpoint_buffers_is_an_error_for_init_denoiser_checkpoint():
+    """Found in review: the trainer's hand-over skipped a denoiser that does not declare CarriesLatentNormState (a
+    plugin's), so `init: denoiser-checkpoint` silently kept the tokenizer's statistics."""
+    tok = Tok(4, torch.zeros(4), torch.ones(4))
+
+    class PluginDenoiser:  # declares no latent_norm_state
+        pass
+
+    denoiser = PluginDenoiser()
+    assert not repae.supports(denoiser, repae.CarriesLatentNormState)
+    assert not repae.adopt_latent_norm_state(build("batchnorm", built={"tokenizer": tok}), denoiser)  # auto: nothing
+    strict = build("batchnorm", built={"tokenizer": tok}, init="denoiser-checkpoint")
+    with pytest.raises(UserError, match="denoiser-checkpoint"):
+        repae.adopt_latent_norm_state(strict, denoiser)
+    assert not repae.adopt_latent_norm_state(object(), denoiser)  # a normaliser without the capability: nothing to do

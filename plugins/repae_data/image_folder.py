@@ -26,11 +26,8 @@ if TYPE_CHECKING:
     from repae import BuildContext
     from repae_data import ImageFolderConfig
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "build_image_folder", "center_crop_adm", "flip_decision",
-           "read_image", "scan_image_folder"]
-
-IMAGE_EXTENSIONS = IMAGE_SUFFIXES
-"""File endings read as images (repae's list; compared case-insensitively: ImageNet's ``.JPEG`` counts)."""
+__all__ = ["ImageFolderDataset", "build_image_folder", "center_crop_adm", "flip_decision",
+           "read_array", "read_image", "scan_image_folder"]
 
 
 def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
@@ -50,15 +47,19 @@ def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
     return array[top : top + resolution, left : left + resolution]
 
 
-def read_image(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
-    """One image file as REPA-E prepares it: RGB, ADM centre crop: ``uint8 [3, resolution, resolution]``.
+def read_array(path: str | os.PathLike[str], resolution: int) -> np.ndarray:
+    """One image file as REPA-E prepares it: RGB, ADM centre crop: uint8 ``[resolution, resolution, 3]``.
     :class:`~repae.UserError` naming the file when it cannot be read."""
     try:
         with Image.open(path) as image:
-            array = center_crop_adm(image.convert("RGB"), resolution)
+            return center_crop_adm(image.convert("RGB"), resolution)
     except (OSError, UnidentifiedImageError) as exc:
         raise UserError(f"cannot read image {path}: {exc}; replace or remove the file") from None
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def read_image(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+    """:func:`read_array` as a tensor: ``uint8 [3, resolution, resolution]``."""
+    return torch.from_numpy(np.ascontiguousarray(read_array(path, resolution).transpose(2, 0, 1)))
 
 
 def flip_decision(seed: int, index: int, epoch: int) -> bool:
@@ -67,7 +68,7 @@ def flip_decision(seed: int, index: int, epoch: int) -> bool:
 
 
 def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)  # any case: ImageNet's .JPEG counts
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:
@@ -110,7 +111,7 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[str], list[tup
         raise UserError(
             f"{len(empty)} class folder(s) of {root} hold no images ({_listing(empty)}); labels are the positions of "
             f"the class folders in sorted order, so every class folder needs images. Remove the empty folders or add "
-            f"images (endings read: {', '.join(IMAGE_EXTENSIONS)}, any case)."
+            f"images (endings read: {', '.join(IMAGE_SUFFIXES)}, any case)."
         )
     return classes, samples
 
@@ -161,12 +162,7 @@ class ImageFolderDataset(Dataset):
 
     def load(self, index: int) -> np.ndarray:
         """Read, convert to RGB and crop image ``index``: uint8 ``[H, W, 3]``, not flipped."""
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as image:
-                return center_crop_adm(image.convert("RGB"), self.resolution)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise UserError(f"cannot read image {path}: {exc}; replace or remove the file") from exc
+        return read_array(self.samples[index][0], self.resolution)
 
     def load_image(self, path: Path) -> torch.Tensor:
         """:class:`repae.ReadsImages`: any image file prepared as the items are (RGB, ADM crop), not flipped."""

@@ -201,23 +201,22 @@ def build_encoder(
     (``context.load_weights`` false) weights are never touched. With weights to load, the module is built on ``meta``
     and filled from the file (no wasted random init); ``convert`` adapts the checkpoint's layout first.
     """
-    cfg = config
-    arch = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_ARCHITECTURE}
-    official = OFFICIAL_WEIGHTS[family].get(cfg.size)
-    key = cfg.weights_key
+    arch = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NOT_ARCHITECTURE}
+    official = OFFICIAL_WEIGHTS[family].get(config.size)
+    key = config.weights_key
     source: str | None
-    if cfg.weights is None and official is not None:
+    if config.weights is None and official is not None:
         source = official[0]
         key = key if key is not None else official[1]
     else:
-        source = None if cfg.weights == RANDOM else cfg.weights
+        source = None if config.weights == RANDOM else config.weights
     if source is None or not context.load_weights:
         built = encoder_cls(**arch)
         built.freeze()
         return built
     with torch.device("meta"):
         encoder = encoder_cls(**arch)
-    what = f"{family} {cfg.size} weights"
+    what = f"{family} {config.size} weights"
     encoder.load_weights(source, key=key, convert=convert, what=what, assign=True)
     leftovers = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
     if leftovers:  # a subclass created tensors that are not in its state dict

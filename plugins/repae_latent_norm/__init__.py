@@ -24,10 +24,8 @@ _CHANNELS_DOC = "latent channels; derived from the tokenizer (or a latent cache)
 
 
 def _derive_channels(context: BuildContext) -> Mapping[str, Any]:
-    shape = context.latent_shape()
-    if shape is not None:
-        return {"channels": shape[0]}
-    return {"channels": int(context.tokenizer.latent_channels)} if context.tokenizer is not None else {}
+    channels = context.latent_channels()
+    return {"channels": channels} if channels is not None else {}
 
 
 @dataclass(kw_only=True)

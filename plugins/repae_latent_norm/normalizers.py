@@ -12,12 +12,20 @@ All three are ``nn.Module``: ``forward`` is ``normalize``. Latents are ``[B, C, 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from repae import BuildContext, GlobalBatchNorm, LatentStatistics, UserError, load_into
+from repae import (
+    BuildContext,
+    GlobalBatchNorm,
+    HasLatentStatistics,
+    LatentStatistics,
+    UserError,
+    adopt_latent_norm_state,
+    load_into,
+    supports,
+)
 from repae_latent_norm import BatchNormConfig, ChannelStatsConfig, FixedScaleConfig
 
 __all__ = [
@@ -68,12 +76,17 @@ class LatentBatchNorm(GlobalBatchNorm):
         self, channels: int, *, eps: float = 1e-4, momentum: float = 0.1, sync: bool = True, init: str = "auto"
     ) -> None:
         super().__init__(channels, eps=eps, momentum=momentum, affine=False, sync=sync)
-        self.channels = channels
         self.init = init
         self.init_source = "none"
         """Where the running statistics came from: ``none``, ``tokenizer``, ``denoiser-checkpoint`` or ``state``."""
 
     # -- the contract ----------------------------------------------------------------------------------------------
+
+    @property
+    def channels(self) -> int:
+        """:attr:`repae.LatentNormalizer.channels` (``num_features`` of the BatchNorm)."""
+        return self.num_features
+
     def normalize(self, z: Tensor) -> Tensor:
         """Latents ``[B, C, ...]`` to the normalised space (batch statistics in training mode)."""
         return self(z)
@@ -124,8 +137,8 @@ class LatentBatchNorm(GlobalBatchNorm):
     def adopt_latent_norm_state(self, state: Mapping[str, Tensor], *, source: str) -> bool:
         """:class:`repae.LoadsLatentNormState`: adopt the ``bn.*`` buffers a denoiser loaded from a REPA-E checkpoint.
 
-        The recipe builds the normaliser before the denoiser, so the trainer (or ``repae sample``) calls this once both
-        exist, before the EMA copy is taken. Returns whether the state was used: with ``init: auto`` or
+        The recipe builds the normaliser before the denoiser, so the trainer calls this (through
+        :func:`repae.adopt_latent_norm_state`) once both exist, before the EMA copy is taken. Returns whether the state was used: with ``init: auto`` or
         ``denoiser-checkpoint`` when there is one; ``init: denoiser-checkpoint`` without one is an error."""
         if self.init not in ("auto", "denoiser-checkpoint"):
             return False
@@ -193,10 +206,6 @@ class ChannelStats(nn.Module):
     def channels(self) -> int:
         return self.mean.numel()
 
-    @property
-    def num_features(self) -> int:
-        return self.mean.numel()
-
     def forward(self, z: Tensor) -> Tensor:
         return self.normalize(z)
 
@@ -218,11 +227,11 @@ class ChannelStats(nn.Module):
                                 source="latent normaliser channel-stats")
 
     def _check(self, z: Tensor) -> None:
-        if z.ndim < 2 or z.shape[1] != self.num_features:
-            raise ValueError(f"expected latents [B, {self.num_features}, ...], got {tuple(z.shape)}")
+        if z.ndim < 2 or z.shape[1] != self.channels:
+            raise ValueError(f"expected latents [B, {self.channels}, ...], got {tuple(z.shape)}")
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, multiplier={self.multiplier}"
+        return f"{self.channels}, multiplier={self.multiplier}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,20 +240,8 @@ class ChannelStats(nn.Module):
 
 
 def _tokenizer_stats(context: BuildContext) -> LatentStatistics | None:
-    from repae import HasLatentStatistics, supports
-
     tokenizer = context.tokenizer
     return tokenizer.latent_stats if supports(tokenizer, HasLatentStatistics) else None
-
-
-def _adopt_from_denoiser(norm: LatentBatchNorm, denoiser: Any) -> bool:
-    """``norm.adopt_latent_norm_state`` with the ``bn.*`` buffers of a denoiser built before the normaliser
-    (:class:`repae.CarriesLatentNormState`); the source named in messages is its weights file when it records one."""
-    from repae import CarriesLatentNormState, RecordsWeights, supports
-
-    state = denoiser.latent_norm_state if supports(denoiser, CarriesLatentNormState) else None
-    info = denoiser.loaded_weights.get("weights") if supports(denoiser, RecordsWeights) else None
-    return norm.adopt_latent_norm_state(state or {}, source=info.source if info else "the denoiser checkpoint")
 
 
 def build_batchnorm(config: BatchNormConfig, context: BuildContext) -> LatentBatchNorm:
@@ -262,7 +259,7 @@ def build_batchnorm(config: BatchNormConfig, context: BuildContext) -> LatentBat
                            init=config.init)
     if not context.load_weights or config.init == "none":
         return norm
-    if context.denoiser is not None and _adopt_from_denoiser(norm, context.denoiser):
+    if context.denoiser is not None and adopt_latent_norm_state(norm, context.denoiser):
         return norm
     if config.init in ("auto", "tokenizer"):
         stats = _tokenizer_stats(context)

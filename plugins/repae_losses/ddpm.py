@@ -73,7 +73,6 @@ class DDPMTransport:
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
         betas = linear_betas(num_timesteps, beta_start, beta_end)  # float64 tables on CPU, whatever the device
         self.num_timesteps = num_timesteps
-        self.discrete_steps: int | None = num_timesteps
         self.betas = betas
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -91,6 +90,11 @@ class DDPMTransport:
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
         self.log_betas = torch.log(betas)
+
+    @property
+    def discrete_steps(self) -> int:
+        """:attr:`repae.Transport.discrete_steps`: ``t`` is an integer step in ``[0, num_timesteps)``."""
+        return self.num_timesteps
 
     @staticmethod
     def lookup(table: Tensor, t: Tensor, like: Tensor) -> Tensor:

@@ -101,11 +101,11 @@ class TransformerConfig:
         """``input_size`` / ``in_channels`` from the latent shape the dataset and tokenizer give, ``encoder_dims``
         from the encoders (see the class docstring); the core applies them to the fields a recipe leaves unset."""
         out: dict[str, Any] = {"encoder_dims": [int(e.embed_dim) for e in context.encoders]}
-        shape = context.latent_shape()
+        channels, shape = context.latent_channels(), context.latent_shape()
+        if channels is not None:
+            out["in_channels"] = channels
         if shape is not None:
-            out["in_channels"], out["input_size"] = shape[0], shape[1]
-        elif context.tokenizer is not None:
-            out["in_channels"] = int(context.tokenizer.latent_channels)
+            out["input_size"] = shape[1]
         return out
 
 

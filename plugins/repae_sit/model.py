@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
-from repae import BuildContext, DenoiserOutput, ExportContext, UserError
+from repae import BuildContext, DenoiserOutput, ExportContext, UserError, write_safetensors
 from repae_sit import SiTConfig, TransformerConfig
 from repae_sit.checkpoint import load_configured_weights, to_official
 from repae_sit.layers import DiffusionTransformer
@@ -77,16 +77,12 @@ def export_official(model: DiffusionTransformer, fmt: str, folder: Path, context
     """:meth:`repae.Exportable.export` of SiT and DiT: ``<stem>.safetensors`` in the official layout (the repae state
     dict is the official one) with the latent BatchNorm buffers as ``bn.*`` when the run has a BatchNorm normaliser,
     as REPA-E's checkpoints hold them; loads back through ``weights:``."""
-    from safetensors.torch import save_file
-
     if fmt != OFFICIAL_FORMAT:
         raise UserError(f"{type(model).__name__} exports only the format {OFFICIAL_FORMAT!r}, not {fmt!r}")
     norm = dict(context.normalizer_state or {})
     batchnorm = "running_mean" in norm and "running_var" in norm
-    state = {k: v.detach().cpu().contiguous().clone()
-             for k, v in to_official(model, norm if batchnorm else None).items()}
     name = f"{context.stem}.safetensors"
-    save_file(state, str(folder / name), metadata=dict(context.metadata))
+    write_safetensors(folder / name, to_official(model, norm if batchnorm else None), metadata=context.metadata)
     what = f"{type(model).__name__} ({context.stem}), official layout" + (
         ", latent BatchNorm buffers as bn.*" if batchnorm else "")
     return {name: what}

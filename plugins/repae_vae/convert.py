@@ -209,15 +209,12 @@ def save_diffusers(model: KLAutoencoder, folder: str | Path, statistics: LatentS
     """Write ``model`` as a diffusers ``AutoencoderKL`` folder that ``AutoencoderKL.from_pretrained(folder)`` loads:
     ``config.json`` (with ``statistics``, else the model's own latent statistics, if any) and
     ``diffusion_pytorch_model.safetensors``. Returns it."""
-    from safetensors.torch import save_file
-
-    from repae import atomic_path, write_json
+    from repae import write_json, write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = ldm_to_diffusers({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    with atomic_path(folder / "diffusion_pytorch_model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_safetensors(folder / "diffusion_pytorch_model.safetensors", ldm_to_diffusers(model.state_dict()),
+                      metadata={"format": "pt"})
     stats = statistics if statistics is not None and not statistics.is_empty else model.latent_stats
     write_json(folder / "config.json", diffusers_config(model.architecture, latent_stats=stats))
     return folder
@@ -254,19 +251,14 @@ def export_ldm(model: KLAutoencoder, folder: Path, context: ExportContext) -> di
     there are statistics, REPA-E's ``<stem>-latents-stats.safetensors`` (``latents_bias``, ``latents_scale``); a recipe
     loads it back with ``tokenizer: {name: sd-vae, weights: DIR/<stem>.safetensors}`` (the statistics are found next
     to it)."""
-    from safetensors.torch import save_file
-
-    from repae import atomic_path
+    from repae import write_safetensors
 
     files = {}
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(folder / f"{context.stem}.safetensors") as tmp:
-        save_file(state, str(tmp), metadata=dict(context.metadata))
+    write_safetensors(folder / f"{context.stem}.safetensors", model.state_dict(), metadata=context.metadata)
     files[f"{context.stem}.safetensors"] = "the tokenizer, LDM layout (REPA-E / latent-diffusion key names)"
     stats = repae_e_statistics(context.statistics, model.latent_channels)
     if stats is not None:
-        with atomic_path(folder / f"{context.stem}-latents-stats.safetensors") as tmp:
-            save_file(stats, str(tmp), metadata=dict(context.metadata))
+        write_safetensors(folder / f"{context.stem}-latents-stats.safetensors", stats, metadata=context.metadata)
         files[f"{context.stem}-latents-stats.safetensors"] = ("REPA-E latent statistics: latents_bias, "
                                                               "latents_scale [1, C, 1, 1]; normalised = (z - bias) * "
                                                               "scale")

@@ -43,10 +43,9 @@ def run(
     with user_errors():
         host = load_host()
         resolved = read_recipe(recipe, overrides or [], host.registry)
-        if not resolved.get("trainer"):
+        if not dry_run and not resolved.get("trainer"):
             names = ", ".join(host.registry.names("trainer")) or "none installed"
-            if not dry_run:
-                raise UserError(f"{recipe} names no trainer. Add `trainer: {{name: default}}` (available: {names}).")
+            raise UserError(f"{recipe} names no trainer. Add `trainer: {{name: default}}` (available: {names}).")
         composition = compose_recipe(resolved)
         if dry_run:
             _print_dry_run(console, composition)

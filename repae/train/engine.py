@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from repae.errors import Problem, RecipeError, UserError
+from repae.build import latent_shape
+from repae.errors import Problem, RecipeError, UserError, describe_exception
 from repae.generate import decode_latents
 from repae.interfaces import (
-    CarriesLatentNormState,
     ChecksTokenizer,
-    LoadsLatentNormState,
     PhasePlan,
     StepPlan,
     Transport,
+    adopt_latent_norm_state,
     supports,
 )
 from repae.reporting import progress as progress_bar
@@ -324,7 +324,7 @@ class PhasedTrainer:
                         problems.append(Problem(
                             "", f"losses.{label}",
                             f"one step on meta failed in the {phase} phase, loss '{label}': "
-                            f"{type(exc).__name__}: {_first_line(exc)}",
+                            f"{describe_exception(exc)}",
                             "the shapes of the components do not fit (see the message); run `repae run --dry-run` "
                             "after each change"))
                         break
@@ -421,13 +421,12 @@ class PhasedTrainer:
     # -- inputs ----------------------------------------------------------------------------------------------------
     def latent_shape(self) -> tuple[int, int, int]:
         """``(C, h, w)`` of the latents, from the contracts of the dataset and the tokenizer (no data is read)."""
-        if self.from_latents:
-            shape = self.dataset.latent_shape
-            if not shape:
-                raise UserError("the latent dataset does not know its latent shape (is the cache there?)")
-            return int(shape[0]), int(shape[1]), int(shape[2])
-        side, f = int(self.dataset.resolution), int(self.tokenizer.downsample)
-        return int(self.tokenizer.latent_channels), side // f, side // f
+        shape = latent_shape(self.dataset, self.tokenizer)
+        if shape is None:
+            raise UserError("the dataset and the tokenizer do not tell the latents' shape: a latent cache that is not "
+                            "there, or a resolution the tokenizer's downsampling does not divide (`repae recipe "
+                            "validate` names which)")
+        return shape
 
     def _latent_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
         if self.from_latents:
@@ -613,7 +612,8 @@ class PhasedTrainer:
 
 
 def _component(built: Mapping[str, Any], slot: str) -> Any:
-    """The component of a slot (``None`` when the recipe has none), typed ``Any``: it is a plugin's own class."""
+    """The component of a slot (``None`` when the recipe has none), typed ``Any`` (``Mapping.get`` would give
+    ``Any | None``, which mypy then narrows): it is a plugin's own class, used through its contract."""
     return built.get(slot)
 
 
@@ -623,27 +623,7 @@ def _say(message: str) -> None:
     Console(stderr=True, highlight=False).print(message, markup=False)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _on_meta(module: Any) -> bool:
     param = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
     return param is not None and param.device.type == "meta"
-
-
-def adopt_latent_norm_state(normalizer: Any, denoiser: Any) -> bool:
-    """Give the latent normaliser the buffers a REPA-E checkpoint carried with the denoiser (``bn.*``), when both
-    declare the capabilities (:class:`CarriesLatentNormState`, :class:`LoadsLatentNormState`); returns whether it
-    took them. Called once both exist (the trainer's setup, ``repae sample``), before the EMA copy is taken."""
-    if not (supports(denoiser, CarriesLatentNormState) and supports(normalizer, LoadsLatentNormState)):
-        return False
-    from repae.interfaces import RecordsWeights
-
-    state = denoiser.latent_norm_state
-    if not state:
-        return bool(normalizer.adopt_latent_norm_state({}, source="the denoiser (no bn.* buffers)"))
-    loaded = denoiser.loaded_weights.get("weights") if supports(denoiser, RecordsWeights) else None
-    source = loaded.source if loaded is not None else "the denoiser checkpoint"
-    return bool(normalizer.adopt_latent_norm_state(state, source=source))
