@@ -16,6 +16,18 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 """The reference implementations' golden tensors (a copy of the public set; see data/golden/README.md)."""
 
 
+def cli(*args, code: int = 0):
+    """``repae ARGS`` through typer's test runner; asserts the exit code (and that no traceback was printed)."""
+    from typer.testing import CliRunner
+
+    from repae.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"repae {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}"
+    assert "Traceback" not in result.output
+    return result
+
+
 def python_imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """``(line, module, names)`` of every absolute import in a Python file (``names`` empty for ``import x``)."""
     import ast
@@ -69,6 +81,53 @@ def sit_fields(cfg: dict) -> dict:
     fields = {ours: cfg[theirs] for theirs, ours in _SIT_FIELDS.items()}
     return {**fields, "encoder_dims": list(fields["encoder_dims"]), "learn_sigma": False,
             "time_convention": "noise-at-1"}
+
+
+def golden_sit(cfg: dict, weights: dict, registry=None) -> tuple:
+    """The registry's ``sit`` configured as the official ``SiT(**cfg)`` (:func:`sit_fields`) with the official
+    ``weights``; returns it and the split-off latent BatchNorm buffers (REPA-E's ``bn.*``)."""
+    import repae
+    import torch
+    from repae_sit.checkpoint import from_official, load_strict
+
+    model = repae.create("denoiser", "sit", registry=registry, **sit_fields(cfg))
+    torch.testing.assert_close(model.pos_embed, weights["pos_embed"], rtol=0, atol=0)  # our sin-cos table
+    state, norm = from_official(weights)
+    load_strict(model, state)
+    return model, {k: v.clone() for k, v in norm.items()}
+
+
+def sampler_golden_sit(registry=None) -> tuple:
+    """``(meta, tensors, model, bn_state)`` of ``sampler_ode.safetensors``: the SiT of its ``sit_config`` (eval mode)
+    with the weights of the file it names (``weights_from``) and its own label table (which has the null row)."""
+    meta, gold = read_golden("sampler_ode.safetensors")
+    _, source = read_golden(meta["weights_from"].split()[0])
+    weights = official_weights(source)
+    weights["y_embedder.embedding_table.weight"] = gold["weights.y_embedder.embedding_table.weight"].float()
+    model, norm = golden_sit(meta["sit_config"], weights, registry)
+    return meta, gold, model.eval(), norm
+
+
+REFERENCE_NORM_GROUPS = 32
+"""The official Encoder/Decoder use GroupNorm(32 groups) whatever their width (golden/README.md §3): a property of
+the reference code, not a setting of the golden files."""
+
+
+def vae_fields(cfg: dict) -> dict:
+    """The ``sd-vae`` config fields of the official LDM ``AutoencoderKL`` of a golden file's ``vae_config`` (every
+    architecture field set: no preset involved)."""
+    assert cfg["z_channels"] == cfg["embed_dim"] and cfg["double_z"], "the LDM KL-VAE ties z_channels to embed_dim"
+    return dict(latent_channels=cfg["embed_dim"], ch=cfg["ch"], ch_mult=cfg["ch_mult"],
+                num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
+                resolution=cfg["resolution"], norm_groups=REFERENCE_NORM_GROUPS)
+
+
+def load_manifest(name: str) -> tuple[dict, dict]:
+    """A key-layout manifest of the official checkpoints (``golden/manifests``): its ``_meta`` and the shapes."""
+    import json
+
+    shapes = json.loads((GOLDEN / "manifests" / name).read_text())
+    return shapes.pop("_meta"), shapes
 
 
 @pytest.fixture(autouse=True)

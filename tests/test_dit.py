@@ -4,14 +4,13 @@ every configuration value of the golden test is read from the golden file's meta
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
 
 import repae
-from conftest import GOLDEN, read_golden
+from conftest import GOLDEN, load_manifest, official_weights, read_golden
 from repae.errors import WeightsMismatchError
 from repae.interfaces import Denoiser
 from repae_dit import DIT_PRESETS
@@ -56,7 +55,7 @@ def golden_dit() -> tuple[DiT, dict, dict[str, torch.Tensor]]:
     assert set(cfg) == set(_DIT_FIELDS), f"official DiT arguments this test does not map: {sorted(cfg)}"
     model = create(**{k: cfg[k] for k in _DIT_FIELDS}, encoder_dims=[]).eval()  # every preset field set
     assert model.cfg_channels == REFERENCE_GUIDED_CHANNELS
-    official = {k[len("weights."):]: v.float() for k, v in gold.items() if k.startswith("weights.")}
+    official = official_weights(gold)
     torch.testing.assert_close(model.pos_embed, official["pos_embed"], rtol=0, atol=0)
     state, norm = from_official(official)
     assert not norm  # DiT has no latent BatchNorm
@@ -136,8 +135,7 @@ def test_dit_manifests_are_there():
 def test_full_size_matches_official_manifest(manifest):
     """The official full-size DiT of a manifest: the size from its constructor (``DiT_XL_2``), the constructor
     arguments from its ``_meta``."""
-    spec = json.loads((GOLDEN / "manifests" / manifest).read_text())
-    meta = spec.pop("_meta")
+    meta, spec = load_manifest(manifest)
     model_size, patch = re.fullmatch(r"DiT_(\w+?)_(\d+)", meta["constructor"]).groups()
     kwargs = meta["kwargs"]
     assert set(kwargs) <= {"input_size", "in_channels", "num_classes", "class_dropout_prob", "learn_sigma"}, kwargs

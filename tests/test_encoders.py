@@ -108,9 +108,9 @@ def test_config_defaults_are_the_default_preset(registry, name):
 def test_tiny_forward_shapes(registry, name, size):
     enc = build(registry, name, size=size)
     assert enc.embed_dim == 32 and enc.loaded_weights == {}
-    for size in (32, 64, 256):
-        out = enc(raw_images(2, size))
-        assert out.shape == (2, enc.num_tokens(size), enc.embed_dim)
+    for resolution in (32, 64, 256):
+        out = enc(raw_images(2, resolution))
+        assert out.shape == (2, enc.num_tokens(resolution), enc.embed_dim)
         assert torch.isfinite(out).all()
     assert enc.num_tokens(256) == 256 and enc.num_tokens(512) == 1024  # REPA: 16x16 at 256, 32x32 at 512
     assert enc(raw_images(1, (64, 96))).shape == (1, 4 * 6, 32)

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 import repae
-from repae.cli import app
 
-from conftest import EXAMPLE_PLUGIN
+from conftest import EXAMPLE_PLUGIN, cli
 
 
 def readme_recipe() -> str:
@@ -34,13 +32,6 @@ def recipe(example_plugin, tmp_path):
     path = tmp_path / "example.yaml"
     path.write_text(readme_recipe())
     return path
-
-
-def cli(*args, code: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, f"repae {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}"
-    assert "Traceback" not in result.output
-    return result
 
 
 def test_listed_with_its_distribution(example_plugin):

@@ -9,7 +9,6 @@ metadata. The whole-step comparison is the engine's test.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 import repae
-from conftest import GOLDEN, ROOT, read_golden
+from conftest import ROOT, load_manifest, official_weights, read_golden
 from repae import BuildContext, DenoiserOutput, GlobalBatchNorm, RecipeError, Transport, UserError, WeightsMismatchError
 from repae.build import build_component
 from repae.plugins import load_plugins
@@ -645,8 +644,7 @@ def _constructor_kwargs(text: str) -> dict[str, Any]:
 def test_patchgan_default_is_the_official_discriminator():
     """The default ``patchgan`` discriminator has the state-dict layout of REPA-E's (golden/manifests/
     discriminator.json: keys, shapes, parameter count), so its checkpoints load as they are."""
-    manifest = json.loads((GOLDEN / "manifests" / "discriminator.json").read_text())
-    meta = manifest.pop("_meta")
+    meta, manifest = load_manifest("discriminator.json")
     official = _constructor_kwargs(meta["constructor"])
     loss = repae.create("loss", "patchgan", device="meta", registry=REGISTRY)
     assert (official["input_nc"], official["use_actnorm"]) == (3, False)  # what NLayerDiscriminator implements
@@ -707,7 +705,7 @@ def _golden_discriminator(g: dict[str, torch.Tensor], meta: dict[str, Any], tmp_
 
     disc = meta["disc_config"]
     assert disc["input_nc"] == 3  # RGB images, as NLayerDiscriminator reads
-    state = {k[len("disc."):]: v for k, v in g.items() if k.startswith("disc.")}
+    state = official_weights(g, "disc.")
     save_file(state, str(tmp_path / "disc.safetensors"))
     torch.save({"discriminator": state, "steps": torch.tensor(0)}, tmp_path / "ckpt.pt")
     weight = {"tokenizer": meta["repae"]["disc_weight"], "discriminator": 1.0}

@@ -21,12 +21,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import repae
-from repae.cli import app
 
-from conftest import ROOT, python_imports
+from conftest import ROOT, cli, python_imports
 
 DOC = ROOT / "docs" / "plugins.md"
 FILE_BLOCK = re.compile(r"^```[a-z]*\n# (?P<path>[\w./-]+\.(?:py|toml|yaml))\n(?P<body>.*?)^```", re.M | re.S)
@@ -81,13 +79,6 @@ def acme(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _acme_selected(monkeypatch):
     monkeypatch.setenv("REPAE_PLUGINS", PLUGINS)
-
-
-def cli(*args, code: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, f"repae {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}"
-    assert "Traceback" not in result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import repae
-from conftest import official_weights, read_golden, sit_fields
+from conftest import sampler_golden_sit
 from repae.errors import UserError
 from repae.interfaces import DenoiserOutput
 from repae.plugins import load_plugins
@@ -149,18 +149,9 @@ def test_guidance_without_null_row_is_a_clear_error():
 def golden_sampler_setup():
     """The golden file's tensors and metadata, and the registry's ``sit`` configured as the file's official SiT
     (every field from its ``sit_config``, no preset) with the golden weights."""
-    from repae_sit.checkpoint import from_official, load_strict
-
-    meta, gold = read_golden("sampler_ode.safetensors")
-    _, source = read_golden(meta["weights_from"].split()[0])  # the SiT weights, except the label table stored here
-    weights = official_weights(source)
-    weights["y_embedder.embedding_table.weight"] = gold["weights.y_embedder.embedding_table.weight"].float()
-
-    model = repae.create("denoiser", "sit", registry=REGISTRY, **sit_fields(meta["sit_config"]))
-    denoiser_state, bn_state = from_official(weights)
+    meta, gold, model, bn_state = sampler_golden_sit(REGISTRY)
     assert set(bn_state) == {"running_mean", "running_var", "num_batches_tracked"}
-    load_strict(model, denoiser_state)
-    return gold, meta, model.eval()
+    return gold, meta, model
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])

@@ -4,7 +4,6 @@ REPA-E SiT (every configuration value of the golden tests is read from the golde
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import repae
-from conftest import GOLDEN, official_weights, read_golden, sit_fields
+from conftest import GOLDEN, golden_sit, load_manifest, official_weights, read_golden, sampler_golden_sit
 from repae.errors import ComponentBuildError, RecipeError, UserError, WeightsMismatchError
 from repae.interfaces import Denoiser
 from repae_sit import SIT_PRESETS, SiTConfig
@@ -85,16 +84,6 @@ class Enc:
 
 
 # -- golden files: configuration from their metadata -----------------------------------------------------------------
-
-def golden_sit(cfg: dict, weights: dict[str, torch.Tensor]) -> tuple[SiT, dict[str, torch.Tensor]]:
-    """The registry's ``sit`` configured as the official ``SiT(**cfg)`` with the golden weights; returns it and the
-    split-off latent BatchNorm buffers (REPA-E's ``bn.*``)."""
-    model = create(**sit_fields(cfg))
-    torch.testing.assert_close(model.pos_embed, weights["pos_embed"], rtol=0, atol=0)  # our sin-cos table
-    state, norm = from_official(weights)
-    load_strict(model, state)
-    return model, {k: v.clone() for k, v in norm.items()}
-
 
 # -- config, registry, derived shapes --------------------------------------------------------------------------------
 
@@ -296,8 +285,7 @@ def test_sit_manifests_are_there():
 def test_full_size_matches_official_manifest(manifest):
     """The official full-size model of a manifest (preset and constructor arguments from its ``_meta``), its shapes
     derived from a dataset, tokenizer and encoders as in a recipe."""
-    spec = json.loads((GOLDEN / "manifests" / manifest).read_text())
-    meta = spec.pop("_meta")
+    meta, spec = load_manifest(manifest)
     size = re.fullmatch(r"SiT_models\['SiT-(\w+/\d+)'\]", meta["constructor"]).group(1)
     kwargs = meta["kwargs"]
     assert not set(kwargs) - _MANIFEST_SHAPE_KWARGS - _MANIFEST_OTHER_KWARGS, kwargs
@@ -397,13 +385,8 @@ def test_matches_official_repae_sit_forward():
 def test_matches_official_sampler_model_calls():
     """Every model call logged by the official Euler/Heun sampler (label table with the null row), and the guided
     Euler sample; steps, guidance scale and interval, and the null label from the file's metadata."""
-    meta, gold = read_golden("sampler_ode.safetensors")
+    meta, gold, model, _ = sampler_golden_sit()
     cfg, ref = meta["sit_config"], meta["sampler"]
-    _, source = read_golden(meta["weights_from"].split()[0])  # the SiT weights, except the label table stored here
-    weights = official_weights(source)
-    weights["y_embedder.embedding_table.weight"] = gold["weights.y_embedder.embedding_table.weight"].float()
-    model, _ = golden_sit(cfg, weights)
-    model.eval()
     null, scale, steps = cfg["num_classes"], ref["cfg_scale"], ref["num_steps"]
     calls = sorted({k.rsplit(".", 1)[0] for k in gold if ".call" in k})
     assert len(calls) == steps + (2 * steps - 1)  # Euler: one call per step; Heun: two, the last step one

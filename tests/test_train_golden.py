@@ -27,7 +27,7 @@ from repae.train.config import OptimizerConfig, TrainerConfig
 from repae.train.context import StepInputs
 from repae.train.engine import PhasedTrainer
 
-from conftest import build_section, official_weights, read_golden
+from conftest import build_section, golden_sit, official_weights, read_golden, vae_fields
 
 LOSS_TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -38,25 +38,12 @@ def golden_step():
     _, vae_fwd = read_golden("vae_forward.safetensors")
     _, vae_dec = read_golden("vae_forward_decoder.safetensors")
     _, sit_fwd = read_golden("sit_forward.safetensors")
-    from repae_sit.checkpoint import from_official
 
     registry = load_plugins(select={"repae"}).registry
-    torch.manual_seed(0)
-    vc = meta["vae_config"]
-    assert vc["z_channels"] == vc["embed_dim"] and vc["double_z"], "the LDM KL-VAE ties z_channels to embed_dim"
-    vae = build_section(registry, "tokenizer", "sd-vae", size="tiny", ch=vc["ch"], ch_mult=vc["ch_mult"],
-                        num_res_blocks=vc["num_res_blocks"], attn_resolutions=vc["attn_resolutions"],
-                        resolution=vc["resolution"], latent_channels=vc["embed_dim"],
-                        norm_groups=32)  # the reference's Normalize(): GroupNorm(32 groups) at every width
+    vae = build_section(registry, "tokenizer", "sd-vae", size="tiny", **vae_fields(meta["vae_config"]))
     vae.load_state_dict({**official_weights(vae_fwd, "weights."), **official_weights(vae_dec, "weights.")}, strict=True)
     sc = meta["sit_config"]
-    sit = build_section(registry, "denoiser", "sit", size="tiny", depth=sc["depth"], hidden_size=sc["hidden_size"],
-                        num_heads=sc["num_heads"], patch_size=sc["patch_size"], mlp_ratio=sc["mlp_ratio"],
-                        input_size=sc["input_size"], in_channels=sc["in_channels"], num_classes=sc["num_classes"],
-                        class_dropout_prob=sc["class_dropout_prob"], encoder_dims=sc["z_dims"],
-                        projector_dim=sc["projector_dim"], qk_norm=sc["qk_norm"])
-    sit_state, bn_state = from_official(official_weights(sit_fwd, "weights."))
-    sit.load_state_dict(sit_state, strict=True)
+    sit, bn_state = golden_sit(sc, official_weights(sit_fwd), registry)
     norm = build_section(registry, "normalizer", "batchnorm", channels=sc["in_channels"], init="none",
                          momentum=sc["bn_momentum"], eps=1e-4)  # eps: the reference's BatchNorm2d(eps=1e-4)
     norm.load_state_dict(bn_state, strict=True)

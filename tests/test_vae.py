@@ -4,7 +4,6 @@ official REPA-E code, parity with diffusers.AutoencoderKL, weight and latent-sta
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import save_file
 
 import repae
 import repae.weights
-from conftest import GOLDEN, build_section, read_golden
+from conftest import GOLDEN, build_section, load_manifest, official_weights, read_golden, vae_fields
 from repae.errors import ComponentBuildError, UserError
 from repae.interfaces import Posterior, Tokenizer
 from repae_vae import F8D4, F16D32, TINY
@@ -122,11 +121,6 @@ def test_state_dict_round_trip_is_strict_and_exact():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_manifest(name: str) -> tuple[dict, dict]:
-    shapes = json.loads((MANIFESTS / name).read_text())
-    return shapes.pop("_meta"), shapes
-
-
 @pytest.mark.parametrize(
     ("name", "manifest"),
     [("sd-vae", "vae_f8d4.json"), ("in-vae", "vae_f16d32.json"), ("va-vae", "vae_f16d32.json")],
@@ -171,11 +165,6 @@ def test_diffusers_config_round_trip(arch):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-REFERENCE_NORM_GROUPS = 32
-"""The official Encoder/Decoder use GroupNorm(32 groups) whatever their width (golden/README.md §3): a property of
-the reference code, not a setting of the golden file."""
-
-
 def test_golden_forward_matches_official(registry):
     meta, tensors = read_golden("vae_forward.safetensors")
     also = meta.get("weights_also_in", [])  # the weights are split over several files (size limit)
@@ -184,19 +173,8 @@ def test_golden_forward_matches_official(registry):
     cfg, tol = meta["vae_config"], meta["suggested_tolerance"]
     assert cfg["z_channels"] == cfg["embed_dim"] and cfg["double_z"] and cfg["dropout"] == 0
     assert cfg["in_channels"] == cfg["out_ch"] == 3  # RGB
-    vae = build(  # every architecture field set: no preset involved
-        registry,
-        "sd-vae",
-        latent_channels=cfg["embed_dim"],
-        ch=cfg["ch"],
-        ch_mult=cfg["ch_mult"],
-        num_res_blocks=cfg["num_res_blocks"],
-        attn_resolutions=cfg["attn_resolutions"],
-        resolution=cfg["resolution"],
-        norm_groups=REFERENCE_NORM_GROUPS,
-    ).eval()
-    weights = {k[len("weights.") :]: v.float() for k, v in tensors.items() if k.startswith("weights.")}
-    vae.load_state_dict(weights, strict=True)
+    vae = build(registry, "sd-vae", **vae_fields(cfg)).eval()
+    vae.load_state_dict(official_weights(tensors), strict=True)
     with torch.no_grad():
         encoder_out = vae.encoder(tensors["image"])
         posterior = vae.encode(tensors["image"])
