@@ -180,6 +180,19 @@ def test_preprocessing_matches_repa(registry, name, mean, std, normalize_first):
     assert (aa - plain).abs().max() > 1e-2
 
 
+def test_normalisation_constants_are_buffers_outside_the_state_dict(registry, monkeypatch):
+    """The mean/std are built once as buffers and move with the module; a forward call builds no tensor from them."""
+    enc = build(registry, "dinov2", size="tiny")
+    assert enc.pixel_mean.flatten().tolist() == pytest.approx(IMAGENET_MEAN)
+    assert enc.pixel_std.flatten().tolist() == pytest.approx(IMAGENET_STD)
+    assert not any(k.startswith("pixel_") for k in enc.state_dict())
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    enc.preprocess(raw_images(1, 32))
+    assert made == []
+
+
 # -- weights: DINOv2 in timm's layout, official route through the hub cache ---------------------------------------------
 @pytest.fixture(scope="module")
 def dinov2_vits14_file(tmp_path_factory):

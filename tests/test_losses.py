@@ -634,6 +634,29 @@ def test_lpips_distance_properties(tmp_path):
     assert build_lpips(LPIPSConfig(double_scale_inputs=True), NO_WEIGHTS).lpips.double_scale_inputs
 
 
+def test_lpips_real_side_has_no_autograd_and_same_values():
+    """With one side requiring grad (the reconstruction), the other side's VGG features are computed without autograd:
+    same distance and gradient as one concatenated pass (the reference's), less backward work (issue 9)."""
+    torch.manual_seed(0)
+    model = LPIPS()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(2, 3, 16, 16, generator=g)).clamp(-1, 1)
+    both = y.clone().requires_grad_(True)
+    concat = model(x.clone().requires_grad_(True), both)  # both sides with grad: the concatenated pass
+    concat.sum().backward()
+    seen: list[tuple[int, bool]] = []
+    hook = model.features[0].register_forward_hook(lambda m, i, o: seen.append((i[0].shape[0], o.requires_grad)))
+    for flipped in (False, True):
+        recon = y.clone().requires_grad_(True)
+        split = model(recon, x) if flipped else model(x, recon)
+        split.sum().backward()
+        torch.testing.assert_close(split, concat, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(recon.grad, both.grad, atol=1e-6, rtol=1e-5)
+    hook.remove()
+    assert sorted(seen) == [(2, False), (2, False), (2, True), (2, True)]  # one pass without autograd per call
+
+
 # -- PatchGAN -------------------------------------------------------------------------------------------------------
 def _constructor_kwargs(text: str) -> dict[str, Any]:
     """``{"input_nc": 3, ...}`` from a manifest's ``"NLayerDiscriminator(input_nc=3, ndf=64, ...)"``."""

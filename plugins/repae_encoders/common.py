@@ -52,6 +52,12 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.mean, self.std = tuple(mean), tuple(std)
+        # The normalisation constants as buffers: made once, moved with the module (not rebuilt on the device at
+        # every call); not in the state dict, so checkpoints keep the backbone's keys only.
+        self.pixel_mean: Tensor
+        self.pixel_std: Tensor
+        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         self.normalize_first = normalize_first
         self.token_stride = token_stride
         self.loaded_weights: dict[str, WeightsInfo] = {}
@@ -88,9 +94,7 @@ class FrozenEncoder(nn.Module):
         return x
 
     def _normalize(self, x: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
 
     def _backbone(self) -> nn.Module:
         backbone = getattr(self, "backbone", None)

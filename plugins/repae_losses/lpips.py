@@ -87,21 +87,36 @@ class LPIPS(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         batch = x.shape[0]
-        h = torch.cat([x, y]).float()
+        if x.requires_grad == y.requires_grad:
+            taps = self._taps(torch.cat([x, y]))
+            pairs = [(h[:batch], h[batch:]) for h in taps]
+        else:
+            # One side (the real images) needs no gradient: its VGG features are computed without autograd, which
+            # saves the backward pass through half of the batch (same values as one concatenated pass).
+            with torch.no_grad():
+                fixed = self._taps(y if x.requires_grad else x)
+            moving = self._taps(x if x.requires_grad else y)
+            pairs = list(zip(moving, fixed)) if x.requires_grad else list(zip(fixed, moving))
+        total = x.new_zeros(batch, dtype=torch.float32)
+        for head, (fx, fy) in zip(self.heads, pairs):
+            total = total + head((fx - fy).square()).mean(dim=(1, 2, 3))
+        return total
+
+    def _taps(self, images: Tensor) -> list[Tensor]:
+        """Unit-normalised VGG features at the five LPIPS taps of images in ``[-1, 1]`` (or ``[0, 1]`` with
+        ``double_scale_inputs``): float32 ``[N, C_k, H_k, W_k]``."""
+        h = images.float()
         if self.double_scale_inputs:
             h = h * 2 - 1
         h = (h - self.shift) / self.scale
-        total = h.new_zeros(batch)
-        tap = 0
+        taps: list[Tensor] = []
         for index, layer in enumerate(self.features):
             h = layer(h)
-            if index == _TAPS[tap]:
-                fx, fy = _unit(h[:batch]), _unit(h[batch:])
-                total = total + self.heads[tap]((fx - fy).square()).mean(dim=(1, 2, 3))
-                tap += 1
-                if tap == len(_TAPS):
+            if index == _TAPS[len(taps)]:
+                taps.append(_unit(h))
+                if len(taps) == len(_TAPS):
                     break
-        return total
+        return taps
 
 
 _HEAD = re.compile(r"^(?:lin|lins\.)(\d)\.model\.[01]\.weight$")
