@@ -12,7 +12,8 @@ internal and may change). Plugin authors import only from ``repae``; the built-i
   subclasses :class:`Loss` with a :class:`LossConfig` and reads a :class:`StepContext`; a trainer may subclass
   :class:`PhasedTrainer`.
 - What plugins share with the core: weights (:func:`resolve_weights`, :func:`load_state_dict`, :func:`load_into`,
-  ...), :class:`GlobalBatchNorm`, atomic writes, :func:`progress`, latent caches, the ADM metric formulas, errors.
+  ...), :class:`GlobalBatchNorm`, atomic writes, :func:`progress`, latent caches, image shards, the ADM metric
+  formulas, errors.
 
 Importing :mod:`repae` does not import torch: names are loaded on first use.
 """
@@ -58,6 +59,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.reporting": ("progress",),
     "repae.generate": ("decode_latents", "to_uint8"),
     "repae.latent_cache": ("LatentCache", "write_latent_cache"),
+    "repae.image_shards": ("ImageShards", "write_image_shards"),
     "repae.evaluate.inputs": ("IMAGE_SUFFIXES",),
     "repae.evaluate.metrics": ("feature_statistics", "frechet_distance", "frechet_distance_to_features",
                                "inception_score", "precision_recall"),
@@ -138,6 +140,7 @@ if TYPE_CHECKING:
         require,
         supports,
     )
+    from repae.image_shards import ImageShards, write_image_shards
     from repae.latent_cache import LatentCache, write_latent_cache
     from repae.loss import Loss
     from repae.plugins import Register, load_plugins

@@ -1,4 +1,4 @@
-"""Datasets as repae components: ``synthetic``, ``image-folder`` and ``latent-cache``.
+"""Datasets as repae components: ``synthetic``, ``image-folder``, ``image-shards`` and ``latent-cache``.
 
 Data preparation follows REPA-E (Leng et al., 2025, arXiv 2504.10483), which takes it from ADM (Dhariwal & Nichol,
 2021, arXiv 2105.05233): ImageNet train images, RGB, ADM centre crop, no augmentation; frozen-tokenizer trainings
@@ -9,7 +9,9 @@ items are ``(uint8 [3, H, W], label)``; ``"latents"``: items are ``(float32 [2C,
 ``set_epoch(epoch)``. Items are a pure function of (config, index, epoch); sharding and shuffling are the engine's.
 
 This module only declares configs and registers them; it imports neither torch nor PIL. The implementations live in
-:mod:`repae_data.synthetic`, :mod:`repae_data.image_folder` and :mod:`repae_data.cache` (which also writes caches).
+:mod:`repae_data.synthetic`, :mod:`repae_data.image_folder`, :mod:`repae_data.shards` (images written once by
+``repae prepare-data``, read through memory maps) and :mod:`repae_data.cache` (latents cached by
+``repae cache-latents``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from repae import FieldError, hookimpl, option
 
-__all__ = ["ImageFolderConfig", "LatentCacheConfig", "SyntheticConfig"]
+__all__ = ["ImageFolderConfig", "ImageShardsConfig", "LatentCacheConfig", "SyntheticConfig"]
 
 
 @dataclass(kw_only=True)
@@ -63,6 +65,31 @@ class ImageFolderConfig:
 
 
 @dataclass(kw_only=True)
+class ImageShardsConfig:
+    """Images prepared once by ``repae prepare-data`` (decoded, ADM centre crop, uint8 shards read through memory
+    maps): the same items as the ``image-folder`` they were made from, without decoding a JPEG per access."""
+
+    root: str = option(doc="shards folder written by `repae prepare-data IMAGE_FOLDER --out ROOT` (manifest.json)")
+    hflip: bool = option(False, doc="random horizontal flip, a function of (seed, index, epoch) as in image-folder")
+    seed: int = option(0, doc="seed of the flips")
+    resolution: int | None = option(
+        None, doc="expected image side (null: the shards'); a mismatch is an error. Needed for a dry run without "
+        "the shards"
+    )
+    num_classes: int | None = option(
+        None, doc="expected number of classes (null: the shards'); a mismatch is an error"
+    )
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise FieldError("seed", f"must be >= 0, got {self.seed}")
+        if self.resolution is not None and self.resolution < 1:
+            raise FieldError("resolution", f"must be >= 1 or null, got {self.resolution}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise FieldError("num_classes", f"must be >= 1 or null, got {self.num_classes}")
+
+
+@dataclass(kw_only=True)
 class LatentCacheConfig:
     """Latents cached by ``repae cache-latents``: the tokenizer's posterior mean and std of every image."""
 
@@ -71,7 +98,7 @@ class LatentCacheConfig:
 
 @hookimpl
 def register_components(register) -> None:
-    """Register the three built-in datasets."""
+    """Register the four built-in datasets."""
     register(
         "dataset",
         "synthetic",
@@ -85,6 +112,13 @@ def register_components(register) -> None:
         summary="ImageNet-train style folder root/<class>/<image>, ADM centre crop (REPA-E preprocessing)",
         config=ImageFolderConfig,
         factory="repae_data.image_folder:build_image_folder",
+    )
+    register(
+        "dataset",
+        "image-shards",
+        summary="image-folder items prepared once by `repae prepare-data` (uint8 shards read through memory maps)",
+        config=ImageShardsConfig,
+        factory="repae_data.shards:build_image_shards",
     )
     register(
         "dataset",

@@ -11,6 +11,7 @@ from repae.cli import (
     components,
     export,
     plugins,
+    prepare,
     recipe,
     run,
     sample,
@@ -51,6 +52,7 @@ app.command("plugins")(plugins.list_plugins)
 app.add_typer(recipe.app, name="recipe")
 app.command("run")(run.run)
 app.command("cache-latents")(cache.cache_latents)
+app.command("prepare-data")(prepare.prepare_data)
 app.command("sample")(sample.sample)
 app.command("eval")(eval_cli.evaluate)
 app.command("analyze")(analyze.analyze)
