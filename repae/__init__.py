@@ -42,7 +42,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.config": ("FieldError",),
     "repae.interfaces": (
         "AffineNormalizer", "CarriesLatentNormState", "ChecksTokenizer", "Dataset", "Denoiser", "DenoiserOutput",
-        "ExportContext", "Exportable", "HasLatentStatistics", "LatentNormalizer", "LatentStatistics",
+        "ExportContext", "Exportable", "HasBlocks", "HasLatentStatistics", "LatentNormalizer", "LatentStatistics",
         "LoadsLatentNormState", "LossConfig", "Metric", "PhasePlan", "Posterior", "ReadsImages", "RecordsWeights",
         "ReferenceFeatures", "RepresentationEncoder", "Sampler", "StepPlan", "Tokenizer", "Trainer", "Transport",
         "WeightsInfo", "adopt_latent_norm_state", "require", "supports",
@@ -118,6 +118,7 @@ if TYPE_CHECKING:
         DenoiserOutput,
         Exportable,
         ExportContext,
+        HasBlocks,
         HasLatentStatistics,
         LatentNormalizer,
         LatentStatistics,

@@ -23,6 +23,7 @@ capability                       kinds                used by
 :class:`LoadsLatentNormState`    normaliser           adopting those buffers (trainer setup)
 :class:`ChecksTokenizer`         dataset (latents)    refusing a cache written by another tokenizer
 :class:`ReadsImages`             dataset (images)     ``repae analyze --images DIR`` (the dataset's preprocessing)
+:class:`HasBlocks`               any ``nn.Module``    ``trainer.compile`` (block by block), ``trainer.activation_checkpointing``
 ===============================  ===================  ============================================================
 
 Conventions shared by every implementation:
@@ -67,6 +68,7 @@ __all__ = [
     "DenoiserOutput",
     "Exportable",
     "ExportContext",
+    "HasBlocks",
     "HasLatentStatistics",
     "LatentNormalizer",
     "LatentStatistics",
@@ -412,7 +414,8 @@ class Transport(Protocol):
         ...
 
     def sample_time(self, batch: int, *, generator: torch.Generator) -> Tensor:
-        """Times for a batch, ``[batch]``, drawn on the CPU from ``generator``."""
+        """Times for a batch, ``[batch]``, drawn from ``generator`` on ``generator.device`` (the trainer draws a
+        step's randomness on the training device; times drawn on the CPU are moved there too)."""
         ...
 
     def interpolate(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -569,6 +572,25 @@ class ReadsImages(Protocol):
 
     def load_image(self, path: Path) -> Tensor:
         """One file to ``uint8 [3, resolution, resolution]``; :class:`~repae.errors.UserError` when unreadable."""
+        ...
+
+
+@runtime_checkable
+class HasBlocks(Protocol):
+    """Capability of any component that is an ``nn.Module`` (a loss too): its repeated units, each an ``nn.Module``
+    that the component calls through the unit's own ``forward`` (SiT/DiT: the transformer blocks; the KL-VAE: the
+    encoder and the decoder; LPIPS: its network).
+
+    ``trainer.compile: true`` compiles these units one by one with ``torch.compile`` (regional compilation: a
+    component's own forward may change its arguments between phases without recompiling), and
+    ``trainer.activation_checkpointing: [part, ...]`` recomputes their activations in the backward pass instead of
+    storing them. Without the capability the trainer compiles a component that it calls through ``forward``
+    (denoiser, encoder, a loss's discriminator) as a whole, compiles nothing of a tokenizer (called through
+    ``encode``/``decode``), and refuses activation checkpointing for it with a message naming the capability."""
+
+    def block_modules(self) -> Sequence[nn.Module]:
+        """The units. Each is compiled with static shapes (``dynamic=False``): units that share one ``forward``
+        (the same class) should see the same shapes, or each shape compiles its own graph."""
         ...
 
 

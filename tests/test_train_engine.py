@@ -80,15 +80,22 @@ def test_a_different_recipe_is_refused_without_the_flag(tmp_path):
     assert result.exit_code == 2 and "trainer.steps" in result.stderr and "--allow-recipe-change" in result.stderr
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one_process(tmp_path):
-    single, double = tmp_path / "single", tmp_path / "double"
-    run_cli("--out", str(single), "trainer.steps=2")
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repae",
-           "run", str(QUICKSTART), *SMALL, "trainer.steps=2", "--out", str(double), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["trainer.grad_accum=2"], ["trainer.grad_accum=2", "trainer.static_graph=false"]],
+                         ids=["ddp-static-graph", "ddp-dynamic-graph"])
+def test_two_gloo_processes_equal_one_process(tmp_path, extra):
+    single, double = tmp_path / "single", tmp_path / "double"
+    run_cli("--out", str(single), "trainer.steps=2", *extra)
+    torchrun("-m", "repae", "run", str(QUICKSTART), *SMALL, "trainer.steps=2", *extra, "--out", str(double),
+             "--device", "cpu")
     a, b = checkpoint_tensors(single), checkpoint_tensors(double)
     assert a.keys() == b.keys()
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
@@ -97,6 +104,65 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for k in a:
         if not a[k].is_floating_point():
             assert torch.equal(a[k], b[k]), k
+
+
+DDP_PROBE = """
+import json, sys
+import torch
+import torch.distributed as dist
+from repae.build import build_recipe
+from repae.plugins import load_plugins
+from repae.recipe import read_recipe
+from repae.train import distributed
+from repae.train.data import StepOrder
+
+distributed.init("cpu")
+counts = {}
+for accum in (1, 2):
+    resolved = read_recipe(sys.argv[1], [*sys.argv[2:], f"trainer.grad_accum={accum}"], load_plugins().registry)
+    built = {b.label: b.component for b in build_recipe(resolved, device="cpu")}
+    trainer, dataset = built["trainer"], built["dataset"]
+    trainer.setup()
+    calls = counts.setdefault(accum, {})
+
+    def counting(part):
+        def hook(state, bucket):
+            calls[part] = calls.get(part, 0) + 1
+            return dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True).get_future().then(
+                lambda fut: fut.value()[0])
+        return hook
+
+    for part, replica in trainer._replicas.items():
+        replica.register_comm_hook(None, counting(part))
+    order = StepOrder(len(dataset), 8, accum, dist.get_world_size(), dist.get_rank(), 0)
+    for step in range(2):
+        micro = []
+        for m, indices in enumerate(order.local_batches(step, step + 1)):
+            x = torch.stack([dataset[i][0] for i in indices])
+            y = torch.tensor([dataset[i][1] for i in indices])
+            micro.append(trainer.make_inputs(step, m, x, y, order))
+        trainer.train_step(micro, step)
+if dist.get_rank() == 0:
+    print("COUNTS " + json.dumps(counts))
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_reduces_each_part_once_per_step_under_accumulation(tmp_path):
+    """Each trainable part is in DistributedDataParallel: its gradient buckets are all-reduced during the backward
+    pass of its phase's last micro-batch only (``no_sync`` before), so 2 micro-batches cost as many all-reduces as 1
+    once DDP has recorded the static graph (the first step reduces every micro-batch)."""
+    script = tmp_path / "probe.py"
+    script.write_text(DDP_PROBE)
+    done = torchrun(str(script), str(QUICKSTART), *SMALL)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("COUNTS "))
+    counts = json.loads(line.removeprefix("COUNTS "))
+    assert set(counts["1"]) == {"tokenizer", "discriminator", "denoiser"}
+    for part, both_steps in counts["1"].items():
+        buckets = both_steps // 2  # per step, >= 1
+        assert buckets >= 1 and both_steps == 2 * buckets, part
+        assert counts["2"][part] == 2 * buckets + buckets, part  # step 0: each micro-batch; step 1: the last only
 
 
 ROUTES = {
@@ -234,3 +300,60 @@ def test_resume_applies_the_new_optimizer_settings_and_rejects_other_parts(tmp_p
 
     with pytest.raises(UserError, match="does not fit this recipe's components"):
         bigger["trainer"].load_state(load_checkpoint(latest_checkpoint(out)), source="x")
+
+
+def _one_step_gradients(overrides=()):
+    """Every trainable parameter's gradient after one step of the quickstart on fixed inputs (same seed, same data)."""
+    torch.manual_seed(0)
+    _, built = build(list(overrides))
+    trainer = built["trainer"]
+    trainer.setup()
+    trainer.compute_gradients([_inputs(trainer, built)], step=0)
+    return {f"{name}.{key}": p.grad.clone() for name, module in trainer.parts.items()
+            for key, p in module.named_parameters() if p.grad is not None}, trainer
+
+
+@pytest.mark.parametrize("switch", [
+    ["trainer.activation_checkpointing=[tokenizer, denoiser]"],
+    ["trainer.channels_last=true"],
+    ["trainer.sdpa_backend=math"],
+])
+def test_speed_and_memory_switches_leave_the_step_unchanged(switch):
+    """Activation checkpointing (recomputed blocks), channels_last and the attention kernel change how the step is
+    computed, not what: the gradients of every part equal the plain step's (float32 on CPU)."""
+    plain, _ = _one_step_gradients()
+    switched, trainer = _one_step_gradients(switch)
+    assert switched.keys() == plain.keys() and len(plain) > 50
+    for key in plain:
+        torch.testing.assert_close(switched[key], plain[key], atol=1e-5, rtol=1e-4, msg=key)
+    if "checkpointing" in switch[0]:  # the blocks really are wrapped (a recompute in the backward pass)
+        blocks = [*trainer.tokenizer.block_modules(), *trainer.denoiser.block_modules()]
+        assert all(block.forward.__name__ == "checkpointed" for block in blocks)
+    if "channels_last" in switch[0]:
+        conv = next(p for p in trainer.tokenizer.parameters() if p.ndim == 4 and p.shape[-1] > 1)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_fused_adamw_takes_the_same_step():
+    results = []
+    for fused in ("false", "true"):
+        torch.manual_seed(0)
+        _, built = build([f"trainer.optimizers.default.fused={fused}"])
+        trainer = built["trainer"]
+        trainer.setup()
+        assert trainer.optimizers["denoiser"].defaults["fused"] is (True if fused == "true" else None)
+        trainer.train_step([_inputs(trainer, built)], step=0)
+        results.append(trainer.denoiser.state_dict())
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_activation_checkpointing_errors_name_the_component_and_the_fix():
+    from repae.errors import UserError
+
+    with pytest.raises(UserError, match="names 'vae', which is not a network of this training.*denoiser"):
+        _, built = build(["trainer.activation_checkpointing=[vae]"])
+        built["trainer"].setup()
+    with pytest.raises(Exception, match=r"activation_checkpointing: \[encoders.0\] needs the capability HasBlocks"):
+        _, built = build(["trainer.activation_checkpointing=[encoders.0]"])
+        built["trainer"].setup()

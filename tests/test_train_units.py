@@ -111,3 +111,39 @@ def test_ema_tracks_parameters_and_float_buffers():
     assert not shadow.weight.requires_grad and not shadow.training
     ema.train()
     assert not shadow.training
+
+
+class _EpochTagged(torch.utils.data.Dataset):
+    """Items (tensor([index, epoch]), index): shows which epoch the reading process had set."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch = size, -1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int):
+        return torch.tensor([index, self.epoch]), index
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_loader_for_the_run_sets_each_items_epoch_in_the_reading_process(workers):
+    """The trainer's loader spans epochs with workers started once: every item is read with its own epoch set (a
+    DataLoader kept alive across epochs would otherwise freeze the workers' copies at the first epoch)."""
+    from types import SimpleNamespace
+
+    from repae.train.engine import PhasedTrainer
+
+    order = StepOrder(dataset_size=12, batch_size=4, grad_accum=2, world_size=1, rank=0, seed=0)
+    fake = SimpleNamespace(dataset=_EpochTagged(12), config=SimpleNamespace(num_workers=workers),
+                           device=torch.device("cpu"))
+    batches = list(PhasedTrainer.loader(fake, order, 1, 7))  # steps 1..6: epochs 0, 1 and 2
+    assert len(batches) == 6 * 2
+    for k, (x, labels) in enumerate(batches):
+        step, micro = 1 + k // 2, k % 2
+        expected = order.global_batch(step)[order.local_slice(micro)]
+        assert x[:, 0].tolist() == expected.tolist() == labels.tolist()
+        assert x[:, 1].tolist() == [order.epoch_of(step)] * 2

@@ -52,16 +52,20 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.mean, self.std = tuple(mean), tuple(std)
-        # The normalisation constants as buffers: made once, moved with the module (not rebuilt on the device at
-        # every call); not in the state dict, so checkpoints keep the backbone's keys only.
         self.pixel_mean: Tensor
         self.pixel_std: Tensor
-        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        self.register_constants()
         self.normalize_first = normalize_first
         self.token_stride = token_stride
         self.loaded_weights: dict[str, WeightsInfo] = {}
         """:class:`repae.RecordsWeights`: the weights file loaded (empty: random init)."""
+
+    def register_constants(self) -> None:
+        """The normalisation mean/std as buffers ``[1, 3, 1, 1]`` float32: made once and moved with the module (not
+        rebuilt on the device at every call); not in the state dict, so checkpoints hold the backbone's keys only.
+        Called again after weights are assigned into a module built on ``meta``."""
+        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
     # -- shapes -----------------------------------------------------------------------------------------------------
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -222,6 +226,7 @@ def build_encoder(
         encoder = encoder_cls(**arch)
     what = f"{family} {config.size} weights"
     encoder.load_weights(source, key=key, convert=convert, what=what, assign=True)
+    encoder.register_constants()
     leftovers = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
     if leftovers:  # a subclass created tensors that are not in its state dict
         raise RuntimeError(f"{what}: tensors left on meta after loading: {leftovers[:5]}")

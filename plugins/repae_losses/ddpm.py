@@ -104,7 +104,7 @@ class DDPMTransport:
 
     # -- Transport ---------------------------------------------------------------------------------------------
     def sample_time(self, batch: int, *, generator: torch.Generator) -> Tensor:
-        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device="cpu")
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=generator.device)
 
     def interpolate(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return self.lookup(self.sqrt_alphas_cumprod, t, x0) * x0 + self.lookup(

@@ -47,11 +47,11 @@ class FlowMatchingTransport:
         self.logit_std = float(logit_std)
 
     def sample_time(self, batch: int, *, generator: torch.Generator) -> Tensor:
-        """``t`` ``[batch]`` on CPU: ``U[0, 1)``, or ``s = exp(mean + std N(0,1))`` mapped to ``s/(1+s)`` (linear)
+        """``t`` ``[batch]`` on the generator's device: ``U[0, 1)``, or ``s = exp(mean + std N(0,1))`` mapped to ``s/(1+s)`` (linear)
         or ``2/pi atan(s)`` (cosine)."""
         if self.time_sampling == "uniform":
-            return torch.rand(batch, generator=generator, device="cpu")
-        s = torch.exp(self.logit_mean + self.logit_std * torch.randn(batch, generator=generator, device="cpu"))
+            return torch.rand(batch, generator=generator, device=generator.device)
+        s = torch.exp(self.logit_mean + self.logit_std * torch.randn(batch, generator=generator, device=generator.device))
         return s / (1 + s) if self.path == "linear" else (2 / math.pi) * torch.atan(s)
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -195,6 +195,10 @@ class LPIPSLoss(Loss):
             loss = self.lpips(images.float(), recon.float()).mean()
         return {"loss": loss}
 
+    def block_modules(self) -> list[nn.Module]:
+        """:class:`repae.HasBlocks`: the LPIPS network (``forward(x, y)``), compiled as one unit."""
+        return [self.lpips]
+
     def extra_repr(self) -> str:
         return f"double_scale_inputs={self.lpips.double_scale_inputs}, {super().extra_repr()}"
 

@@ -344,6 +344,10 @@ class DiffusionTransformer(nn.Module):
             return DenoiserOutput(prediction=None, hidden=hidden)
         return DenoiserOutput(prediction=self.unpatchify(self.final_layer(h, c)), hidden=hidden)
 
+    def block_modules(self) -> list[nn.Module]:
+        """:class:`repae.HasBlocks`: the transformer blocks (compiled one by one, checkpointed for memory)."""
+        return list(self.blocks)
+
     def forward_with_cfg(
         self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, *, guided_channels: int | None = -1
     ) -> Tensor:

@@ -351,6 +351,12 @@ class KLAutoencoder(nn.Module):
             return export_ldm(self, folder, context)
         raise UserError(f"the KL autoencoder exports {', '.join(self.export_formats)}, not {fmt!r}")
 
+    def block_modules(self) -> list[nn.Module]:
+        """:class:`repae.HasBlocks`: the encoder and the decoder, each compiled as one graph (their levels share one
+        ``forward`` at different shapes, which would recompile) and checkpointed as one unit (the decoder at full
+        resolution dominates the tokenizer's activation memory)."""
+        return [self.encoder, self.decoder]
+
     def encode(self, images: Tensor) -> DiagonalGaussian:
         """Images in ``[-1, 1]`` ``[B, 3, H, W]`` to the posterior over latents ``[B, C, H/f, W/f]``."""
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))

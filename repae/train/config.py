@@ -18,6 +18,9 @@ class OptimizerConfig:
     betas: tuple[float, float] = option((0.9, 0.999), doc="AdamW betas")
     weight_decay: float = option(0.0, doc="AdamW weight decay")
     eps: float = option(1e-8, doc="AdamW epsilon")
+    fused: bool | None = option(
+        None, doc="torch's fused AdamW kernel (one kernel for all parameters); null: on CUDA, foreach elsewhere"
+    )
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -44,8 +47,31 @@ class TrainerConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", doc="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler"
     )
-    tf32: bool = option(True, doc="allow TF32 matmuls on CUDA")
-    compile: bool = option(False, doc="torch.compile the denoiser and tokenizer")
+    tf32: bool = option(True, doc="allow TF32 matmuls and convolutions on CUDA")
+    compile: bool = option(
+        False, doc="torch.compile every network of the step block by block (repae.HasBlocks: SiT/DiT blocks, VAE "
+                   "levels, LPIPS) or whole (the discriminator, the encoders); compiled once, no recompiles per step"
+    )
+    channels_last: bool | None = option(
+        None, doc="channels_last memory format for the convolutional networks (tokenizer, discriminator, LPIPS); "
+                  "null: on CUDA"
+    )
+    activation_checkpointing: list[str] = option(
+        default_factory=list, doc="components whose blocks recompute activations in the backward pass instead of "
+                                  "storing them (less memory, ~1 more forward): e.g. [tokenizer, denoiser]"
+    )
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = option(
+        "auto", doc="attention kernel of scaled_dot_product_attention (auto: torch picks the fastest that applies)"
+    )
+    data_parallel: Literal["ddp"] = option(
+        "ddp", doc="with several processes (torchrun): every trainable part in torch's DistributedDataParallel, its "
+                   "phase one DDP forward, gradient buckets all-reduced during the backward pass"
+    )
+    static_graph: bool = option(
+        True, doc="DDP: each phase uses the same parameters every step (true for the built-in losses); false for "
+                  "losses that switch on later (unused parameters are then searched every step)"
+    )
+    bucket_mb: float = option(25.0, doc="DDP gradient bucket size in MiB")
     label_dropout: float | None = option(
         None, doc="probability of replacing a label by the null class; null: the denoiser's class_dropout_prob"
     )
@@ -65,5 +91,9 @@ class TrainerConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise FieldError("ema_decay", f"must be in [0, 1], got {self.ema_decay}")
+        if self.bucket_mb <= 0:
+            raise FieldError("bucket_mb", f"must be > 0, got {self.bucket_mb}")
+        if len(set(self.activation_checkpointing)) != len(self.activation_checkpointing):
+            raise FieldError("activation_checkpointing", f"lists a component twice: {self.activation_checkpointing}")
         if len(set(self.phases)) != len(self.phases):
             raise ValueError(f"phases lists a part twice: {self.phases}")

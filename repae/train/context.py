@@ -185,7 +185,8 @@ class StepContext:
             self.shared["targets"] = list(self.inputs.targets)
         if "targets" not in self.shared:
             with torch.no_grad(), self._autocast():
-                self.shared["targets"] = [enc(self.inputs.images).float() for enc in self.encoders]
+                with torch.no_grad():  # alignment targets: the contract says no gradient, whatever the encoder does
+                    self.shared["targets"] = [enc(self.inputs.images).float() for enc in self.encoders]
         return self.shared["targets"]  # type: ignore[no-any-return]
 
     @property

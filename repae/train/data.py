@@ -19,9 +19,10 @@ from repae.errors import UserError
 __all__ = ["StepOrder", "step_generator"]
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for step ``step`` of a run seeded ``seed`` (``stream`` separates independent uses)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
+def step_generator(seed: int, step: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` for step ``step`` of a run seeded ``seed`` (``stream`` separates independent uses).
+    The same seed gives different numbers on a CUDA generator than on the CPU one."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
 
 
 @functools.lru_cache(maxsize=2)

@@ -2,27 +2,35 @@
 
 ``repae run`` started by ``torchrun`` finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment and joins the
 process group (NCCL on CUDA, gloo on CPU); started plainly it is a world of one and every collective here is a no-op.
-Gradients are averaged by :func:`all_reduce_mean_` over flattened buckets after the backward passes of a step, which
-keeps the phase structure of REPA-E (parts frozen and unfrozen within a step) free of DDP's reducer bookkeeping.
+Gradients are averaged by torch's ``DistributedDataParallel`` (:func:`replicate`): each trainable part is wrapped
+so that the whole objective of its phase is one DDP forward (:class:`PhaseForward`), which keeps REPA-E's phase
+structure (parts frozen and unfrozen within a step, a part's gradients reduced once per step) and overlaps the
+all-reduce of gradient buckets with the backward pass.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "PhaseForward",
     "Topology",
-    "all_reduce_mean_",
     "barrier",
     "broadcast_object",
     "init",
     "is_distributed",
     "rank",
+    "replicate",
     "resolve_device",
     "shutdown",
     "world_size",
@@ -90,40 +98,51 @@ def barrier() -> None:
         dist.barrier()
 
 
-BUCKET_BYTES = 64 * 2**20
+class PhaseForward(nn.Module):
+    """A trainable part seen by torch's data-parallel wrappers through one ``forward``: the whole objective of the
+    part's phase (every loss, however it reaches the part: ``tokenizer.encode``/``decode``, a loss's own
+    discriminator, the denoiser's features and prediction) runs as ``forward(objective)``, so that
+    ``DistributedDataParallel`` arms its reducer once per phase and all-reduces the part's gradient buckets while the
+    backward pass is still running. The part itself is :attr:`module`; its state-dict keys are unchanged."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, objective: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return objective()
 
 
-def all_reduce_mean_(tensors: Iterable[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Average tensors over all processes, in place: flattened all-reduces of at most ``bucket_bytes`` each, per
-    dtype/device group (bounded extra memory, few collectives)."""
-    if not is_distributed():
-        return
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    world = dist.get_world_size()
-    for group in groups.values():
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for t in group:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                _reduce_bucket(bucket, world)
-                bucket, size = [], 0
-        if bucket:
-            _reduce_bucket(bucket, world)
+def replicate(module: nn.Module, device: torch.device, *, bucket_mb: float = 25.0,
+              static_graph: bool = True) -> DistributedDataParallel:
+    """``module`` (a trainable part) wrapped for data parallelism by torch's ``DistributedDataParallel`` around
+    :class:`PhaseForward`: call ``wrapped(objective)`` inside the part's phase and ``.backward()`` the result;
+    gradients arrive averaged over processes. Under gradient accumulation, all but the last micro-batch of the phase
+    run inside ``wrapped.no_sync()``.
 
-
-def _reduce_bucket(bucket: list[torch.Tensor], world: int) -> None:
-    flat = torch.cat([t.reshape(-1) for t in bucket])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in bucket:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+    ``static_graph``: the set of parameters the phase's objective uses is the same every step (true for every built-in
+    loss): DDP finds unused ones (e.g. a decoder no loss of the phase reaches) at the first step only. ``False``
+    searches the autograd graph at every step (losses that switch on after some steps). Buffers are not broadcast at
+    every forward (each process keeps its own, as a plain single-process run would); parameters are broadcast from
+    process 0 once, at construction. Gradients are views of the communication buckets (no second copy).
+    """
+    kwargs: dict[str, Any] = {"bucket_cap_mb": bucket_mb, "gradient_as_bucket_view": True}
+    if static_graph:
+        kwargs["static_graph"] = True
+    else:
+        kwargs["find_unused_parameters"] = True
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in accepted:  # torch >= 2.14 renamed broadcast_buffers
+        kwargs["forward_sync_buffers"] = False
+    else:
+        kwargs["broadcast_buffers"] = False
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
+    # The gradient of a 1x1 convolution's weight [O, I, 1, 1] may come back with strides (I, 1, I, I) where the
+    # parameter has (I, 1, 1, 1): the same memory layout (only the strides of size-1 dims differ), which DDP's literal
+    # stride comparison reports at every run. Silence that one message.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(PhaseForward(module), **kwargs)
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

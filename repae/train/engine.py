@@ -25,14 +25,16 @@ step number: resuming is exact, and N processes compute what one process compute
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from repae.build import latent_shape
 from repae.errors import Problem, RecipeError, UserError, describe_exception
@@ -158,6 +160,10 @@ class PhasedTrainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.step = 0
         self._randomness_cache: tuple | None = None
+        self._replicas: dict[str, DistributedDataParallel] = {}
+        self._recorded: set[str] = set()  # parts whose DDP has run a step (static graph recorded)
+        """Each trainable part in torch's ``DistributedDataParallel`` (:func:`repae.train.distributed.replicate`)
+        when several processes train; empty in a single process."""
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def _phase_losses(self, phase: str) -> list[tuple[str, Any]]:
@@ -171,22 +177,38 @@ class PhasedTrainer:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    def setup(self) -> None:
-        """Freeze what does not train, move loss-owned parts to the device, create optimizers, EMA and scaler."""
-        device = self.device
+    def freeze(self) -> None:
+        """Freeze what does not train: the frozen tokenizer and the encoders (``requires_grad`` off, eval mode)."""
         for module in self._frozen:
             module.requires_grad_(False)
             module.eval()
+
+    def setup(self) -> None:
+        """Freeze what does not train, move loss-owned parts to the device, prepare the networks (memory format,
+        activation checkpointing, compilation), create optimizers (and DDP wrappers with several processes), EMA
+        and scaler."""
+        device = self.device
+        self.freeze()
         for label, loss in self.losses.items():
             loss.to(device)
+        if device.type == "cuda" and self.config.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._prepare_networks(device)
         for name, module in self.parts.items():
             params = [p for p in module.parameters()]
             if not params:
                 raise UserError(f"the trainable part '{name}' has no parameters")
             cfg = self._optimizer_config(name)
+            fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
             self.optimizers[name] = torch.optim.AdamW(
-                params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay, eps=cfg.eps
+                params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay, eps=cfg.eps,
+                **({"fused": True} if fused else {}),
             )
+        if distributed.is_distributed():
+            self._replicas = {name: distributed.replicate(module, device, bucket_mb=self.config.bucket_mb,
+                                                          static_graph=self.config.static_graph)
+                              for name, module in self.parts.items()}
         tracked = {"denoiser": self.denoiser}
         if self.normalizer is not None:
             adopt_latent_norm_state(self.normalizer, self.denoiser)
@@ -194,19 +216,51 @@ class PhasedTrainer:
         self.ema = EMA(tracked, self.config.ema_decay)
         if self._precision(device) == "fp16":
             self.scaler = torch.amp.GradScaler(device.type)
-        if device.type == "cuda" and self.config.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if self.config.compile:
-            self._compile()
 
-    def _compile(self) -> None:
-        """torch.compile the denoiser and the tokenizer's encoder and decoder in place (state-dict keys unchanged)."""
-        self.denoiser.compile()
-        for name in ("encoder", "decoder"):
-            child = getattr(self.tokenizer, name, None) if self.tokenizer is not None else None
-            if isinstance(child, nn.Module):
-                child.compile()
+    def _networks(self) -> dict[str, tuple[nn.Module, bool]]:
+        """Every network a step runs, by label, with whether the step calls it through its ``forward`` (the denoiser,
+        the encoders, loss-owned parts such as the discriminator) or through other methods (the tokenizer's
+        ``encode``/``decode``, a loss's own networks inside its ``forward(ctx)``)."""
+        networks: dict[str, tuple[nn.Module, bool]] = {"denoiser": (self.denoiser, True)}
+        if isinstance(self.tokenizer, nn.Module):
+            networks["tokenizer"] = (self.tokenizer, False)
+        for index, encoder in enumerate(self.encoders):
+            if isinstance(encoder, nn.Module):
+                networks[f"encoders.{index}"] = (encoder, True)
+        for name in sorted(self.loss_parts):
+            networks[name] = (self.parts[name], True)
+        for label, loss in self.losses.items():
+            networks[f"losses.{label}"] = (loss, False)
+        return networks
+
+    def _prepare_networks(self, device: torch.device) -> None:
+        """Memory format, activation checkpointing and compilation of the networks, in place (state-dict keys and
+        values unchanged; ``repae.HasBlocks`` says which units are compiled and checkpointed)."""
+        from repae.interfaces import HasBlocks, require
+
+        networks = self._networks()
+        channels_last = self.config.channels_last if self.config.channels_last is not None else device.type == "cuda"
+        if channels_last:  # the convolutional networks: the tokenizer and the losses' networks
+            for label, (module, _) in networks.items():
+                if label == "tokenizer" or label in self.loss_parts or label.startswith("losses."):
+                    module.to(memory_format=torch.channels_last)
+        for label in self.config.activation_checkpointing:
+            if label not in networks:
+                raise UserError(f"trainer.activation_checkpointing names '{label}', which is not a network of this "
+                                f"training; choose among {sorted(networks)}")
+            module = networks[label][0]
+            blocks = require(module, HasBlocks, what=f"{label} ('{self.names.get(label, type(module).__name__)}')",
+                             needed_for=f"trainer.activation_checkpointing: [{label}]")
+            for block in blocks.block_modules():
+                _checkpoint_activations(block)
+        if self.config.compile:
+            for label, (module, through_forward) in networks.items():
+                if supports(module, HasBlocks):
+                    units: list[nn.Module] = list(cast(HasBlocks, module).block_modules())
+                    for unit in units:
+                        unit.compile(dynamic=False)
+                elif through_forward:
+                    module.compile(dynamic=False)
 
     def _precision(self, device: torch.device) -> str:
         if self.config.precision == "auto":
@@ -286,11 +340,9 @@ class PhasedTrainer:
         transport = repr(self.transport) if self.transport is not None else "none"
         return StepPlan(tuple(phases), transport, self._label_dropout())
 
-    def check_step(self, batch_size: int = 2) -> None:
-        """Run one step's forward passes (every phase, every loss) on the components' device without a backward
-        pass, with inputs of the shapes the data would have. Meant for ``meta`` (dry runs): a shape mismatch between
-        components then surfaces as a :class:`RecipeError` naming the phase, the loss and the message, before any
-        data is read. (On a real device it would update BatchNorm statistics.)"""
+    def example_inputs(self, batch_size: int) -> StepInputs:
+        """Inputs of one micro-batch of ``batch_size`` with the shapes and dtypes the data would have (zeros, times
+        drawn from a fixed generator), on the components' device: for checks on ``meta`` and FLOP counts."""
         device = self.device
         shape = self.latent_shape()
         images = latents = None
@@ -302,12 +354,19 @@ class PhasedTrainer:
         g = torch.Generator().manual_seed(0)
         t = self.transport.sample_time(batch_size, generator=g) if self.transport is not None \
             else torch.zeros(batch_size)
-        inputs = StepInputs(
+        return StepInputs(
             labels=torch.zeros(batch_size, dtype=torch.long, device=device), images=images, latents=latents,
             eps_posterior=torch.zeros(batch_size, *shape, device=device), t=t.to(device),
             noise=torch.zeros(batch_size, *shape, device=device),
             drop_labels=torch.zeros(batch_size, dtype=torch.bool, device=device),
         )
+
+    def check_step(self, batch_size: int = 2) -> None:
+        """Run one step's forward passes (every phase, every loss) on the components' device without a backward
+        pass, with inputs of the shapes the data would have. Meant for ``meta`` (dry runs): a shape mismatch between
+        components then surfaces as a :class:`RecipeError` naming the phase, the loss and the message, before any
+        data is read. (On a real device it would update BatchNorm statistics.)"""
+        inputs = self.example_inputs(batch_size)
         problems = []
         root = self._root_context(inputs, step=0)
         try:
@@ -356,38 +415,62 @@ class PhasedTrainer:
         roots = [self._root_context(inputs, step=step) for inputs in micro_batches]
         # Phases outside, micro-batches inside: every micro-batch's tokenizer phase sees the same latent statistics
         # (the denoiser phases, which update them, come after), as one large batch would.
-        for phase in self.phases:
-            self._enter_phase(phase)
-            plan = self._plan(phase)
-            for root in roots:
-                ctx = root.for_phase(phase, plan)
-                objective = torch.zeros((), device=self.device)
-                for label, loss in self._phase_losses(phase):
-                    terms = loss(ctx)
-                    objective = objective + loss.weight(phase) * terms["loss"]
-                    for key, value in terms.items():
-                        name = f"{phase}/{label}" if key == "loss" else f"{phase}/{label}.{key}"
-                        logs[name] = logs.get(name, 0.0) + value.detach().float() / n
-                logs[f"{phase}/total"] = logs.get(f"{phase}/total", 0.0) + objective.detach().float() / n
-                scaled = objective / n
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
-            if on_phase_end is not None:
-                on_phase_end(phase)
+        with self._attention_kernel():
+            for phase in self.phases:
+                self._enter_phase(phase)
+                plan = self._plan(phase)
+                replica = self._replicas.get(phase)
+                for index, root in enumerate(roots):
+                    ctx = root.for_phase(phase, plan)
+
+                    def objective(ctx: StepContext = ctx) -> torch.Tensor:
+                        total = torch.zeros((), device=self.device)
+                        for label, loss in self._phase_losses(phase):
+                            terms = loss(ctx)
+                            total = total + loss.weight(phase) * terms["loss"]
+                            for key, value in terms.items():
+                                name = f"{phase}/{label}" if key == "loss" else f"{phase}/{label}.{key}"
+                                logs[name] = logs.get(name, 0.0) + value.detach().float() / n
+                        return total
+
+                    # Several processes: the phase's objective is one DDP forward of the part; its gradient buckets
+                    # are all-reduced during the backward pass of the phase's last micro-batch only. (DDP's static
+                    # graph is recorded on the first step, which reduces every micro-batch: averaging is linear.)
+                    accumulate = index < n - 1 and phase in self._recorded
+                    sync = replica.no_sync() if replica is not None and accumulate else contextlib.nullcontext()
+                    with sync:
+                        value = replica(objective) if replica is not None else objective()
+                        logs[f"{phase}/total"] = logs.get(f"{phase}/total", 0.0) + value.detach().float() / n
+                        scaled = value / n
+                        if self.scaler is not None:
+                            scaled = self.scaler.scale(scaled)
+                        scaled.backward()
+                if replica is not None:
+                    self._recorded.add(phase)
+                if on_phase_end is not None:
+                    on_phase_end(phase)
         for module in self.parts.values():
             module.requires_grad_(True)
         return logs
 
+    def _attention_kernel(self) -> contextlib.AbstractContextManager[Any]:
+        """The ``sdpa_backend`` of the recipe for the step's attention (``auto``: torch's own choice)."""
+        if self.config.sdpa_backend == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.config.sdpa_backend]
+        return sdpa_kernel(backend)
+
     def apply_gradients(self) -> dict[str, torch.Tensor]:
-        """Average gradients over processes, clip per part, step every optimizer, update the EMA."""
+        """Clip per part, step every optimizer, update the EMA (gradients arrive averaged over processes: DDP)."""
         norms: dict[str, torch.Tensor] = {}
         max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else math.inf
         for name, optimizer in self.optimizers.items():
             params = [p for p in self.parts[name].parameters() if p.grad is not None]
             if not params:
                 continue
-            distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
             norms[f"{name}/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -443,11 +526,15 @@ class PhasedTrainer:
         """Posterior noise, t, diffusion noise and the label-drop mask of the whole global batch of ``step``."""
         if self._randomness_cache and self._randomness_cache[0] == (step, shape, batch):
             return self._randomness_cache[1]
-        g = step_generator(self.seed, step)
-        eps = torch.randn(batch, *shape, generator=g)
-        t = self.transport.sample_time(batch, generator=g) if self.transport is not None else torch.zeros(batch)
-        noise = torch.randn(batch, *shape, generator=g)
-        drop = torch.rand(batch, generator=g) < self._label_dropout()
+        # Drawn on the training device (a GPU draws a global batch in microseconds; the CPU took 11-22 ms at batch
+        # 256): every process draws the same global batch and keeps its slice.
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        g = step_generator(self.seed, step, device=device)
+        eps = torch.randn(batch, *shape, generator=g, device=device)
+        t = self.transport.sample_time(batch, generator=g) if self.transport is not None \
+            else torch.zeros(batch, device=device)
+        noise = torch.randn(batch, *shape, generator=g, device=device)
+        drop = torch.rand(batch, generator=g, device=device) < self._label_dropout()
         self._randomness_cache = ((step, shape, batch), (eps, t, noise, drop))
         return eps, t, noise, drop
 
@@ -459,8 +546,8 @@ class PhasedTrainer:
         non_blocking = device.type == "cuda"
 
         def move(tensor: torch.Tensor) -> torch.Tensor:
-            if non_blocking:
-                tensor = tensor.pin_memory()
+            if non_blocking and tensor.device.type == "cpu" and not tensor.is_pinned():
+                tensor = tensor.pin_memory()  # the DataLoader pins its batches already (pin_memory on CUDA)
             return tensor.to(device, non_blocking=non_blocking)
 
         images, latents = (None, move(x)) if self.from_latents else (move(x), None)
@@ -553,7 +640,7 @@ class PhasedTrainer:
 
     def _loop(self, run_dir: Path, order: StepOrder, metrics: MetricsLog | None, bar: Any, is_main: bool) -> None:
         cfg = self.config
-        loader = iter(self._loader(order, self.step, cfg.steps))
+        loader = iter(self.loader(order, self.step, cfg.steps))
         started = time.perf_counter()
         pending: dict[str, torch.Tensor] = {}
         pending_steps = 0
@@ -594,21 +681,54 @@ class PhasedTrainer:
                             state=state["state"], keep=self.config.keep_checkpoints)
         distributed.barrier()
 
-    def _loader(self, order: StepOrder, start: int, end: int):
-        """Micro-batches for steps ``start`` .. ``end - 1`` through a DataLoader, one epoch at a time."""
+    def loader(self, order: StepOrder, start: int, end: int) -> Any:
+        """This process's micro-batches ``(x, labels)`` for steps ``start`` .. ``end - 1``, in order: one
+        ``DataLoader`` for the whole range (its ``num_workers`` processes start once and prefetch across epochs;
+        batches pinned for CUDA). Items are read as ``(index, epoch)``, so that ``set_epoch`` runs in the process
+        that reads them (a worker too) and every item stays a pure function of (config, index, epoch)."""
         from torch.utils.data import DataLoader
 
-        step = start
-        while step < end:
-            epoch = order.epoch_of(step)
-            last = min(end, (epoch + 1) * order.steps_per_epoch)
+        workers = self.config.num_workers
+        return DataLoader(_EpochItems(self.dataset), batch_sampler=_RunBatches(order, start, end),
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
+                          prefetch_factor=4 if workers else None)
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """A dataset read by ``(index, epoch)`` keys: calls the dataset's ``set_epoch`` when the epoch changes, in
+    whichever process reads."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        if epoch != self.epoch:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)
-            batches = list(order.local_batches(step, last))
-            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.config.num_workers,
-                                pin_memory=self.device.type == "cuda")
-            yield from loader
-            step = last
+            self.epoch = epoch
+        return self.dataset[index]
+
+
+class _RunBatches:
+    """The batch sampler of :meth:`PhasedTrainer.loader`: this process's micro-batches of each step, as
+    ``(index, epoch)`` lists."""
+
+    def __init__(self, order: StepOrder, start: int, end: int) -> None:
+        self.order, self.start, self.end = order, start, end
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0) * self.order.grad_accum
+
+    def __iter__(self) -> Any:
+        for step in range(self.start, self.end):
+            epoch = self.order.epoch_of(step)
+            for indices in self.order.local_batches(step, step + 1):
+                yield [(index, epoch) for index in indices]
 
 
 def _component(built: Mapping[str, Any], slot: str) -> Any:
@@ -627,3 +747,18 @@ def _say(message: str) -> None:
 def _on_meta(module: Any) -> bool:
     param = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
     return param is not None and param.device.type == "meta"
+
+
+def _checkpoint_activations(block: nn.Module) -> None:
+    """Recompute ``block``'s activations in the backward pass (``torch.utils.checkpoint``, non-reentrant) instead of
+    storing them; the block's parameters and state-dict keys are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = block.forward
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed  # type: ignore[method-assign]
