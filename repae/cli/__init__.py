@@ -6,6 +6,7 @@ import typer
 
 from repae.cli import (
     analyze,
+    bench,
     cache,
     compare,
     components,
@@ -51,6 +52,7 @@ app.command("show")(components.show_component)
 app.command("plugins")(plugins.list_plugins)
 app.add_typer(recipe.app, name="recipe")
 app.command("run")(run.run)
+app.command("bench")(bench.bench)
 app.command("cache-latents")(cache.cache_latents)
 app.command("prepare-data")(prepare.prepare_data)
 app.command("sample")(sample.sample)
