@@ -239,8 +239,7 @@ class PhasedTrainer:
         from repae.interfaces import HasBlocks, require
 
         networks = self._networks()
-        channels_last = self.config.channels_last if self.config.channels_last is not None else device.type == "cuda"
-        if channels_last:  # the convolutional networks: the tokenizer and the losses' networks
+        if self.config.channels_last:  # the convolutional networks: the tokenizer and the losses' networks
             for label, (module, _) in networks.items():
                 if label == "tokenizer" or label in self.loss_parts or label.startswith("losses."):
                     module.to(memory_format=torch.channels_last)
