@@ -30,7 +30,6 @@ This module imports neither torch nor PIL at import time; the writer imports tor
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 import json
@@ -43,6 +42,7 @@ import numpy as np
 
 from repae.errors import UserError
 from repae.fileio import atomic_path, atomic_write, write_json
+from repae.partial_folder import FolderFormat, partial_dir, plain
 from repae.reporting import progress
 
 __all__ = [
@@ -57,10 +57,11 @@ __all__ = [
 FORMAT = "repae-image-shards"
 VERSION = 1
 MANIFEST_FILE = "manifest.json"
-HEADER_FILE = "header.json"  # inside <out>.partial/: the identity of the shards being written
 IDENTITY = ("format", "version", "num_items", "num_classes", "classes", "resolution", "shard_size", "source",
             "dataset")
 """The manifest keys that identify a shards folder: a rerun with the same values continues or finds it done."""
+_FOLDER = FolderFormat(FORMAT, MANIFEST_FILE, IDENTITY, different="different image shards",
+                       unfinished="unfinished shards of another dataset", pronoun="them")
 DEFAULT_SHARD_SIZE = 1024
 """Items per shard: 192 MiB of images per shard at 256 px (1252 shards for ImageNet-1k train)."""
 _CHUNK = 1 << 20
@@ -80,16 +81,6 @@ def _record_name(shard: int) -> str:
     return f"shard-{shard:05d}.json"
 
 
-def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def _plain(data: Any) -> Any:
-    """JSON-normalised data (tuples become lists, paths strings), so that identities compare equal after a round
-    trip."""
-    return json.loads(json.dumps(data, sort_keys=True, default=str))
-
-
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -97,20 +88,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """``"differs in dataset.resolution, num_items"``: the keys whose values differ, one level deep."""
-    keys: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys.extend(f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        else:
-            keys.append(key)
-    return "differs in " + ", ".join(keys)
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:
@@ -207,13 +184,12 @@ def write_image_shards(
         raise UserError(f"batch_size and shard_size must be >= 1 and num_workers >= 0, got {batch_size}, "
                         f"{shard_size} and {num_workers}")
     out_dir = Path(out_dir).expanduser()
-    partial = _partial_dir(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; --out must name a folder to create. Choose another --out.")
     _check_dataset(dataset)
     num_items = len(dataset)
     resolution = int(dataset.resolution)
-    header = _plain({
+    header = plain({
         "format": FORMAT,
         "version": VERSION,
         "num_items": num_items,
@@ -225,28 +201,9 @@ def write_image_shards(
         "dataset": dict(dataset_info) if dataset_info is not None else {"repr": repr(dataset)},
     })
 
-    if out_dir.exists():
-        existing = _existing_identity(out_dir)
-        if existing == header:
-            return out_dir  # already written by an identical run
-        what = f"different image shards ({_differences(existing, header)})" if existing else "other files"
-        raise UserError(f"{out_dir} already holds {what}; refusing to overwrite it. Choose another --out, or delete "
-                        f"{out_dir} if it may go.")
-    if partial.exists():
-        try:
-            previous = json.loads((partial / HEADER_FILE).read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != header:
-            what = f"({_differences(previous, header)})" if isinstance(previous, dict) else "(or something else)"
-            raise UserError(f"{partial} holds unfinished shards of another dataset {what}; refusing to overwrite "
-                            f"them. Delete {partial} or choose another --out.")
-    else:
-        partial.mkdir(parents=True)
-        write_json(partial / HEADER_FILE, header)
-
-    for stale in partial.glob(".*.tmp-*"):  # a write interrupted half-way
-        stale.unlink()
+    partial = _FOLDER.open(out_dir, header)
+    if partial is None:
+        return out_dir  # already written by an identical run
     item_bytes = 3 * resolution * resolution
     sizes = [min(shard_size, num_items - start) for start in range(0, num_items, shard_size)]
     records: dict[int, dict[str, Any]] = {}
@@ -275,15 +232,9 @@ def write_image_shards(
         "dtype": "uint8",
         "layout": "images-NNNNN.u8: raw uint8 [n, 3, resolution, resolution], C order; labels-NNNNN.npy: int64 [n]",
         "shards": [records[s] for s in range(len(sizes))],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "repae_version": _repae_version(),
     }
-    write_json(partial / MANIFEST_FILE, manifest)
-    for shard in range(len(sizes)):
-        (partial / _record_name(shard)).unlink()
-    (partial / HEADER_FILE).unlink()
-    os.replace(partial, out_dir)
-    return out_dir
+    return _FOLDER.finish(partial, out_dir, manifest,
+                          leftovers=[partial / _record_name(shard) for shard in range(len(sizes))])
 
 
 def _write_shards(dataset: Any, partial: Path, todo: list[int], sizes: list[int], *, shard_size: int,
@@ -339,22 +290,6 @@ def _write_shards(dataset: Any, partial: Path, todo: list[int], sizes: list[int]
             records[shard] = record
 
 
-def _existing_identity(out_dir: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return None
-    return _plain({k: manifest.get(k) for k in IDENTITY})
-
-
-def _repae_version() -> str:
-    from repae import __version__
-
-    return __version__
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
@@ -367,7 +302,7 @@ def read_manifest(root: str | os.PathLike[str], *, check_files: bool = True) -> 
     root = Path(root).expanduser()
     write_hint = f"write them with `repae prepare-data IMAGE_FOLDER --out {root}`"
     if not root.is_dir():
-        partial = _partial_dir(root)
+        partial = partial_dir(root)
         if partial.is_dir():
             raise UserError(f"the image shards {root} are unfinished ({partial} exists): rerun the `repae "
                             f"prepare-data` command that started them to finish them")

@@ -26,7 +26,6 @@ same dataset and tokenizer; a different unfinished or finished cache is never ov
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from collections.abc import Mapping
@@ -39,8 +38,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from repae.errors import UserError
-from repae.fileio import atomic_path, write_json
+from repae.fileio import atomic_path
 from repae.interfaces import RecordsWeights, supports
+from repae.partial_folder import FolderFormat, partial_dir, plain
 from repae.reporting import progress
 
 __all__ = [
@@ -56,22 +56,14 @@ __all__ = [
 FORMAT = "repae-latent-cache"
 VERSION = 1
 INDEX_FILE = "index.json"
-HEADER_FILE = "header.json"  # inside <out>.partial/: the identity of the cache being written
 IDENTITY = ("format", "version", "num_items", "num_classes", "resolution", "shard_size", "dataset", "tokenizer")
 """The index keys that identify a cache: a rerun with the same values continues or finds it done."""
+_FOLDER = FolderFormat(FORMAT, INDEX_FILE, IDENTITY, different="a different latent cache",
+                       unfinished="an unfinished cache of another dataset or tokenizer")
 
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.safetensors"
-
-
-def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def _plain(data: Any) -> Any:
-    """JSON-normalised data (tuples become lists), so that identities compare equal after a round trip."""
-    return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
 def describe_tokenizer(
@@ -161,10 +153,9 @@ def write_latent_cache(
         raise UserError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     _check_dataset(dataset)
     out_dir = Path(out_dir).expanduser()
-    partial = _partial_dir(out_dir)
     num_items = len(dataset)
     info = dict(tokenizer_info) if tokenizer_info is not None else describe_tokenizer(tokenizer)
-    header = _plain({
+    header = plain({
         "format": FORMAT,
         "version": VERSION,
         "num_items": num_items,
@@ -175,28 +166,9 @@ def write_latent_cache(
         "tokenizer": info,
     })
 
-    if out_dir.exists():
-        existing = _existing_identity(out_dir)
-        if existing == header:
-            return out_dir  # already written by an identical run
-        what = f"a different latent cache ({_differences(existing, header)})" if existing else "other files"
-        raise UserError(f"{out_dir} already holds {what}; refusing to overwrite it. Choose another --out, or delete "
-                        f"{out_dir} if it may go.")
-    if partial.exists():
-        try:
-            previous = json.loads((partial / HEADER_FILE).read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != header:
-            what = f"({_differences(previous, header)})" if isinstance(previous, dict) else "(or something else)"
-            raise UserError(f"{partial} holds an unfinished cache of another dataset or tokenizer {what}; refusing to "
-                            f"overwrite it. Delete {partial} or choose another --out.")
-    else:
-        partial.mkdir(parents=True)
-        write_json(partial / HEADER_FILE, header)
-
-    for stale in partial.glob(".*.tmp-*"):  # a write interrupted half-way
-        stale.unlink()
+    partial = _FOLDER.open(out_dir, header)
+    if partial is None:
+        return out_dir  # already written by an identical run
     sizes = [min(shard_size, num_items - start) for start in range(0, num_items, shard_size)]
     done = _finished_shards(partial, sizes)
     batches = [
@@ -244,37 +216,8 @@ def write_latent_cache(
         "dtype": "float32",
         "layout": "latents = concat([posterior.mean, posterior.std], dim=0) per item",
         "shards": [{"file": shard_name(s), "num_items": n} for s, n in enumerate(sizes)],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "repae_version": _repae_version(),
     }
-    write_json(partial / INDEX_FILE, index)
-    (partial / HEADER_FILE).unlink()
-    os.replace(partial, out_dir)
-    return out_dir
-
-
-def _existing_identity(out_dir: Path) -> dict[str, Any] | None:
-    try:
-        index = json.loads((out_dir / INDEX_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        return None
-    return _plain({k: index.get(k) for k in IDENTITY})
-
-
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """``"differs in tokenizer.weights_sha256, num_items"``: the keys whose values differ, one level deep."""
-    keys: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys.extend(f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        else:
-            keys.append(key)
-    return "differs in " + ", ".join(keys)
+    return _FOLDER.finish(partial, out_dir, index)
 
 
 def _latent_shape_from_done(partial: Path, done: set[int]) -> list[int] | None:
@@ -290,12 +233,6 @@ def _write_shard(path: Path, latents: torch.Tensor, labels: torch.Tensor) -> Non
                   metadata={"format": FORMAT, "version": str(VERSION)})
 
 
-def _repae_version() -> str:
-    from repae import __version__
-
-    return __version__
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
@@ -306,7 +243,7 @@ def read_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     root = Path(root).expanduser()
     write_hint = f"write one with `repae cache-latents RECIPE --out {root}`"
     if not root.is_dir():
-        partial = _partial_dir(root)
+        partial = partial_dir(root)
         if partial.is_dir():
             raise UserError(f"the latent cache {root} is unfinished ({partial} exists): rerun the `repae "
                             f"cache-latents` command that started it to finish it")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -85,3 +86,19 @@ def pick_device(device: str) -> str:
     from repae.train.distributed import resolve_device
 
     return resolve_device(device)
+
+
+def announce_output(console: Console, out: Path, *, checking: str, starting: str,
+                    resuming: Callable[[Path], str] | None = None) -> None:
+    """Say what a resumable folder writer (:mod:`repae.partial_folder`) is about to do with ``out``: ``"OUT exists:
+    checking <checking>"`` when it exists; ``resuming(OUT.partial)`` when that unfinished folder exists (if given);
+    else ``starting``."""
+    from repae.partial_folder import partial_dir
+
+    partial = partial_dir(out)
+    if out.exists():
+        console.print(f"{out} exists: checking {checking}")
+    elif resuming is not None and partial.is_dir():
+        console.print(resuming(partial))
+    else:
+        console.print(starting)

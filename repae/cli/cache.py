@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from repae.cli._common import load_host, pick_device, stdout, user_errors
+from repae.cli._common import announce_output, load_host, pick_device, stdout, user_errors
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
 
@@ -61,11 +61,9 @@ def cache_latents(
         if not tokenizer_info["weights"]:
             console.print("[yellow]warning:[/] the tokenizer has random weights (its recipe section sets no "
                           "`weights`): the cache is only good for tests")
-        if out.exists():
-            console.print(f"{out} exists: checking that it is this very cache")
-        else:
-            console.print(f"Caching {len(dataset)} images of dataset {dataset_spec.name} with tokenizer "
-                          f"{tokenizer_spec.name} on {device} into {out}")
+        announce_output(console, out, checking="that it is this very cache",
+                        starting=f"Caching {len(dataset)} images of dataset {dataset_spec.name} with tokenizer "
+                                 f"{tokenizer_spec.name} on {device} into {out}")
         path = write_latent_cache(
             dataset,
             tokenizer,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from repae.cli._common import load_host, stdout, user_errors
+from repae.cli._common import announce_output, load_host, stdout, user_errors
 from repae.errors import UserError
 
 DEFAULT_SHARD_SIZE = 1024  # repae.image_shards.DEFAULT_SHARD_SIZE (not imported here: the CLI starts without numpy)
@@ -84,15 +84,14 @@ def prepare_data(
         if int(getattr(images, "resolution", resolution)) != resolution:
             raise UserError(f"dataset '{dataset}' gives images of {images.resolution} px, not --resolution "
                             f"{resolution}: it has no `resolution` field; pass --resolution {images.resolution}")
-        partial = out.with_name(out.name + ".partial")
-        if out.exists():
-            console.print(f"{out} exists: checking that it holds these very shards")
-        elif partial.is_dir():
+
+        def resuming(partial: Path) -> str:
             finished = len(list(partial.glob("shard-*.json")))
-            console.print(f"Resuming into {partial}: {finished} finished shard(s) to verify (sha256), then the rest")
-        else:
-            console.print(f"Preparing {len(images)} images of {root} ({dataset}, {resolution} px) into {out} with "
-                          f"{workers} worker(s)")
+            return f"Resuming into {partial}: {finished} finished shard(s) to verify (sha256), then the rest"
+
+        announce_output(console, out, checking="that it holds these very shards", resuming=resuming,
+                        starting=f"Preparing {len(images)} images of {root} ({dataset}, {resolution} px) into {out} "
+                                 f"with {workers} worker(s)")
         path = write_image_shards(
             images,
             out,
