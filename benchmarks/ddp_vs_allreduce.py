@@ -67,7 +67,7 @@ def build_trainer(recipe: str, overrides: list[str], hand_rolled: bool):
     trainer = built["trainer"]
     trainer.setup()
     if hand_rolled:
-        trainer._replicas = {}  # no DDP: plain modules, gradients reduced after the backward passes
+        trainer.replicas = {}  # no DDP: plain modules, gradients reduced after the backward passes
 
         apply = trainer.apply_gradients
 

@@ -21,6 +21,7 @@ does not disturb the timed run. MFU is those FLOPs per second over the device's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import statistics
@@ -123,7 +124,7 @@ def bench_trainer(trainer: Any, *, steps: int, warmup: int, flops: float | None 
 
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    for member in ("setup", "compute_gradients", "apply_gradients", "make_inputs", "loader"):
+    for member in ("setup", "compute_gradients", "apply_gradients", "make_inputs", "loader", "autocast"):
         if not callable(getattr(trainer, member, None)):
             raise UserError(f"repae bench times the phases of repae.PhasedTrainer; this recipe's trainer "
                             f"({type(trainer).__name__}) has no `{member}`: subclass PhasedTrainer")
@@ -163,8 +164,9 @@ def bench_trainer(trainer: Any, *, steps: int, warmup: int, flops: float | None 
             x, labels = next(loader)
             micro.append(trainer.make_inputs(step, m, x, labels, order))
         lap("data")
-        if encoders:
-            with torch.no_grad():
+        if encoders:  # as the step computes them: without autograd, under the step's autocast
+            autocast = trainer.autocast() or contextlib.nullcontext
+            with torch.no_grad(), autocast():
                 for inputs in micro:
                     inputs.targets = [encoder(inputs.images).float() for encoder in encoders]
             lap("encoders")
@@ -175,7 +177,7 @@ def bench_trainer(trainer: Any, *, steps: int, warmup: int, flops: float | None 
         if step >= warmup:
             totals.append(mark[0] - begin)
     step_s = statistics.median(totals)
-    precision = trainer._precision(device)
+    precision = trainer.precision
     peak = peak_tflops if peak_tflops is not None else device_peak_tflops(device, precision, config.tf32)
     result = BenchResult(
         device=torch.cuda.get_device_name(device) if cuda else "cpu",

@@ -414,8 +414,9 @@ class Transport(Protocol):
         ...
 
     def sample_time(self, batch: int, *, generator: torch.Generator) -> Tensor:
-        """Times for a batch, ``[batch]``, drawn from ``generator`` on ``generator.device`` (the trainer draws a
-        step's randomness on the training device; times drawn on the CPU are moved there too)."""
+        """Times for a batch, ``[batch]``, drawn from ``generator`` on its device: pass
+        ``device=generator.device`` to ``torch.rand``/``randn``/``randint`` (the trainer draws a step's randomness
+        with a generator on the training device, a CUDA one on a GPU)."""
         ...
 
     def interpolate(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ def test_bench_json_has_every_measure():
     assert sum(data["phases"].values()) <= data["step_s_max"] * 1.01
     assert data["flops"] > 1e9 and data["peak_mem_mb"] > 100 and data["mfu"] is None  # no peak known for a CPU
     assert data["batch_size"] == 8 and data["steps"] == 2 and data["precision"] == "fp32"
+    assert (data["weights"], data["data"]) == ("random", "recipe")
 
 
 def test_bench_report_and_synthetic_data_for_a_missing_image_folder(tmp_path):
@@ -36,6 +37,7 @@ def test_bench_report_and_synthetic_data_for_a_missing_image_folder(tmp_path):
     result = cli("bench", str(QUICKSTART), *SMALL, f"dataset={{name: image-folder, root: {missing}, resolution: 32}}",
                  "--synthetic-data", "--steps", "1", "--warmup", "0", "--device", "cpu", "--no-flops")
     assert "img/s" in result.stdout and "tokenizer" in result.stdout and "FLOP" not in result.stdout
+    assert "--synthetic-data" in result.stdout and "(random weights, synthetic data)" in result.stdout
 
 
 def test_flops_counted_on_meta_equal_the_real_steps():
@@ -59,6 +61,7 @@ def test_flops_counted_on_meta_equal_the_real_steps():
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--peak-tflops", "-1"], "--peak-tflops must be > 0"),
+    (["--device", "gpu"], "--device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
 ])
 def test_bench_argument_errors(args, message):
     result = cli("bench", str(QUICKSTART), *args, code=2)
@@ -66,6 +69,18 @@ def test_bench_argument_errors(args, message):
 
 
 def test_bench_synthetic_data_refuses_a_latent_cache(tmp_path):
-    result = cli("bench", str(QUICKSTART), "dataset={name: latent-cache, root: " + str(tmp_path / "cache") + "}",
-                 "losses.repa=null", "tokenizer=null", "losses.lpips=null", "--synthetic-data", code=2)
-    assert "cached latents" in result.stderr or "latent" in result.stderr
+    recipe = tmp_path / "vanilla.yaml"
+    recipe.write_text(
+        "dataset: {name: synthetic, num_classes: 4, resolution: 16, num_images: 16}\n"
+        "tokenizer: {name: sd-vae, size: tiny}\n"
+        "denoiser: {name: sit, size: tiny, num_classes: 4}\n"
+        "losses: {diffusion: {name: flow-matching, updates: [denoiser]}}\n"
+        "trainer: {name: default, batch_size: 8, num_workers: 0}\n")
+    cache = tmp_path / "latents"
+    cli("cache-latents", recipe, "--out", cache, "--device", "cpu")
+    on_cache = [f"dataset={{name: latent-cache, root: {cache}}}"]
+    result = cli("bench", recipe, *on_cache, "--synthetic-data", code=2)
+    assert "--synthetic-data replaces an image dataset; this recipe trains from cached latents" in result.stderr
+    report = cli("bench", recipe, *on_cache, "--steps", "1", "--warmup", "0", "--device", "cpu", "--json")
+    data = json.loads(report.stdout)
+    assert list(data["phases"]) == ["data", "denoiser", "optimizer + EMA"] and data["data"] == "recipe"

@@ -55,10 +55,14 @@ def bench(
         built = {b.slot: b.component for b in build_recipe(composition.recipe, device=pick_device(device),
                                                                load_weights=weights)}
         result = bench_trainer(built["trainer"], steps=steps, warmup=warmup, flops=counted, peak_tflops=peak_tflops)
+    setting = {"weights": "recipe" if weights else "random", "data": "synthetic" if synthetic_data else "recipe"}
     if as_json:
-        print_json({"recipe": str(recipe), "overrides": extra, **result.to_json()})
+        print_json({"recipe": str(recipe), "overrides": extra, **setting, **result.to_json()})
     else:
-        stdout().out(format_result(result, f"repae bench {recipe} {' '.join(extra)}".rstrip()), highlight=False)
+        flags = [*extra, *(["--weights"] if weights else []), *(["--synthetic-data"] if synthetic_data else [])]
+        title = f"repae bench {recipe} {' '.join(flags)}".rstrip() + \
+            f"  ({setting['weights']} weights, {setting['data']} data)"
+        stdout().out(format_result(result, title), highlight=False)
 
 
 def _synthetic_dataset(composition) -> str:

@@ -64,8 +64,9 @@ class TrainerConfig:
         "auto", doc="attention kernel of scaled_dot_product_attention (auto: torch picks the fastest that applies)"
     )
     static_graph: bool = option(
-        True, doc="DDP: each phase uses the same parameters every step (true for the built-in losses); false for "
-                  "losses that switch on later (unused parameters are then searched every step)"
+        True, doc="DDP: each phase uses the same parameters every step (true for the built-in losses): unused ones "
+                  "are found once (with grad_accum > 1 there must be none); false: searched every step (losses "
+                  "that switch on later)"
     )
     bucket_mb: float = option(25.0, doc="DDP gradient bucket size in MiB")
     label_dropout: float | None = option(

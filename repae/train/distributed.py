@@ -10,10 +10,11 @@ all-reduce of gradient buckets with the backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 __all__ = [
     "PhaseForward",
     "Topology",
+    "all_reduce_mean_values",
     "barrier",
     "broadcast_object",
+    "quiet_stride_warnings",
     "init",
     "is_distributed",
     "rank",
@@ -69,6 +72,10 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|meta", device):
+        raise UserError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return device
@@ -114,23 +121,24 @@ class PhaseForward(nn.Module):
 
 
 def replicate(module: nn.Module, device: torch.device, *, bucket_mb: float = 25.0,
-              static_graph: bool = True) -> DistributedDataParallel:
+              unused: str = "static") -> DistributedDataParallel:
     """``module`` (a trainable part) wrapped for data parallelism by torch's ``DistributedDataParallel`` around
     :class:`PhaseForward`: call ``wrapped(objective)`` inside the part's phase and ``.backward()`` the result;
     gradients arrive averaged over processes. Under gradient accumulation, all but the last micro-batch of the phase
     run inside ``wrapped.no_sync()``.
 
-    ``static_graph``: the set of parameters the phase's objective uses is the same every step (true for every built-in
-    loss): DDP finds unused ones (e.g. a decoder no loss of the phase reaches) at the first step only. ``False``
-    searches the autograd graph at every step (losses that switch on after some steps). Buffers are not broadcast at
-    every forward (each process keeps its own, as a plain single-process run would); parameters are broadcast from
-    process 0 once, at construction. Gradients are views of the communication buckets (no second copy).
+    ``unused`` says how DDP learns which parameters the phase's objective leaves without gradient (e.g. a decoder no
+    loss of the phase reaches): ``static`` (DDP's ``static_graph``: found at the first step, the same set every step
+    after; not usable with ``no_sync``), ``every-step`` (``find_unused_parameters``: an autograd-graph search at every
+    step, for losses that switch on later), ``none`` (every parameter must get a gradient at every step; the caller
+    checks). Buffers are not broadcast at every forward (each process keeps its own, as a plain single-process run
+    would); parameters are broadcast from process 0 once, at construction. Gradients are views of the communication
+    buckets (no second copy).
     """
-    kwargs: dict[str, Any] = {"bucket_cap_mb": bucket_mb, "gradient_as_bucket_view": True}
-    if static_graph:
-        kwargs["static_graph"] = True
-    else:
-        kwargs["find_unused_parameters"] = True
+    if unused not in ("static", "every-step", "none"):
+        raise ValueError(f"unused must be static, every-step or none, got {unused!r}")
+    kwargs: dict[str, Any] = {"bucket_cap_mb": bucket_mb, "gradient_as_bucket_view": True,
+                              "static_graph": unused == "static", "find_unused_parameters": unused == "every-step"}
     accepted = inspect.signature(DistributedDataParallel.__init__).parameters
     if "forward_sync_buffers" in accepted:  # torch >= 2.14 renamed broadcast_buffers
         kwargs["forward_sync_buffers"] = False
@@ -138,11 +146,33 @@ def replicate(module: nn.Module, device: torch.device, *, bucket_mb: float = 25.
         kwargs["broadcast_buffers"] = False
     if device.type == "cuda":
         kwargs["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
-    # The gradient of a 1x1 convolution's weight [O, I, 1, 1] may come back with strides (I, 1, I, I) where the
-    # parameter has (I, 1, 1, 1): the same memory layout (only the strides of size-1 dims differ), which DDP's literal
-    # stride comparison reports at every run. Silence that one message.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(PhaseForward(module), **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_stride_warnings(active: bool = True) -> Iterator[None]:
+    """Silence, inside the block only, DDP's "Grad strides do not match bucket view strides": the gradient of a 1x1
+    convolution's weight ``[O, I, 1, 1]`` may come back with strides ``(I, 1, I, I)`` where the parameter has
+    ``(I, 1, 1, 1)``, the same memory layout (only size-1 dims differ), which DDP's literal comparison reports."""
+    if not active:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        yield
+
+
+def all_reduce_mean_values(values: dict[str, Any]) -> None:
+    """Replace each tensor of ``values`` (scalars, the same keys in every process) by its mean over the processes,
+    in one all-reduce (a no-op in one process)."""
+    if not is_distributed() or not values:
+        return
+    keys = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k]).float().reshape(()) for k in keys])
+    dist.all_reduce(stacked)
+    stacked /= dist.get_world_size()
+    for key, value in zip(keys, stacked):
+        values[key] = value
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

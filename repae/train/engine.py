@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -160,10 +161,10 @@ class PhasedTrainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.step = 0
         self._randomness_cache: tuple | None = None
-        self._replicas: dict[str, DistributedDataParallel] = {}
-        self._recorded: set[str] = set()  # parts whose DDP has run a step (static graph recorded)
+        self.replicas: dict[str, DistributedDataParallel] = {}
         """Each trainable part in torch's ``DistributedDataParallel`` (:func:`repae.train.distributed.replicate`)
         when several processes train; empty in a single process."""
+        self._checked_gradients: set[str] = set()  # parts whose first DDP step was checked for unused parameters
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def _phase_losses(self, phase: str) -> list[tuple[str, Any]]:
@@ -194,6 +195,13 @@ class PhasedTrainer:
         if device.type == "cuda" and self.config.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        tracked = {"denoiser": self.denoiser}
+        if self.normalizer is not None:
+            adopt_latent_norm_state(self.normalizer, self.denoiser)
+            tracked["latent_norm"] = self.normalizer
+        # The EMA copies the networks before they are compiled or checkpointed: its shadows stay plain modules
+        # (a copy made after would call the live modules' compiled or checkpointed forward).
+        self.ema = EMA(tracked, self.config.ema_decay)
         self._prepare_networks(device)
         for name, module in self.parts.items():
             params = [p for p in module.parameters()]
@@ -206,15 +214,15 @@ class PhasedTrainer:
                 **({"fused": True} if fused else {}),
             )
         if distributed.is_distributed():
-            self._replicas = {name: distributed.replicate(module, device, bucket_mb=self.config.bucket_mb,
-                                                          static_graph=self.config.static_graph)
-                              for name, module in self.parts.items()}
-        tracked = {"denoiser": self.denoiser}
-        if self.normalizer is not None:
-            adopt_latent_norm_state(self.normalizer, self.denoiser)
-            tracked["latent_norm"] = self.normalizer
-        self.ema = EMA(tracked, self.config.ema_decay)
-        if self._precision(device) == "fp16":
+            # One graph-handling mode for every step (hence exact resume): DDP's static graph finds unused
+            # parameters once, but cannot record it inside no_sync, so under gradient accumulation DDP runs
+            # without a search and the first step checks that every parameter got a gradient.
+            search = "every-step" if not self.config.static_graph else (
+                "none" if self.config.grad_accum > 1 else "static")
+            self.replicas = {name: distributed.replicate(module, device, bucket_mb=self.config.bucket_mb,
+                                                         unused=search)
+                             for name, module in self.parts.items()}
+        if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(device.type)
 
     def _networks(self) -> dict[str, tuple[nn.Module, bool]]:
@@ -261,13 +269,16 @@ class PhasedTrainer:
                 elif through_forward:
                     module.compile(dynamic=False)
 
-    def _precision(self, device: torch.device) -> str:
+    @property
+    def precision(self) -> str:
+        """The step's precision on the components' device: ``fp32``, ``bf16`` or ``fp16`` (``auto`` resolved)."""
         if self.config.precision == "auto":
-            return "bf16" if device.type == "cuda" else "fp32"
+            return "bf16" if self.device.type == "cuda" else "fp32"
         return self.config.precision
 
-    def _autocast(self) -> Callable[[], Any] | None:
-        precision = self._precision(self.device)
+    def autocast(self) -> Callable[[], Any] | None:
+        """A factory of the step's autocast context (``None`` in fp32): what the forward passes run under."""
+        precision = self.precision
         if precision == "fp32":
             return None
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -399,7 +410,7 @@ class PhasedTrainer:
         root = StepContext(
             phase="", inputs=inputs, tokenizer=self.tokenizer, denoiser=self.denoiser,
             normalizer=self.normalizer, encoders=self.encoders, transport=self.transport, plan=DenoiserPlan(),
-            step=step, autocast=self._autocast(), num_classes=getattr(self.denoiser, "num_classes", None),
+            step=step, autocast=self.autocast(), num_classes=getattr(self.denoiser, "num_classes", None),
         )
         root.shared["needs_recon"] = any(loss.needs_recon for loss in self.losses.values())
         return root
@@ -418,7 +429,7 @@ class PhasedTrainer:
             for phase in self.phases:
                 self._enter_phase(phase)
                 plan = self._plan(phase)
-                replica = self._replicas.get(phase)
+                replica = self.replicas.get(phase)
                 for index, root in enumerate(roots):
                     ctx = root.for_phase(phase, plan)
 
@@ -433,24 +444,37 @@ class PhasedTrainer:
                         return total
 
                     # Several processes: the phase's objective is one DDP forward of the part; its gradient buckets
-                    # are all-reduced during the backward pass of the phase's last micro-batch only. (DDP's static
-                    # graph is recorded on the first step, which reduces every micro-batch: averaging is linear.)
-                    accumulate = index < n - 1 and phase in self._recorded
+                    # are all-reduced during the backward pass of the phase's last micro-batch only.
+                    accumulate = replica is not None and index < n - 1
                     sync = replica.no_sync() if replica is not None and accumulate else contextlib.nullcontext()
-                    with sync:
+                    with sync, distributed.quiet_stride_warnings(replica is not None):
                         value = replica(objective) if replica is not None else objective()
                         logs[f"{phase}/total"] = logs.get(f"{phase}/total", 0.0) + value.detach().float() / n
                         scaled = value / n
                         if self.scaler is not None:
                             scaled = self.scaler.scale(scaled)
                         scaled.backward()
-                if replica is not None:
-                    self._recorded.add(phase)
+                if replica is not None and phase not in self._checked_gradients:
+                    self._check_all_parameters_reached(phase)
                 if on_phase_end is not None:
                     on_phase_end(phase)
         for module in self.parts.values():
             module.requires_grad_(True)
         return logs
+
+    def _check_all_parameters_reached(self, phase: str) -> None:
+        """After the first DDP step of a part under gradient accumulation (no unused-parameter search): every trained
+        parameter must have received a gradient, else DDP would fail at the next step with a message of its own."""
+        self._checked_gradients.add(phase)
+        if self.config.grad_accum == 1 or not self.config.static_graph:
+            return
+        missing = [name for name, p in self.parts[phase].named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise UserError(
+                f"no loss of the {phase} phase reaches the {phase}'s parameters {shown}; with several processes "
+                f"and trainer.grad_accum > 1 DistributedDataParallel needs every trained parameter used: set "
+                f"trainer.static_graph=false (DDP then searches unused parameters every step)")
 
     def _attention_kernel(self) -> contextlib.AbstractContextManager[Any]:
         """The ``sdpa_backend`` of the recipe for the step's attention (``auto``: torch's own choice)."""
@@ -656,6 +680,7 @@ class PhasedTrainer:
             pending_steps += 1
             done = self.step
             if done % cfg.log_every == 0 or done == cfg.steps:
+                distributed.all_reduce_mean_values(pending)  # logged: the global batch's means, not process 0's
                 values = {k: v / pending_steps for k, v in summarize(pending).items()}
                 pending.clear()
                 pending_steps = 0
@@ -753,11 +778,10 @@ def _checkpoint_activations(block: nn.Module) -> None:
     storing them; the block's parameters and state-dict keys are unchanged."""
     from torch.utils.checkpoint import checkpoint
 
-    forward = block.forward
-
-    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+    def checkpointed(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self).forward.__get__(self)  # the class's forward of *this* module (a deepcopy rebinds)
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-    block.forward = checkpointed  # type: ignore[method-assign]
+    block.forward = types.MethodType(checkpointed, block)  # type: ignore[method-assign]
