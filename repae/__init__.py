@@ -12,7 +12,7 @@ internal and may change). Plugin authors import only from ``repae``; the built-i
   subclasses :class:`Loss` with a :class:`LossConfig` and reads a :class:`StepContext`; a trainer may subclass
   :class:`PhasedTrainer`.
 - What plugins share with the core: weights (:func:`resolve_weights`, :func:`load_state_dict`, :func:`load_into`,
-  ...), :class:`GlobalBatchNorm`, atomic writes, :func:`progress`, latent caches, image shards, the ADM metric
+  ...), :class:`GlobalBatchNorm`, atomic writes, :func:`progress`, latent caches, image shards, image decoding, the ADM metric
   formulas, errors.
 
 Importing :mod:`repae` does not import torch: names are loaded on first use.
@@ -61,6 +61,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.latent_cache": ("LatentCache", "write_latent_cache"),
     "repae.image_shards": ("ImageShards", "write_image_shards"),
     "repae.evaluate.inputs": ("IMAGE_SUFFIXES",),
+    "repae.images": ("UnreadableImage", "decode_image", "describe_unreadable", "scan_images"),
     "repae.evaluate.metrics": ("feature_statistics", "frechet_distance", "frechet_distance_to_features",
                                "inception_score", "precision_recall"),
     "repae.errors": ("CapabilityError", "ComponentBuildError", "PluginError", "Problem", "RecipeError",
@@ -100,6 +101,7 @@ if TYPE_CHECKING:
         WeightsMismatchError,
     )
     from repae.evaluate.inputs import IMAGE_SUFFIXES
+    from repae.images import UnreadableImage, decode_image, describe_unreadable, scan_images
     from repae.evaluate.metrics import (
         feature_statistics,
         frechet_distance,

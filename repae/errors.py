@@ -8,6 +8,7 @@ them. Anything else is a bug in repae or in a plugin and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ __all__ = [
     "closest",
     "describe_exception",
     "first_line",
+    "unwrap_worker_error",
 ]
 
 
@@ -125,3 +127,43 @@ class ComponentBuildError(UserError):
 
 class CapabilityError(UserError):
     """A command needs an optional capability (see :mod:`repae.interfaces`) that a component does not declare."""
+
+
+_WORKER_PREFIX = re.compile(r"\ACaught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def unwrap_worker_error(exc: BaseException) -> UserError | None:
+    """The :class:`UserError` that a DataLoader worker raised, as a one-line error again, or ``None``.
+
+    torch re-raises an exception from a worker as ``Caught NAME in DataLoader worker process N.`` followed by the
+    worker's whole traceback, as the same type when it can be built from that text, else as ``RuntimeError``. When
+    ``exc`` is such a wrapper of a :class:`UserError` (of any subclass, also one torch fell back to ``RuntimeError``
+    for), this returns an error of that type (or :class:`UserError`) holding only the original message; otherwise
+    ``None``. The CLI calls it in :func:`repae.cli._common.user_errors`.
+    """
+    import sys
+
+    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+    match = _WORKER_PREFIX.match(text)
+    if match is None:
+        return None
+    name = match.group(1)
+    # The traceback ends with "module.Name: message" (possibly several lines): the last line starting so.
+    found = None
+    for m in re.finditer(rf"^((?:[\w]+\.)*){re.escape(name)}: ", text, flags=re.MULTILINE):
+        found = m
+    if found is None:
+        return None
+    message = text[found.end():].strip()
+    module = found.group(1).rstrip(".")
+    cls: type | None = type(exc) if isinstance(exc, UserError) else None
+    if cls is None:
+        candidate = getattr(sys.modules.get(module or "builtins"), name, None)
+        cls = candidate if isinstance(candidate, type) and issubclass(candidate, UserError) else None
+    if cls is None:
+        return None
+    try:
+        error = cls(message)
+    except Exception:  # noqa: BLE001 - a subclass with another signature: the message is what matters
+        error = UserError(message)
+    return error if isinstance(error, UserError) else UserError(message)

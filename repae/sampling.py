@@ -250,11 +250,12 @@ def _valid_png(path: Path, size: tuple[int, int]) -> bool:
 
 
 def _read_png(path: Path, size: tuple[int, int]) -> Any:
-    import numpy as np
-    from PIL import Image
+    from repae.images import UnreadableImage, decode_image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    try:
+        array = decode_image(path)
+    except UnreadableImage as exc:
+        raise UnreadableImage.of(path, exc.reason, "delete it and rerun to make it again") from None
     if array.shape != (size[0], size[1], 3):
         raise UserError(f"{path} is {array.shape[1]}x{array.shape[0]}, expected {size[1]}x{size[0]}; delete it and "
                         "rerun to make it again")

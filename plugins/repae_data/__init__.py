@@ -17,6 +17,7 @@ This module only declares configs and registers them; it imports neither torch n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from repae import FieldError, hookimpl, option
 
@@ -53,6 +54,13 @@ class ImageFolderConfig:
     seed: int = option(0, doc="seed of the flips")
     num_classes: int | None = option(
         None, doc="expected number of class folders (null: whatever root holds); a mismatch is an error"
+    )
+    on_unreadable: Literal["error", "skip"] = option(
+        "error", doc="an image file that cannot be decoded: `error` stops with its name (one line); `skip` warns "
+        "once and uses the next readable image in its place (counted: the dataset's `skipped`)"
+    )
+    scan: bool = option(
+        False, doc="decode every file when the run starts (up to 8 processes) and report all unreadable ones at once"
     )
 
     def __post_init__(self) -> None:

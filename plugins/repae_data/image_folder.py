@@ -11,16 +11,17 @@ square. REPA-E uses no augmentation; an optional horizontal flip is a function o
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from repae import IMAGE_SUFFIXES, UserError
+from repae import IMAGE_SUFFIXES, UnreadableImage, UserError, decode_image, describe_unreadable, scan_images
 
 if TYPE_CHECKING:
     from repae import BuildContext
@@ -48,13 +49,10 @@ def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
 
 
 def read_array(path: str | os.PathLike[str], resolution: int) -> np.ndarray:
-    """One image file as REPA-E prepares it: RGB, ADM centre crop: uint8 ``[resolution, resolution, 3]``.
-    :class:`~repae.UserError` naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return center_crop_adm(image.convert("RGB"), resolution)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; replace or remove the file") from None
+    """One image file as REPA-E prepares it: RGB (:func:`repae.decode_image`: every PIL mode, EXIF orientation), ADM
+    centre crop: uint8 ``[resolution, resolution, 3]``. :class:`~repae.UnreadableImage` naming the file when it cannot
+    be read."""
+    return center_crop_adm(Image.fromarray(decode_image(path)), resolution)
 
 
 def read_image(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
@@ -116,11 +114,25 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[str], list[tup
     return classes, samples
 
 
+_FIX = ("replace or remove the file, set dataset.on_unreadable: skip to train without it, or dataset.scan: true to "
+        "list every unreadable file before training")
+
+
+def _scan_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
 class ImageFolderDataset(Dataset):
     """Images of ``root/<class>/<image>`` centre-cropped to ``resolution``; items ``(uint8 [3, H, W], label)``.
 
     ``classes`` are the class folder names (label = position), ``samples`` the ``(path, label)`` pairs in item order.
     Implements :class:`repae.Dataset` and :class:`repae.ReadsImages` (:meth:`load_image`).
+
+    Unreadable files (:class:`repae.UnreadableImage`): with ``on_unreadable="error"`` reading one raises its one-line
+    error; with ``"skip"`` item ``i`` whose file is unreadable is the next readable item (``i + 1``, ``i + 2``, ...,
+    wrapping; its image and label), a warning names the file once per process, and :attr:`skipped` lists the files
+    found unreadable so far by every process reading this dataset (DataLoader workers included: the flags live in
+    shared memory). ``scan=True`` decodes every file when the dataset is made and reports the unreadable ones at once.
     """
 
     kind = "images"
@@ -135,7 +147,11 @@ class ImageFolderDataset(Dataset):
         seed: int = 0,
         num_classes: int | None = None,
         scan: bool = True,
+        on_unreadable: str = "error",
+        check_files: bool = False,
     ) -> None:
+        if on_unreadable not in ("error", "skip"):
+            raise UserError(f"dataset.on_unreadable must be 'error' or 'skip', got {on_unreadable!r}")
         self.root = Path(root).expanduser()
         self.resolution = resolution
         self.hflip = hflip
@@ -152,6 +168,45 @@ class ImageFolderDataset(Dataset):
         else:  # a dry run on `meta`: do not touch the disk
             self.classes, self.samples = [], []
         self.num_classes = len(self.classes) if scan else (num_classes or 0)
+        self.on_unreadable = on_unreadable
+        # one flag per item, 1 = its file is unreadable; shared memory, so that workers' findings reach this process
+        self._unreadable = torch.zeros(len(self.samples), dtype=torch.uint8)
+        if on_unreadable == "skip" and len(self.samples):
+            self._unreadable.share_memory_()
+        self._warned: set[int] = set()
+        if check_files and self.samples:
+            self.check_files()
+
+    def check_files(self, workers: int | None = None) -> list[tuple[str, str]]:
+        """Decode every file (``workers`` processes, default up to 8); returns ``(path, reason)`` of the unreadable
+        ones. With ``on_unreadable="error"`` any is a :class:`UserError` listing them (one line); with ``"skip"``
+        they are flagged (:attr:`skipped`) and named in one warning."""
+        paths = [path for path, _ in self.samples]
+        bad = scan_images(paths, workers=_scan_workers() if workers is None else workers,
+                          label=f"scan {self.root}")
+        if bad and self.on_unreadable == "error":
+            raise UserError(f"{self.root}: {describe_unreadable(bad)}. Replace or remove them, or set "
+                            "dataset.on_unreadable: skip to train without them")
+        if bad:
+            position = {path: i for i, path in enumerate(paths)}
+            for path, _ in bad:
+                self._unreadable[position[path]] = 1
+                self._warned.add(position[path])
+            if len(bad) == len(paths):
+                raise UserError(f"no image of {self.root} is readable: {describe_unreadable(bad, limit=3)}")
+            warnings.warn(f"{self.root}: {describe_unreadable(bad)}; each is replaced by the next readable image "
+                          "(dataset.on_unreadable: skip)", UserWarning, stacklevel=2)
+        return bad
+
+    @property
+    def skipped(self) -> list[str]:
+        """Files found unreadable so far (by the scan or by reading, in any process), in item order."""
+        return [self.samples[int(i)][0] for i in torch.nonzero(self._unreadable).flatten()]
+
+    @property
+    def num_skipped(self) -> int:
+        """``len(skipped)``, cheaply (a sum over one byte per item)."""
+        return int(self._unreadable.sum()) if len(self._unreadable) else 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -168,17 +223,40 @@ class ImageFolderDataset(Dataset):
         """:class:`repae.ReadsImages`: any image file prepared as the items are (RGB, ADM crop), not flipped."""
         return read_image(path, self.resolution)
 
+    def _load_readable(self, index: int) -> tuple[int, np.ndarray]:
+        """``(j, image)`` of the item that stands for ``index``: ``index`` itself, or with ``on_unreadable="skip"``
+        the next readable one."""
+        count = len(self.samples)
+        if not 0 <= index < count:
+            raise IndexError(f"index {index} out of range for {count} images")
+        for step in range(count):
+            j = (index + step) % count
+            if self._unreadable[j]:
+                continue
+            try:
+                return j, self.load(j)
+            except UnreadableImage as exc:
+                if self.on_unreadable == "error":
+                    raise UnreadableImage.of(self.samples[j][0], exc.reason, _FIX) from None
+                self._unreadable[j] = 1
+                if j not in self._warned:
+                    self._warned.add(j)
+                    warnings.warn(f"skipping unreadable image {self.samples[j][0]}: {exc.reason} (dataset."
+                                  "on_unreadable: skip; it is replaced by the next readable image)", UserWarning,
+                                  stacklevel=2)
+        raise UserError(f"no image of {self.root} is readable ({count} tried); check dataset.root")
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = int(index)
-        array = self.load(index)
+        source, array = self._load_readable(index)
         if self.hflip and flip_decision(self.seed, index, self.epoch):
             array = array[:, ::-1]
         image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-        return image, self.samples[index][1]
+        return image, self.samples[source][1]
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, items={len(self)}, num_classes={self.num_classes}, "
-                f"resolution={self.resolution}, hflip={self.hflip})")
+                f"resolution={self.resolution}, hflip={self.hflip}, on_unreadable={self.on_unreadable!r})")
 
 
 def build_image_folder(config: ImageFolderConfig, context: BuildContext) -> ImageFolderDataset:
@@ -191,4 +269,6 @@ def build_image_folder(config: ImageFolderConfig, context: BuildContext) -> Imag
         seed=config.seed,
         num_classes=config.num_classes,
         scan=not context.dry_run,
+        on_unreadable=config.on_unreadable,
+        check_files=config.scan and not context.dry_run,
     )

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from repae.errors import RecipeError, UserError
+from repae.errors import RecipeError, UserError, unwrap_worker_error
 
 EXIT_USER_ERROR = 2
 
@@ -55,11 +55,18 @@ def print_user_error(exc: UserError) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print a :class:`UserError` as a message (no traceback) and exit with code 2."""
+    """Print a :class:`UserError` as a message (no traceback) and exit with code 2; also one that a DataLoader worker
+    raised, which torch re-raises with the worker's traceback (:func:`repae.errors.unwrap_worker_error`)."""
     try:
         yield
     except UserError as exc:
-        print_user_error(exc)
+        print_user_error(unwrap_worker_error(exc) or exc)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except RuntimeError as exc:  # torch's fallback type for a worker's error it cannot rebuild
+        unwrapped = unwrap_worker_error(exc)
+        if unwrapped is None:
+            raise
+        print_user_error(unwrapped)
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 

@@ -48,6 +48,10 @@ def prepare_data(
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per DataLoader batch."),
     verify: bool = typer.Option(False, "--verify", help="Afterwards re-read every shard against its sha256 (also "
                                 "when OUT was already complete)."),
+    on_unreadable: str = typer.Option("error", "--on-unreadable", help="An image file that cannot be decoded: "
+                                      "'error' stops naming it; 'skip' warns and uses the next readable image."),
+    scan: bool = typer.Option(False, "--scan", help="Decode every image first and report all unreadable ones at "
+                              "once, before anything is written."),
 ) -> None:
     """Decode and centre-crop an image folder once into uint8 shards (train with dataset image-shards).
 
@@ -58,6 +62,8 @@ def prepare_data(
     console.soft_wrap = True  # paths and the recipe line stay whole (copy-pasteable)
     with user_errors():
         _check_arguments(root, out, resolution, workers, shard_size, batch_size)
+        if on_unreadable not in ("error", "skip"):
+            raise UserError(f"--on-unreadable must be 'error' or 'skip', got {on_unreadable!r}")
         import dataclasses
 
         from repae.build import BuildContext, build_component
@@ -75,6 +81,12 @@ def prepare_data(
         section: dict[str, object] = {"root": source}
         if "resolution" in fields:
             section["resolution"] = resolution
+        for flag, key, value, default in (("--on-unreadable", "on_unreadable", on_unreadable, "error"),
+                                          ("--scan", "scan", scan, False)):
+            if key in fields:
+                section[key] = value
+            elif value != default:
+                raise UserError(f"dataset '{dataset}' has no `{key}` field, so {flag} cannot be applied to it")
         config, issues = entry.parse(section)
         if issues:
             raise RecipeError([Problem("repae prepare-data", i.path, i.message, i.hint) for i in issues],
@@ -99,8 +111,14 @@ def prepare_data(
             batch_size=batch_size,
             num_workers=workers,
             source=source,
-            dataset_info={"name": dataset, **config_to_dict(config)},
+            dataset_info={"name": dataset, **{k: v for k, v in config_to_dict(config).items() if k != "scan"}},
         )
+        from rich.markup import escape
+
+        skipped = list(getattr(images, "skipped", []))
+        if skipped:
+            console.print(f"[yellow]{len(skipped)} unreadable image(s) replaced by the next readable one:[/] "
+                          + escape(", ".join(skipped[:20])) + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
         shards = ImageShards(path)
         if verify:
             shards.verify(show_progress=True)

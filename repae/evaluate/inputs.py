@@ -132,7 +132,8 @@ def _read_npy_header(fh, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 # -- folders -------------------------------------------------------------------------------------------------------
 class FolderImages(ImageSource):
-    """Image files under a folder (recursive, sorted by relative path), converted to RGB."""
+    """Image files under a folder (recursive, sorted by relative path), decoded to 8-bit RGB by
+    :func:`repae.images.decode_image`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -144,13 +145,9 @@ class FolderImages(ImageSource):
         return len(self.files)
 
     def _read(self, path: Path) -> np.ndarray:
-        from PIL import Image
+        from repae.images import decode_image
 
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"), dtype=np.uint8)
-        except OSError as exc:
-            raise UserError(f"cannot read image {path}: {exc}") from None
+        return decode_image(path)  # every PIL mode to 8-bit RGB; UnreadableImage (one line) naming the file
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         pending: list[np.ndarray] = []
