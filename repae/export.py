@@ -8,7 +8,8 @@ is repae's own and works for every run: ``safetensors``, the state dict of every
 (``<name>.safetensors``, the names of the checkpoint: ``denoiser``, ``ema-denoiser``, ``tokenizer``,
 ``latent_norm``, ...), which is what the components' ``weights:`` options read back.
 
-Every export writes ``export.json``: what was exported, from which run, checkpoint and step, and the sha256 of each
+Every model is checked against the component the run's recipe builds before anything is written (:func:`repae.runs.open_run`
+checks each copy the checkpoint holds, raw and EMA: keys and shapes). Every export writes ``export.json``: what was exported, from which run, checkpoint and step, and the sha256 of each
 file. The latent statistics handed to the components (``ExportContext.statistics``) come from the run's latent
 normaliser (its EMA copy; :class:`repae.AffineNormalizer`), else from the tokenizer
 (:class:`repae.HasLatentStatistics`), else there are none.
@@ -84,7 +85,7 @@ def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = Fal
     from repae import __version__
     from repae.fileio import write_json, write_safetensors
     from repae.runs import open_run
-    from repae.weights import file_sha256
+    from repae.weights import file_sha256, load_into
 
     out = Path(out)
     run = open_run(path, device="cpu", use_ema=True, slots=("tokenizer", "latent_norm", "denoiser"),
@@ -119,7 +120,8 @@ def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = Fal
                                             ("denoiser", "denoiser", "latent_norm")):
                     if weights not in models:
                         continue
-                    component.load_state_dict(models[weights])
+                    load_into(component, models[weights],  # checked by open_run already: keys and shapes
+                              what=f"{run.checkpoint}/model-{weights}.safetensors: the {weights} weights")
                     context = ExportContext(stem, stats, models.get(norm), metadata)
                     files.update(component.export(fmt, out, context))
             else:

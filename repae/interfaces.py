@@ -110,6 +110,8 @@ class WeightsInfo:
     """Hex sha256 of that file's bytes."""
     entry: str | None = None
     """The checkpoint entry that was loaded (``ema``, ``vae``, ...), ``None`` for a whole file."""
+    revision: str | None = None
+    """The Hugging Face commit the file came from (its hub cache snapshot), ``None`` outside the hub cache."""
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,14 @@ def _parse_yaml(text: str, label: str, problems: list[Problem]) -> tuple[Any, di
         root = loader.get_single_node()
 
         def build(node: Any, path: Path_) -> Any:
+            tag = str(node.tag or "")
+            if not tag.startswith("tag:yaml.org,2002:") or tag.startswith("tag:yaml.org,2002:python/"):
+                shown = "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+                problems.append(Problem(f"{label}:{node.start_mark.line + 1}", _dotted(path),
+                                        f"the YAML tag {shown} is not allowed: a recipe holds plain data (mappings, "
+                                        "lists, strings, numbers), never Python objects, imports or code",
+                                        "remove the tag"))
+                return None
             if isinstance(node, MappingNode):
                 loader.flatten_mapping(node)
                 out: dict[Any, Any] = {}

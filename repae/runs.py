@@ -27,6 +27,14 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     if (path / "state.json").is_file() and path.parent.name == "checkpoints":
         return path.parent.parent, path
+    if path.is_file():
+        from repae.weights import describe_file
+
+        raise UserError(
+            f"{path} is {describe_file(path)}, not a run: pass a run directory (from `repae run --out`) or one of its "
+            "checkpoints/step-* folders. A weights file is given to a component through its `weights:` option in a "
+            "recipe (for example denoiser: {name: sit, weights: " + str(path) + "})"
+        )
     if not path.is_dir():
         raise UserError(f"{path} does not exist; pass a run directory (from `repae run --out`) or a checkpoint folder")
     found = latest_checkpoint(path)
@@ -121,6 +129,7 @@ def open_run(
     from repae.recipe import read_recipe
     from repae.rundir import RECIPE_FILE
     from repae.train.checkpoint import load_checkpoint
+    from repae.weights import check_state_dict, load_into
 
     run_dir, checkpoint_dir = resolve_run_path(path)
     recipe_path = run_dir / RECIPE_FILE
@@ -129,24 +138,26 @@ def open_run(
     resolved = read_recipe(recipe_path, [], registry if registry is not None else default_registry())
     checkpoint = load_checkpoint(checkpoint_dir)
     models = checkpoint.models
-    held = {"tokenizer": "tokenizer", "denoiser": "ema-denoiser" if use_ema else "denoiser",
-            "latent_norm": "ema-latent_norm" if use_ema else "latent_norm"}
+    fix = (f"the checkpoint does not match {recipe_path} (edited after training?) or the file was replaced: restore "
+           "the recipe.yaml the run was trained with, or the file")
     assembly = RecipeBuild(resolved, device=device)
     components: dict[str, Any] = {}
     for spec in resolved.components:
         if spec.slot not in slots:
             continue
-        from_checkpoint = held.get(spec.slot) in models
+        names = _held_names(spec.slot, models, use_ema=use_ema, where=checkpoint_dir)
         on = "meta" if spec.slot in meta_slots else device
-        one = assembly.build(spec, device=on, load_weights=not from_checkpoint)
+        one = assembly.build(spec, device=on, load_weights=not names)
         component = one.component
-        if from_checkpoint:
-            state = models[held[spec.slot]]
-            try:
-                component.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise UserError(f"{checkpoint_dir}: the {spec.slot} weights do not fit the recipe's {spec.slot} "
-                                f"({_mismatch(exc)})") from None
+        if names and isinstance(component, torch.nn.Module):
+            expected = {k: v.shape for k, v in component.state_dict().items()}
+            for name in names[1:]:  # every copy the checkpoint holds of this part fits it (export writes them all)
+                check_state_dict(expected, models[name], what=f"{checkpoint_dir}/model-{name}.safetensors: the "
+                                 f"{name} weights", fix=fix, model=type(component).__name__)
+            load_into(component, models[names[0]], what=f"{checkpoint_dir}/model-{names[0]}.safetensors: the "
+                      f"{names[0]} weights", fix=fix)
+        elif names:
+            component.load_state_dict(models[names[0]], strict=True)
         if isinstance(component, torch.nn.Module) and on != "meta":
             component.to(device).eval().requires_grad_(False)
         components[spec.label] = component
@@ -155,7 +166,29 @@ def open_run(
                      models=dict(models) if keep_models else {})
 
 
-def _mismatch(exc: BaseException) -> str:
-    """The informative lines of a ``load_state_dict`` error (its first line only says where)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines[1:4] or lines[:1])
+_HELD = {"tokenizer": ("tokenizer", "ema-tokenizer"), "denoiser": ("denoiser", "ema-denoiser"),
+         "latent_norm": ("latent_norm", "ema-latent_norm")}
+"""Slots whose weights a checkpoint holds: the raw model name and its EMA copy's."""
+
+
+def _held_names(slot: str, models: dict[str, Any], *, use_ema: bool, where: Path) -> list[str]:
+    """The checkpoint's models of ``slot``, the one to load first: ``[]`` when the checkpoint holds none (the part was
+    not trained: the recipe's weights are used). A part held only in the other copy (EMA asked for, raw held, or the
+    reverse) is an error rather than a silent fall back on the recipe's initial weights."""
+    if slot not in _HELD:
+        return []
+    raw, ema = _HELD[slot]
+    if slot == "tokenizer":  # no tokenizer EMA by default: the tuned weights are the raw ones
+        return [raw] + ([ema] if ema in models else []) if raw in models else []
+    wanted, other = (ema, raw) if use_ema else (raw, ema)
+    if wanted in models:
+        return [wanted] + ([other] if other in models else [])
+    if other in models:
+        flag = "without --no-ema (EMA weights)" if other == ema else "with --no-ema (the raw weights)"
+        raise UserError(f"{where} holds the {slot} as model-{other}.safetensors but not model-{wanted}.safetensors, "
+                        f"which was asked for: run the command {flag}, or restore the missing file")
+    if slot == "denoiser":
+        raise UserError(f"{where} holds no denoiser weights (model-denoiser.safetensors, model-ema-denoiser"
+                        ".safetensors): it is not a checkpoint of a trained denoiser. Restore the files or pass another "
+                        "checkpoint")
+    return []

@@ -11,8 +11,15 @@ A *weights source* is the string a component's ``weights`` option holds:
   files), for checkpoints that are published only as URLs. ``HF_HUB_OFFLINE=1`` forbids the download here too.
 
 Reading never runs arbitrary pickles: safetensors first; other files only through
-``torch.load(map_location="cpu", weights_only=True)``. :func:`load_into` checks a state dict against a module and
-names every missing key, unexpected key and shape mismatch before loading.
+``torch.load(map_location="cpu", weights_only=True)``, with the harmless classes official checkpoints hold
+(:data:`SAFE_PICKLE_GLOBALS`, such as the ``argparse.Namespace`` of their training arguments) allowed. A file that
+needs anything else is refused with a message naming it; ``REPAE_TRUST_PICKLE=1`` (or ``--trust-pickle`` on the
+commands that read weights) is the one explicit way to load a pickle you trust with a full unpickler.
+
+:func:`check_state_dict` is the one checker of every load (recipe weights through :func:`load_into`, checkpoints,
+``repae sample``/``analyze``/``export``): it names the file, the part, the first mismatching keys with both shapes and
+the fix. :func:`write_weights_record` records the source, resolved revision and sha256 of every file the components
+loaded in a run directory's ``weights.json``.
 
 Importing this module does not import torch or huggingface_hub.
 """
@@ -36,10 +43,16 @@ if TYPE_CHECKING:
     from repae.interfaces import WeightsInfo
 
 __all__ = [
+    "SAFE_PICKLE_GLOBALS",
+    "TRUST_PICKLE_ENV",
+    "WEIGHTS_FILE",
     "WEIGHT_SUFFIXES",
     "LoadReport",
+    "check_state_dict",
+    "describe_file",
     "file_sha256",
     "hub_cache_dir",
+    "hub_revision",
     "load_into",
     "load_state_dict",
     "load_weights",
@@ -48,12 +61,32 @@ __all__ = [
     "offline",
     "parse_hf_source",
     "resolve_weights",
+    "trust_pickle",
+    "weights_record",
+    "write_weights_record",
 ]
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".tar")
 """File endings recognised as weights when a source names a folder."""
 
 _TRUE = {"1", "true", "yes", "on"}
+
+TRUST_PICKLE_ENV = "REPAE_TRUST_PICKLE"
+"""Environment variable: ``1`` loads weights files that need arbitrary pickled objects with a full unpickler (which
+can run any code the file carries). Off by default; ``--trust-pickle`` on ``repae run/sample/analyze/export`` sets it."""
+
+SAFE_PICKLE_GLOBALS: tuple[str, ...] = ("argparse.Namespace",)
+"""Classes allowed inside ``.pt``/``.pth`` files read with ``torch.load(weights_only=True)``, beyond torch's own
+(tensors, containers, numbers): the training arguments official DiT/SiT/REPA/REPA-E checkpoints store (``args``). They
+carry data only; rebuilding them runs no code of the file's choosing."""
+
+WEIGHTS_FILE = "weights.json"
+"""The file of a run directory that records every weights file its components loaded (:func:`write_weights_record`)."""
+
+
+def trust_pickle() -> bool:
+    """Whether ``REPAE_TRUST_PICKLE`` allows full (code-executing) unpickling, read at call time."""
+    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in _TRUE
 
 
 # -- where the files are -------------------------------------------------------------------------------------------
@@ -71,6 +104,20 @@ def hub_cache_dir() -> Path:
             return Path(env[name]).expanduser()
     home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
     return Path(home).expanduser() / "hub"
+
+
+_SNAPSHOT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_revision(path: str | os.PathLike[str]) -> str | None:
+    """The commit a file of the Hugging Face hub cache belongs to (``.../models--org--name/snapshots/<commit>/...``),
+    ``None`` for a file outside the cache."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith(("models--", "datasets--", "spaces--")) and parts[i + 1] == "snapshots" \
+                and _SNAPSHOT.match(parts[i + 2]):
+            return parts[i + 2]
+    return None
 
 
 @dataclass(frozen=True)
@@ -268,7 +315,8 @@ def load_weights(
     path = resolve_weights(source, default_filename=default_filename)
     obj, digest = read_checkpoint(path)
     state, entry = select_entry(obj, key, path, missing_key=missing_key)
-    return state, WeightsInfo(source=str(source), path=str(path), sha256=digest, entry=entry)
+    return state, WeightsInfo(source=str(source), path=str(path), sha256=digest, entry=entry,
+                              revision=hub_revision(path))
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
@@ -300,27 +348,47 @@ def select_entry(
     return _select(obj, key, Path(path), whole_if_flat=missing_key == "whole")
 
 
+def _allowed_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for name in SAFE_PICKLE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
 def _torch_load(path: Path) -> Any:
     import pickle
+    import warnings
 
     import torch
 
+    if trust_pickle():
+        warnings.warn(f"{TRUST_PICKLE_ENV}=1: reading {path} with a full unpickler (it may run code it carries)",
+                      stacklevel=3)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - not a torch file, truncated download...
+            raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint: {first_line(exc)}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's note, not the user's
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
-        if "Unsupported global" not in text:
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-            reason = detail.group(1).strip() if detail else first_line(exc)
-            raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint ({reason})") from None
-        what = f" (such as {found.group(1)})" if found else ""
-        raise UserError(
-            f"refusing to load {path}: besides tensors it stores Python objects{what}, and rebuilding them needs an "
-            "unrestricted pickle load, which can run arbitrary code. If you trust the file, convert it once: load it "
-            "with torch.load(..., weights_only=False) in a separate script, take the state dict, and save it with "
-            "safetensors.torch.save_file(state_dict, 'weights.safetensors')."
-        ) from None
+        reason = _torch_reason(text) or first_line(exc)
+        pickled = describe_file(path) in ("a Python pickle", "a PyTorch checkpoint (a zip of pickled objects)")
+        if found or "blocked" in text.lower() or (pickled and "unsupported" in text.lower()):
+            what = f" ({found.group(1)})" if found else f" ({reason})"
+            raise UserError(
+                f"refusing to load {path}: it is a Python pickle holding more than tensors and plain data{what}; "
+                "rebuilding it needs a full unpickler, which can run arbitrary code the file carries. If you trust "
+                f"where it came from, set {TRUST_PICKLE_ENV}=1 (or pass --trust-pickle) to read it with a full "
+                "unpickler; better, convert it once to safetensors and use that file."
+            ) from None
+        raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint ({reason})") from None
     except Exception as exc:  # noqa: BLE001 - not a torch file, TorchScript archive, truncated download...
         if "torchscript" in str(exc).lower():
             raise UserError(
@@ -328,6 +396,36 @@ def _torch_load(path: Path) -> Any:
                 "these weights instead"
             ) from None
         raise UserError(f"could not read {path} as safetensors or a PyTorch checkpoint: {first_line(exc)}") from None
+
+
+def _torch_reason(text: str) -> str:
+    """The informative line of a ``torch.load`` error, without torch's advice to pass ``weights_only=False``."""
+    noise = ("weights only load failed", "weights_only", "check the documentation", "please file an issue")
+    for line in text.splitlines():
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if line and not any(n in line.lower() for n in noise):
+            return line
+    return ""
+
+
+def describe_file(path: str | os.PathLike[str]) -> str:
+    """What a file holds, judged from its first bytes: ``"a safetensors file"``, ``"a PyTorch checkpoint (a zip of
+    pickled objects)"``, ``"a Python pickle"``, ``"an empty file"`` or ``"a file"`` (for messages)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return "an unreadable file"
+    if not head:
+        return "an empty file"
+    if _is_safetensors(p):
+        return "a safetensors file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch checkpoint (a zip of pickled objects)"
+    if head[:1] == b"\x80":
+        return "a Python pickle"
+    return "a file"
 
 
 def _is_tensor(value: Any) -> bool:
@@ -403,6 +501,73 @@ Hints = Callable[[list[str], list[str], dict[str, tuple[tuple[int, ...], tuple[i
 """``hints(missing, unexpected, mismatched) -> lines``: a component's advice on which config field to change."""
 
 
+Shapes = Mapping[str, Any]
+"""What a state dict is checked against: a module, or ``{key: tensor or shape}``."""
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    shape = getattr(value, "shape", value)
+    return tuple(int(d) for d in shape)
+
+
+def check_state_dict(
+    expected: nn.Module | Shapes,
+    state_dict: Mapping[str, Any],
+    *,
+    what: str,
+    strict: bool = True,
+    hints: Hints | None = None,
+    fix: str | None = None,
+    model: str | None = None,
+) -> LoadReport:
+    """The one check of every load: ``state_dict`` against ``expected`` (a module, or its ``{key: tensor or
+    shape}``).
+
+    Raises :class:`~repae.errors.WeightsMismatchError` whose first line names ``what`` (the file and the part:
+    ``"runs/x/checkpoints/step-0000400/model-denoiser.safetensors: the denoiser weights"``), the model and the first
+    problem (a key with both shapes), followed by the first ten missing keys, unexpected keys and shape mismatches
+    (with their counts), the component's ``hints`` and the ``fix``. Missing and unexpected keys are tolerated (and
+    returned) when ``strict`` is false; shape mismatches never are.
+    """
+    if isinstance(expected, Mapping):
+        shapes = {str(k): _shape(v) for k, v in expected.items()}
+        model = model or "model"
+    else:
+        shapes = {str(k): _shape(v) for k, v in expected.state_dict().items()}
+        model = model or type(expected).__name__
+    missing = sorted(k for k in shapes if k not in state_dict)
+    unexpected = sorted(str(k) for k in state_dict if k not in shapes)
+    mismatched = {
+        k: (_shape(state_dict[k]), shapes[k]) for k in sorted(shapes)
+        if k in state_dict and _shape(state_dict[k]) != shapes[k]
+    }
+    problems, first = [], []
+    if mismatched:
+        k, (got, want) = next(iter(mismatched.items()))
+        first.append(f"{k} is {list(got)} in the file, {list(want)} in the {model}")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing key(s) (in the model, not in the file): {_listing(missing)}")
+        first.append(f"{missing[0]} is missing from the file")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (in the file, not in the model): {_listing(unexpected)}")
+        first.append(f"{unexpected[0]} is not in the {model}")
+    if mismatched:
+        listed = [f"{k}: file {list(got)} vs model {list(want)}" for k, (got, want) in mismatched.items()]
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_listing(listed)}")
+    if problems:
+        advice = hints(missing, unexpected, mismatched) if hints else []
+        if not advice and not fix:
+            advice = [("check that the variant/size matches the checkpoint (and weights_key, for a checkpoint with "
+                       "several entries)")]
+        raise WeightsMismatchError(
+            f"{what} do not fit the {model} built from the config ({first[0]}):\n  - "
+            + "\n  - ".join(problems)
+            + "".join(f"\n  hint: {line}" for line in advice)
+            + (f"\n  fix: {fix}" if fix else "")
+        )
+    return LoadReport(missing, unexpected)
+
+
 def load_into(
     module: nn.Module,
     state_dict: Mapping[str, Tensor],
@@ -411,41 +576,19 @@ def load_into(
     what: str = "weights",
     assign: bool = False,
     hints: Hints | None = None,
+    fix: str | None = None,
 ) -> LoadReport:
-    """Load ``state_dict`` into ``module`` after checking keys and shapes.
+    """Load ``state_dict`` into ``module`` after checking keys and shapes (:func:`check_state_dict`).
 
     Raises :class:`~repae.errors.WeightsMismatchError` naming the first ten missing keys, unexpected keys and shape
-    mismatches (with their counts), followed by the component's ``hints``; missing and unexpected keys are tolerated
-    (and reported) when ``strict`` is false, shape mismatches never are. ``what`` names the weights in messages
-    (``"dinov2 vit-b14 weights from <file>"``). ``assign=True`` adopts the given tensors (cast to the module's dtypes)
-    instead of copying into existing ones: use it to fill a module built on the ``meta`` device.
+    mismatches (with their counts), followed by the component's ``hints`` (and the ``fix``); missing and unexpected
+    keys are tolerated (and reported) when ``strict`` is false, shape mismatches never are. ``what`` names the weights
+    in messages (``"dinov2 vit-b14 weights from <file>"``). ``assign=True`` adopts the given tensors (cast to the
+    module's dtypes) instead of copying into existing ones: use it to fill a module built on the ``meta`` device.
     """
     expected = module.state_dict()
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = {
-        k: (tuple(state_dict[k].shape), tuple(expected[k].shape))
-        for k in sorted(expected)
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    }
-    problems = []
-    if strict and missing:
-        problems.append(f"{len(missing)} missing key(s) (in the model, not in the file): {_listing(missing)}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) (in the file, not in the model): {_listing(unexpected)}")
-    if mismatched:
-        shapes = [f"{k}: file {list(got)} vs model {list(want)}" for k, (got, want) in mismatched.items()]
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_listing(shapes)}")
-    if problems:
-        advice = hints(missing, unexpected, mismatched) if hints else []
-        if not advice:
-            advice = ["check that the variant/size matches the checkpoint (and weights_key, for a checkpoint with "
-                      "several entries)"]
-        raise WeightsMismatchError(
-            f"{what} do not fit the {type(module).__name__} built from the config:\n  - "
-            + "\n  - ".join(problems)
-            + "".join(f"\n  hint: {line}" for line in advice)
-        )
+    check_state_dict(expected, state_dict, what=what, strict=strict, hints=hints, fix=fix,
+                     model=type(module).__name__)
     tensors = dict(state_dict)
     if assign:
         for k, v in tensors.items():
@@ -455,3 +598,45 @@ def load_into(
     result = module.load_state_dict(tensors, strict=strict, assign=assign)
     return LoadReport(list(result.missing_keys), list(result.unexpected_keys))
 
+
+# -- provenance -----------------------------------------------------------------------------------------------------
+def weights_record(built: Any) -> list[dict[str, Any]]:
+    """One entry per weights file the built components loaded (:class:`~repae.interfaces.RecordsWeights`): the
+    component (label, kind, name, plugin), the role (``weights``, ``latent_stats``, ...), the configured source, the
+    file read, its Hugging Face revision (``None`` outside the hub cache), sha256, size and the entry loaded.
+
+    ``built`` is what :func:`repae.build.build_recipe` returns (objects with ``label``, ``entry`` and ``component``)
+    or a mapping ``{label: component}``."""
+    from repae.interfaces import RecordsWeights, supports
+
+    items = built.items() if isinstance(built, Mapping) else [(getattr(b, "label", "?"), b) for b in built]
+    out: list[dict[str, Any]] = []
+    for label, one in items:
+        component = getattr(one, "component", one)
+        entry = getattr(one, "entry", None)
+        if not supports(component, RecordsWeights):
+            continue
+        for role, info in sorted(component.loaded_weights.items()):
+            path = Path(info.path)
+            out.append({
+                "component": str(label),
+                "kind": getattr(entry, "kind", None),
+                "name": getattr(entry, "name", None),
+                "plugin": getattr(getattr(entry, "plugin", None), "label", None),
+                "role": role,
+                "source": info.source,
+                "path": str(path.resolve()) if path.exists() else str(path),
+                "revision": getattr(info, "revision", None) or hub_revision(path),
+                "sha256": info.sha256,
+                "bytes": path.stat().st_size if path.is_file() else None,
+                "entry": info.entry,
+            })
+    return out
+
+
+def write_weights_record(run_dir: str | os.PathLike[str], built: Any) -> Path:
+    """Write :func:`weights_record` of ``built`` to ``RUN/weights.json`` (atomically); return its path. An empty list
+    when no component loaded a file (random initialisation)."""
+    from repae.fileio import write_json
+
+    return write_json(Path(run_dir) / WEIGHTS_FILE, {"files": weights_record(built)})

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from repae.cli._common import load_host, plain_table, stdout, user_errors
+from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 
 RUN_ARG = typer.Argument(
     ..., help="Run directory (its latest checkpoint) or one checkpoint folder.", metavar="RUN_OR_CHECKPOINT",
@@ -45,12 +46,13 @@ def analyze(
         None, "--inception-weights", help="Inception weights for the rFID (default: as `repae eval` finds them, "
         "never downloaded here); without them rfid is null."
     ),
+    trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Latent diagnostics of a run: spatial variance, total variation, CKNNA, PSNR (rFID), PCA picture."""
     from repae.analysis import AnalysisSettings, analyze_run
 
     console = stdout()
-    with user_errors():
+    with user_errors(), pickle_trust(trust_pickle):
         settings = AnalysisSettings(num_images=num_images, images=str(images) if images is not None else None, t=t,
                                     k=k, depth=depth, seed=seed, ema=ema)
         result = analyze_run(run_path, settings, out=out, batch_size=batch_size, device=device,

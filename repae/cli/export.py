@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from repae.cli._common import load_host, plain_table, stdout, user_errors
+from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 
 RUN_ARG = typer.Argument(
     ..., help="Run directory (its latest checkpoint) or one checkpoint folder.", metavar="RUN_OR_CHECKPOINT",
@@ -26,12 +27,13 @@ def export(
     force: bool = typer.Option(
         False, "--force", help="Write into a non-empty --out (files of the same names are replaced)."
     ),
+    trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Export a run's trained models with their latent statistics and an export.json manifest (sha256 per file)."""
     from repae.export import export_run
 
     console = stdout()
-    with user_errors():
+    with user_errors(), pickle_trust(trust_pickle):
         manifest = export_run(run_path, out, fmt, force=force, registry=load_host().registry)
         table = plain_table(title=f"{fmt} export of step {manifest['step']} -> {out}")
         for column in ("file", "bytes", "sha256"):

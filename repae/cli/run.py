@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from repae.cli._common import load_host, plain_table, stdout, user_errors
+from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
 
@@ -34,13 +35,14 @@ def run(
         False, "--allow-recipe-change", help="Resume a run directory even though its recipe differs (the old recipe "
         "is kept as recipe.previous-N.yaml)."
     ),
+    trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Run a recipe. With --dry-run: check it and build every component on `meta` (even XL models in seconds)."""
     from repae.compose import compose_recipe
     from repae.recipe import read_recipe
 
     console = stdout()
-    with user_errors():
+    with user_errors(), pickle_trust(trust_pickle):
         host = load_host()
         resolved = read_recipe(recipe, overrides or [], host.registry)
         if not dry_run and not resolved.get("trainer"):

@@ -9,6 +9,7 @@ from typing import Literal, Optional, Tuple
 import typer
 
 from repae.cli._common import load_host, stdout, user_errors
+from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 from repae.errors import UserError
 
 
@@ -45,11 +46,12 @@ def sample(
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw denoiser (and normaliser) weights, not the EMA."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (rank 0)."),
+    trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Generate samples from a run: PNGs plus DIR/samples.npz (ADM format); torchrun shards them; reruns resume."""
     from repae.sampling import SamplingSettings, sample_run
 
-    with user_errors():
+    with user_errors(), pickle_trust(trust_pickle):
         host = load_host()
         settings = SamplingSettings(
             num=num, seed=seed, labels=labels, ema=not no_ema, sampler=sampler, steps=steps,
