@@ -625,7 +625,7 @@ def weights_record(built: Any) -> list[dict[str, Any]]:
                 "plugin": getattr(getattr(entry, "plugin", None), "label", None),
                 "role": role,
                 "source": info.source,
-                "path": str(path.resolve()) if path.exists() else str(path),
+                "path": str(path.absolute()),  # the hub cache's snapshot path, not the blob it links to
                 "revision": getattr(info, "revision", None) or hub_revision(path),
                 "sha256": info.sha256,
                 "bytes": path.stat().st_size if path.is_file() else None,
