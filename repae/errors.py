@@ -19,6 +19,7 @@ __all__ = [
     "Problem",
     "RecipeError",
     "RepaeError",
+    "StopRequested",
     "UnknownComponentError",
     "UserError",
     "WeightsMismatchError",
@@ -68,6 +69,15 @@ class RepaeError(Exception):
 
 class UserError(RepaeError):
     """A mistake the user can fix; the message says what is wrong and how to fix it."""
+
+
+class StopRequested(UserError):
+    """Training stopped on request (SIGTERM, SIGINT) after writing a checkpoint: not a failure of the run. The CLI
+    prints the message and exits with :attr:`exit_code` (128 + the signal's number, as a shell reports it)."""
+
+    def __init__(self, message: str, *, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)

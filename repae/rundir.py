@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,8 @@ from repae.errors import UserError
 from repae.fileio import atomic_write, write_json
 from repae.recipe import diff_keys
 
-__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "prepare_run_dir", "versions"]
+__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_run_dir", "prepare_run_dir", "remove_stale_temporaries",
+           "run_lock", "versions", "write_run_dir"]
 
 RECIPE_FILE = "recipe.yaml"
 VERSIONS_FILE = "versions.json"
@@ -43,34 +46,126 @@ def versions(plugins: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def prepare_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> Path:
-    """Create ``run_dir`` and write the resolved recipe and versions.
+CONTINUABLE = ("trainer.steps",)
+"""Recipe keys a run may change and still continue without ``--allow-recipe-change`` (training for longer)."""
+LOCK_FILE = ".lock"
 
-    A directory that already holds a *different* recipe is refused (naming the keys that differ), so that nothing a
-    previous run wrote is mixed with another configuration. With ``allow_recipe_change`` the old recipe is kept as
-    ``recipe.previous-N.yaml`` and the new one written.
-    """
+
+@dataclass
+class RunDirPlan:
+    """What :func:`check_run_dir` found: the recipe text to write and the old recipe to keep (if it changed)."""
+
+    run_dir: Path
+    text: str
+    previous: str | None = None
+    changed: list[str] = field(default_factory=list)
+
+
+def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> RunDirPlan:
+    """Check, without writing anything, that ``run_dir`` can hold a run of ``resolved``.
+
+    Refused: a path that is a file; an existing folder with files that are not a repae run's (``--out`` never
+    overwrites or appends to them); a folder holding a run of a *different* recipe (naming the keys that differ),
+    unless the only change is a key of :data:`CONTINUABLE` (``trainer.steps``: training for longer) or
+    ``allow_recipe_change``, in which cases the old recipe is kept as ``recipe.previous-N.yaml``."""
     run_dir = Path(run_dir)
     text = resolved.to_yaml()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder; pass a new or empty folder for the run")
     existing = run_dir / RECIPE_FILE
+    if run_dir.is_dir() and not existing.is_file():
+        # No recipe.yaml: not a run repae made (a run writes it first). Only the lock and temporaries of an
+        # interrupted start may be there.
+        foreign = sorted(p.name for p in run_dir.iterdir()
+                         if p.name != LOCK_FILE and not (p.name.startswith(".") and ".tmp-" in p.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UserError(f"--out {run_dir} holds files that are not a repae run's ({shown}); repae writes only "
+                            f"into a new folder, an empty one, or a run directory it made. Pass another --out.")
+    plan = RunDirPlan(run_dir, text)
     if existing.is_file():
-        old_text = existing.read_text(encoding="utf-8")
+        old_text = existing.read_text(encoding="utf-8", errors="replace")
         if old_text != text:
             try:
                 changed = diff_keys(yaml.safe_load(old_text) or {}, yaml.safe_load(text) or {})
             except yaml.YAMLError:
                 changed = ["(unreadable recipe.yaml)"]
             shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
-            if not allow_recipe_change:
+            if not allow_recipe_change and not set(changed) <= set(CONTINUABLE):
                 raise UserError(
                     f"{run_dir} already holds a run of a different recipe (differing keys: {shown}). Pass another "
                     f"--out directory, or --allow-recipe-change to continue it with the new recipe."
                 )
-            n = 1
-            while (run_dir / f"recipe.previous-{n}.yaml").exists():
-                n += 1
-            atomic_write(run_dir / f"recipe.previous-{n}.yaml", old_text)
+            plan.previous, plan.changed = old_text, changed
+    return plan
+
+
+def write_run_dir(plan: RunDirPlan, resolved: Any) -> Path:
+    """Write what :func:`check_run_dir` planned: the recipe (keeping a changed one as ``recipe.previous-N.yaml``) and
+    the versions."""
+    run_dir = plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(existing, text)
+    if plan.previous is not None:
+        n = 1
+        while (run_dir / f"recipe.previous-{n}.yaml").exists():
+            n += 1
+        atomic_write(run_dir / f"recipe.previous-{n}.yaml", plan.previous)
+    atomic_write(run_dir / RECIPE_FILE, plan.text)
     write_json(run_dir / VERSIONS_FILE, versions(resolved.plugins))
     return run_dir
+
+
+def prepare_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> Path:
+    """:func:`check_run_dir` then :func:`write_run_dir`."""
+    return write_run_dir(check_run_dir(resolved, run_dir, allow_recipe_change=allow_recipe_change), resolved)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (an advisory ``flock`` on ``run_dir/.lock``, released by the system when the process
+    ends, even by ``kill -9``) while training; a second process on the same folder gets a :class:`UserError` naming
+    the holder. Then remove temporaries an interrupted write left (``.*.tmp-*``: nobody else writes here)."""
+    import fcntl
+    import os
+    import socket
+    import time
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{run_dir} is in use by {holder}: two runs cannot share a run directory. Wait for it "
+                            f"to finish (or stop it), or pass another --out.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"repae pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        remove_stale_temporaries(run_dir)
+        yield
+    finally:
+        handle.close()
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporaries of interrupted atomic writes (``.<name>.tmp-<pid>`` files and folders) in ``run_dir``
+    and its ``checkpoints``/``samples`` folders; returns them. Only safe while holding :func:`run_lock`."""
+    import shutil
+
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.name.startswith(".") and ".tmp-" in path.name:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed

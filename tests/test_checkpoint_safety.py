@@ -161,8 +161,6 @@ def test_restore_model_and_optimizer_name_the_part():
     assert torch.equal(fitting.weight, small.weight)
 
 
-@pytest.mark.xfail(strict=True, reason="until PhasedTrainer._load_state calls repae.train.checkpoint.restore_model "
-                   "and restore_optimizer per part (issue 10): then remove this marker")
 def test_resume_with_a_resized_part_names_the_key(run):
     file = _ckpt(run) / "model-denoiser.safetensors"
     key = sorted(load_file(str(file)))[0]

@@ -64,8 +64,9 @@ def test_resume_is_exact(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_cli("--out", str(straight))
     run_cli("--out", str(interrupted), "trainer.steps=2")
-    output = run_cli("--out", str(interrupted), "--allow-recipe-change")
+    output = run_cli("--out", str(interrupted))  # training for longer needs no --allow-recipe-change
     assert "resuming from" in output and "step 2 of 4" in output
+    assert "continuing with a changed recipe (trainer.steps)" in output
     assert (interrupted / "recipe.previous-1.yaml").is_file()
     a, b = checkpoint_tensors(straight), checkpoint_tensors(interrupted)
     assert a.keys() == b.keys() and len(a) > 100
@@ -76,8 +77,10 @@ def test_resume_is_exact(tmp_path):
 def test_a_different_recipe_is_refused_without_the_flag(tmp_path):
     out = tmp_path / "run"
     run_cli("--out", str(out), "trainer.steps=2")
-    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *SMALL, "--out", str(out)])
-    assert result.exit_code == 2 and "trainer.steps" in result.stderr and "--allow-recipe-change" in result.stderr
+    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *SMALL, "trainer.steps=2", "trainer.batch_size=16",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and "trainer.batch_size" in result.stderr
+    assert "--allow-recipe-change" in result.stderr
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -335,7 +338,7 @@ def test_resume_applies_the_new_optimizer_settings_and_rejects_other_parts(tmp_p
     bigger["trainer"].setup()
     from repae.errors import UserError
 
-    with pytest.raises(UserError, match="does not fit this recipe's components"):
+    with pytest.raises(UserError, match="model-denoiser.safetensors: the denoiser weights do not fit"):
         bigger["trainer"].load_state(load_checkpoint(latest_checkpoint(out)), source="x")
 
 

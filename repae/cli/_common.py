@@ -61,7 +61,7 @@ def user_errors() -> Iterator[None]:
         yield
     except UserError as exc:
         print_user_error(unwrap_worker_error(exc) or exc)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+        raise typer.Exit(getattr(exc, "exit_code", EXIT_USER_ERROR)) from None
     except RuntimeError as exc:  # torch's fallback type for a worker's error it cannot rebuild
         unwrapped = unwrap_worker_error(exc)
         if unwrapped is None:

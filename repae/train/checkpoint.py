@@ -96,19 +96,27 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and delete all but the ``keep`` latest. Returns its folder."""
     from repae.fileio import atomic_path
 
+    from safetensors import SafetensorError
+
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     meta: dict[str, Any] = {"step": step, **state, "optimizers": {}, "models": sorted(models),
                             **_provenance(Path(run_dir))}
-    with atomic_path(final) as tmp:
-        tmp.mkdir()
-        for name, tensors in models.items():
-            save_file(_tensors(tensors), str(tmp / f"model-{name}.safetensors"))
-        for part, opt_state in optimizers.items():
-            tensors, opt_meta = _optimizer_split(opt_state)
-            save_file(tensors, str(tmp / f"optimizer-{part}.safetensors"))
-            meta["optimizers"][part] = opt_meta
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    try:
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            for name, tensors in models.items():
+                save_file(_tensors(tensors), str(tmp / f"model-{name}.safetensors"))
+            for part, opt_state in optimizers.items():
+                tensors, opt_meta = _optimizer_split(opt_state)
+                save_file(tensors, str(tmp / f"optimizer-{part}.safetensors"))
+                meta["optimizers"][part] = opt_meta
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    except (OSError, SafetensorError) as exc:  # a full disk, a quota, a read-only or vanished folder
+        previous = latest_checkpoint(Path(run_dir))
+        kept = f"the previous checkpoint {previous} is intact" if previous is not None else "no earlier checkpoint"
+        raise UserError(f"cannot write checkpoint {final} ({type(exc).__name__}: {exc}); {kept}. Free space on "
+                        f"{root} (or fix its permissions) and run the same command to resume.") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,8 +24,14 @@ class OptimizerConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise FieldError("lr", f"must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise FieldError("lr", f"must be a finite number > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise FieldError("betas", f"must be two numbers in [0, 1), e.g. [0.9, 0.999], got {list(self.betas)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise FieldError("weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise FieldError("eps", f"must be a finite number > 0, got {self.eps}")
 
 
 @dataclass(kw_only=True)
@@ -42,7 +49,11 @@ class TrainerConfig:
         default_factory=lambda: {"default": OptimizerConfig()},
         doc="AdamW per trainable part (tokenizer, denoiser, discriminator, ...); 'default' serves the others",
     )
-    clip_grad_norm: float | None = option(1.0, doc="max global grad norm per part (null: no clipping)")
+    clip_grad_norm: float | None = option(1.0, doc="max global grad norm per part, > 0 (null: no clipping)")
+    max_nonfinite_steps: int = option(
+        5, doc="a step whose loss or gradient is not finite is skipped (no update, a warning); after this many in a "
+               "row training stops with the last good state saved"
+    )
     ema_decay: float = option(0.9999, doc="EMA decay of the denoiser and its latent normaliser's buffers")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", doc="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler"
@@ -88,8 +99,19 @@ class TrainerConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise FieldError("ema_decay", f"must be in [0, 1], got {self.ema_decay}")
-        if self.bucket_mb <= 0:
-            raise FieldError("bucket_mb", f"must be > 0, got {self.bucket_mb}")
+        if not (math.isfinite(self.bucket_mb) and self.bucket_mb > 0):
+            raise FieldError("bucket_mb", f"must be a finite number > 0, got {self.bucket_mb}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise FieldError("clip_grad_norm", f"must be a finite number > 0 or null (no clipping), got "
+                                               f"{self.clip_grad_norm}")
+        for name in ("sample_count", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "sample_every"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.label_dropout is not None and not 0.0 <= self.label_dropout <= 1.0:
+            raise FieldError("label_dropout", f"must be in [0, 1] or null, got {self.label_dropout}")
         if len(set(self.activation_checkpointing)) != len(self.activation_checkpointing):
             raise FieldError("activation_checkpointing", f"lists a component twice: {self.activation_checkpointing}")
         if len(set(self.phases)) != len(self.phases):

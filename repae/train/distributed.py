@@ -27,6 +27,7 @@ __all__ = [
     "PhaseForward",
     "Topology",
     "all_reduce_mean_values",
+    "any_process",
     "barrier",
     "broadcast_object",
     "quiet_stride_warnings",
@@ -92,10 +93,28 @@ def init(device: str = "auto") -> Topology:
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+    global _CONTROL
+    _CONTROL = dist.new_group(backend="gloo") if is_distributed() else None
     return Topology(rank(), world_size(), local_rank, target)
 
 
+_CONTROL: Any = None  # a gloo group for host-side decisions (no device synchronisation)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true in any process (e.g. a signal received by one), agreed by all of them: a one-integer
+    all-reduce on the CPU (a gloo group), so that deciding costs no device synchronisation. Every process must call
+    it at the same point."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_CONTROL)
+    return bool(value.item())
+
+
 def shutdown() -> None:
+    global _CONTROL
+    _CONTROL = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

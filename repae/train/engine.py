@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from repae.build import latent_shape
-from repae.errors import Problem, RecipeError, UserError, describe_exception
+from repae.errors import Problem, RecipeError, StopRequested, UserError, describe_exception
 from repae.generate import decode_latents
 from repae.interfaces import (
     ChecksTokenizer,
@@ -126,6 +128,10 @@ class PhasedTrainer:
             if unknown_parts:
                 raise UserError(f"loss '{label}' lists updates {unknown_parts}, but the parts of this training are "
                                 f"{sorted(self.parts)}")
+        strays = [key for key in config.optimizers if key != "default" and key not in self.parts]
+        if strays:
+            raise UserError(f"trainer.optimizers names {strays}, which this training does not train; the keys are "
+                            f"'default' or a trainable part: {sorted(self.parts)}")
         unknown = [p for p in self.parts if p not in config.phases]
         if unknown:
             raise UserError(f"trainer.phases {config.phases} does not list the trainable part(s) {unknown}")
@@ -165,6 +171,10 @@ class PhasedTrainer:
         """Each trainable part in torch's ``DistributedDataParallel`` (:func:`repae.train.distributed.replicate`)
         when several processes train; empty in a single process."""
         self._checked_gradients: set[str] = set()  # parts whose first DDP step was checked for unused parameters
+        self.skipped_last = False
+        """Whether the last :meth:`apply_gradients` skipped its update (a non-finite gradient)."""
+        self.elapsed_s = 0.0
+        """Training seconds before this process started (from the checkpoint it resumed), so elapsed time goes on."""
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def _phase_losses(self, phase: str) -> list[tuple[str, Any]]:
@@ -490,6 +500,7 @@ class PhasedTrainer:
         """Clip per part, step every optimizer, update the EMA (gradients arrive averaged over processes: DDP)."""
         norms: dict[str, torch.Tensor] = {}
         max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else math.inf
+        stepping = []
         for name, optimizer in self.optimizers.items():
             params = [p for p in self.parts[name].parameters() if p.grad is not None]
             if not params:
@@ -497,14 +508,23 @@ class PhasedTrainer:
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
             norms[f"{name}/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if self.scaler is not None:
+            stepping.append(optimizer)
+        # A non-finite gradient (a NaN/inf loss, or an overflow) skips the whole step: no update, no EMA move. One
+        # host read per step (the flag); with fp16 the gradient scaler skips such steps itself.
+        self.skipped_last = self.scaler is None and bool(norms) and not bool(
+            torch.stack([torch.isfinite(n) for n in norms.values()]).all())
+        for optimizer in stepping:
+            if self.skipped_last:
+                pass
+            elif self.scaler is not None:
                 self.scaler.step(optimizer)
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
-        self._shadow().update(self._ema_sources())
+        if not self.skipped_last:
+            self._shadow().update(self._ema_sources())
         return norms
 
     def _shadow(self) -> EMA:
@@ -519,8 +539,17 @@ class PhasedTrainer:
         return sources
 
     def train_step(self, micro_batches: Sequence[StepInputs], step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step; a skipped one (non-finite gradient) also restores the buffers its forward passes
+        moved (BatchNorm running statistics), so that nothing of it remains."""
+        buffers = [b for m in (*self.parts.values(), self.normalizer) if m is not None for b in m.buffers()
+                   if b.is_floating_point()]
+        saved = [b.clone() for b in buffers]
         logs = self.compute_gradients(micro_batches, step)
         logs.update(self.apply_gradients())
+        if self.skipped_last:
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
         self.step = step + 1
         return logs
 
@@ -587,7 +616,8 @@ class PhasedTrainer:
         for name, shadow in self._shadow().shadows.items():
             models[f"ema-{name}"] = shadow.state_dict()
         optimizers = {name: opt.state_dict() for name, opt in self.optimizers.items()}
-        state = {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        state = {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "elapsed_s": self.elapsed_s}
         return {"models": models, "optimizers": optimizers, "state": state}
 
     def load_state(self, checkpoint: Mapping[str, Any], *, source: str = "the checkpoint") -> None:
@@ -605,19 +635,22 @@ class PhasedTrainer:
                 group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
 
     def _load_state(self, checkpoint: Mapping[str, Any]) -> None:
-        models = checkpoint["models"]
+        from repae.train.checkpoint import restore_model, restore_optimizer
+
+        # One checker for every part (repae.weights.check_state_dict): the file, the part, the first mismatching keys
         for name, module in self.parts.items():
-            module.load_state_dict(models[name])
-        if self.normalizer is not None and "latent_norm" in models:
-            self.normalizer.load_state_dict(models["latent_norm"])
+            restore_model(checkpoint, name, module)
+        if self.normalizer is not None and "latent_norm" in checkpoint["models"]:
+            restore_model(checkpoint, "latent_norm", self.normalizer)
         for name, shadow in self._shadow().shadows.items():
-            shadow.load_state_dict(models[f"ema-{name}"])
+            restore_model(checkpoint, f"ema-{name}", shadow)
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(checkpoint["optimizers"][name])
+            restore_optimizer(checkpoint, name, optimizer)
         scaler_state = checkpoint["state"].get("scaler")
         if self.scaler is not None and scaler_state:
             self.scaler.load_state_dict(scaler_state)
         self.step = int(checkpoint["state"]["step"])
+        self.elapsed_s = float(checkpoint["state"].get("elapsed_s") or 0.0)
 
     # -- sampling during training -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -638,7 +671,11 @@ class PhasedTrainer:
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def run(self, run_dir: Path, *, progress: bool = True) -> None:
-        """Train to ``config.steps``, resuming from the latest checkpoint in ``run_dir`` if there is one."""
+        """Train to ``config.steps``, resuming from the latest checkpoint in ``run_dir`` if there is one.
+
+        SIGTERM or SIGINT (preemption, Ctrl-C) stops after the current step with a checkpoint written and
+        :class:`repae.errors.StopRequested` raised (the CLI exits with 128 + the signal's number); the same command
+        resumes. After ``max_nonfinite_steps`` skipped steps in a row training stops with the last good state saved."""
         run_dir = Path(run_dir)
         topo_rank, world = distributed.rank(), distributed.world_size()
         is_main = topo_rank == 0
@@ -650,24 +687,26 @@ class PhasedTrainer:
                 _say(f"resuming from {found} (step {self.step} of {self.config.steps})")
         order = StepOrder(len(self.dataset), self.config.batch_size, self.config.grad_accum, world, topo_rank,
                           self.seed)
-        metrics = MetricsLog(run_dir / "metrics.jsonl",
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=self.step,
                              tensorboard_dir=run_dir / "tensorboard" if self.config.tensorboard else None) \
             if is_main else None
         try:
             with progress_bar("train", self.config.steps, completed=self.step, unit="it",
-                              enabled=progress and is_main) as bar:
-                self._loop(run_dir, order, metrics, bar, is_main)
+                              enabled=progress and is_main) as bar, _StopSignals() as signals:
+                self._loop(run_dir, order, metrics, bar, is_main, signals)
         finally:
             if metrics is not None:
                 metrics.close()
 
-    def _loop(self, run_dir: Path, order: StepOrder, metrics: MetricsLog | None, bar: Any, is_main: bool) -> None:
+    def _loop(self, run_dir: Path, order: StepOrder, metrics: MetricsLog | None, bar: Any, is_main: bool,
+              signals: _StopSignals | None = None) -> None:
         cfg = self.config
         loader = iter(self.loader(order, self.step, cfg.steps))
-        started = time.perf_counter()
-        pending: dict[str, torch.Tensor] = {}
+        started = time.perf_counter() - self.elapsed_s
+        pending: dict[str, Any] = {}
         pending_steps = 0
-        last_time, last_step = started, self.step
+        last_time, last_step = time.perf_counter(), self.step
+        streak = 0
         while self.step < cfg.steps:
             step = self.step
             micro = []
@@ -675,13 +714,29 @@ class PhasedTrainer:
                 x, labels = next(loader)
                 micro.append(self.make_inputs(step, m, x, labels, order))
             logs = self.train_step(micro, step)
+            self.elapsed_s = time.perf_counter() - started
+            streak = streak + 1 if self.skipped_last else 0
+            if self.skipped_last:
+                if is_main:
+                    bad = ", ".join(k.split("/")[0] for k, v in logs.items()
+                                    if k.endswith("grad_norm") and not bool(torch.isfinite(v)))
+                    _say(f"warning: step {step + 1}: the gradient of {bad or 'a part'} is not finite (NaN or inf); "
+                         f"the step was skipped ({streak} in a row, stopping at {cfg.max_nonfinite_steps})")
+            diverged = streak >= cfg.max_nonfinite_steps
             for key, value in logs.items():
                 pending[key] = pending.get(key, 0.0) + value.detach().float()
+            pending["skipped_steps"] = pending.get("skipped_steps", 0.0) + float(self.skipped_last)
             pending_steps += 1
             done = self.step
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if done % cfg.log_every == 0 or done == cfg.steps or diverged:
+                skipped_images = getattr(self.dataset, "num_skipped", None)  # datasets that skip unreadable files
+                if skipped_images is not None:
+                    pending["data/skipped_images"] = float(skipped_images) * pending_steps
                 distributed.all_reduce_mean_values(pending)  # logged: the global batch's means, not process 0's
                 values = {k: v / pending_steps for k, v in summarize(pending).items()}
+                values["skipped_steps"] = round(values["skipped_steps"] * pending_steps)
+                if "data/skipped_images" in values:  # a count so far, summed over the processes
+                    values["data/skipped_images"] = round(values["data/skipped_images"] * distributed.world_size())
                 pending.clear()
                 pending_steps = 0
                 now = time.perf_counter()
@@ -689,14 +744,32 @@ class PhasedTrainer:
                 speed = {"it_per_s": (done - last_step) / seconds,
                          "img_per_s": (done - last_step) * cfg.batch_size / seconds}
                 last_time, last_step = now, done
-                losses = [f"{k}={v:.4g}" for k, v in values.items() if not k.endswith("grad_norm")][:4]
-                bar.update(done, text="  ".join(losses))
+                losses = [f"{k}={v:.4g}" for k, v in values.items()
+                          if not k.endswith("grad_norm") and k != "skipped_steps"][:4]
+                bar.update(done, text="  ".join([f"{speed['img_per_s']:.1f} img/s", *losses]))
                 if metrics is not None:
-                    metrics.write(done, {**values, **speed, "elapsed_s": now - started})
+                    metrics.write(done, {**values, **speed, "elapsed_s": self.elapsed_s})
+            if diverged:
+                self._save(run_dir, is_main)
+                raise UserError(
+                    f"training diverged: {streak} steps in a row had a non-finite loss or gradient (the last at "
+                    f"step {done}); the last good weights are saved in {run_dir / 'checkpoints'}. Lower the "
+                    "learning rate (trainer.optimizers.*.lr) or clip gradients (trainer.clip_grad_norm), then "
+                    "resume with the same --out (--allow-recipe-change)")
+            saved = False
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 self._save(run_dir, is_main)
+                saved = True
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and is_main:
                 self.sample_grid(run_dir / "samples" / f"step-{done:07d}.png")
+            received = signals.received if signals is not None else 0
+            if distributed.any_process(received != 0) and done < cfg.steps:
+                if not saved:
+                    self._save(run_dir, is_main)
+                number = received or signal.SIGTERM  # another process was signalled
+                raise StopRequested(
+                    f"stopped by {signal.Signals(number).name} after step {done} of {cfg.steps}: checkpoint written "
+                    f"to {run_dir / 'checkpoints'}; run the same command to resume", exit_code=128 + int(number))
 
     def _save(self, run_dir: Path, is_main: bool) -> None:
         if is_main:
@@ -753,6 +826,33 @@ class _RunBatches:
             epoch = self.order.epoch_of(step)
             for indices in self.order.local_batches(step, step + 1):
                 yield [(index, epoch) for index in indices]
+
+
+class _StopSignals:
+    """While training: SIGTERM and SIGINT set :attr:`received` (the signal's number) instead of killing the process,
+    so that the loop stops after the current step with a checkpoint; a second SIGINT interrupts at once. Installed
+    only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and number == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.received = number
+        _say(f"{signal.Signals(number).name} received: stopping after this step with a checkpoint "
+             "(Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def _component(built: Mapping[str, Any], slot: str) -> Any:

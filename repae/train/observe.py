@@ -17,9 +17,13 @@ __all__ = ["MetricsLog", "save_grid", "summarize"]
 class MetricsLog:
     """Append-only JSONL (one object per logged step) plus TensorBoard scalars when asked for."""
 
-    def __init__(self, path: Path, *, tensorboard_dir: Path | None = None) -> None:
+    def __init__(self, path: Path, *, tensorboard_dir: Path | None = None, resume_step: int = 0) -> None:
+        """``resume_step``: the step training resumes from; lines and TensorBoard events of later steps (logged
+        after that checkpoint by the interrupted run) are dropped, so every step appears once."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            self._drop_after(resume_step)
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard_dir is not None:
@@ -31,7 +35,22 @@ class MetricsLog:
                 raise UserError(
                     f"trainer.tensorboard is on but TensorBoard is not installed ({exc}); pip install tensorboard"
                 ) from None
-            self._tb = SummaryWriter(str(tensorboard_dir))
+            self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def _drop_after(self, step: int) -> None:
+        from repae.fileio import atomic_write
+
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                logged = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill: dropped
+            if logged <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
