@@ -537,8 +537,15 @@ def _rfid(pixels: Any, reconstructions: Any, device: str, weights: str | None) -
     except Exception as exc:  # noqa: BLE001 - the evaluation package or torch-fidelity may be missing
         return None, f"the evaluation package is not available ({describe_exception(exc)})"
     try:
-        with _no_downloads():
-            path = find_inception_weights(weights)
+        try:
+            with _no_downloads():
+                path = find_inception_weights(weights)
+        except UserError as exc:  # found by default: the message would blame HF_HUB_OFFLINE, set by _no_downloads
+            if weights is not None:
+                return None, first_line(exc)
+            return None, ("the Inception weights are not on this machine (repae analyze never downloads them): run "
+                          "`repae eval` once where there is network, which caches them, or pass "
+                          "--inception-weights FILE")
         extractor = load_inception(path, features=("pool",), device=device)
 
         def batches(images: Any) -> Any:
