@@ -61,7 +61,7 @@ def test_a_signal_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, sig
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr[-2000:]
-    assert f"stopped by {sig.name} after step" in stderr and "run the same command to resume" in stderr
+    assert f"stopped: by {sig.name} after step" in stderr and "run the same command to resume" in stderr
     assert "Traceback" not in stderr
     saved = latest_checkpoint(out)
     step = int(saved.name.split("-")[1])
@@ -205,3 +205,22 @@ def test_plain_progress_lines_when_output_is_not_a_terminal(tmp_path):
 def test_values_that_cannot_train_are_refused_by_validate(override, message):
     result = cli("recipe", "validate", QUICKSTART, override, code=2)
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(tmp_path):
+    """torchrun forwards SIGTERM to its workers: both agree on the step (a CPU all-reduce), write one checkpoint of
+    it, and process 0 alone says so."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repae",
+           "run", str(QUICKSTART), *SMALL, "trainer.steps=2000", "trainer.checkpoint_every=2000", "--out", str(out),
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_steps(out, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert stderr.count("stopped: by SIGTERM after step") == 1, stderr[-3000:]
+    saved = latest_checkpoint(out)
+    assert saved is not None and all_finite(saved) and "engine.py" not in stderr
+    assert f"after step {int(saved.name.split('-')[1])} of 2000" in stderr

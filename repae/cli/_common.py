@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from repae.errors import RecipeError, UserError, unwrap_worker_error
+from repae.errors import RecipeError, StopRequested, UserError, unwrap_worker_error
 
 EXIT_USER_ERROR = 2
 
@@ -48,6 +49,10 @@ def print_user_error(exc: UserError) -> None:
         err.print(f"[bold red]error:[/] {exc.title}: {len(exc.problems)} problem(s)")
         for problem in exc.problems:
             err.print("  - " + str(problem), markup=False)
+    elif isinstance(exc, StopRequested):  # not a failure; under torchrun process 0 speaks for all
+        if os.environ.get("RANK", "0") == "0":
+            err.print("[bold yellow]stopped:[/] ", end="")
+            err.print(str(exc), markup=False)
     else:
         err.print("[bold red]error:[/] ", end="")
         err.print(str(exc), markup=False)

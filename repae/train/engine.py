@@ -768,8 +768,8 @@ class PhasedTrainer:
                     self._save(run_dir, is_main)
                 number = received or signal.SIGTERM  # another process was signalled
                 raise StopRequested(
-                    f"stopped by {signal.Signals(number).name} after step {done} of {cfg.steps}: checkpoint written "
-                    f"to {run_dir / 'checkpoints'}; run the same command to resume", exit_code=128 + int(number))
+                    f"by {signal.Signals(number).name} after step {done} of {cfg.steps}: checkpoint written to "
+                    f"{run_dir / 'checkpoints'}; run the same command to resume", exit_code=128 + int(number))
 
     def _save(self, run_dir: Path, is_main: bool) -> None:
         if is_main:
@@ -841,8 +841,9 @@ class _StopSignals:
         if self.received == signal.SIGINT and number == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.received = number
-        _say(f"{signal.Signals(number).name} received: stopping after this step with a checkpoint "
-             "(Ctrl-C again to stop at once)")
+        if distributed.rank() == 0:
+            _say(f"{signal.Signals(number).name} received: stopping after this step with a checkpoint "
+                 "(Ctrl-C again to stop at once)")
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
