@@ -27,10 +27,11 @@ class ProgressBar:
     """Handle of a running :func:`progress` bar."""
 
     def __init__(self, bar: Any, task: Any, unit: str, completed: int, *, plain: tuple[str, int | None] | None = None,
-                 ) -> None:
+                 elapsed: float = 0.0) -> None:
         self._bar, self._task, self.unit = bar, task, unit
         self.completed = completed
         self._started = time.perf_counter()
+        self._elapsed_before = elapsed
         self._first = completed
         self._plain = plain  # (description, total) when printing plain lines
         self._last_line = self._started
@@ -70,7 +71,7 @@ class ProgressBar:
         parts = [f"{description} {completed}" + (f"/{total} ({100 * completed / total:.0f}%)" if total else "")]
         if completed > self._first:
             parts.append(f"{rate:.3g} {self.unit}/s")
-        parts.append(f"elapsed {_clock(seconds)}")
+        parts.append(f"elapsed {_clock(seconds + self._elapsed_before)}")
         if total and completed > self._first and completed < total:
             parts.append(f"ETA {_clock((total - completed) / rate)}")
         if text:
@@ -97,14 +98,15 @@ def progress(
     unit: str = "it",
     enabled: bool = True,
     transient: bool = False,
+    elapsed: float = 0.0,
 ) -> Iterator[ProgressBar]:
-    """A progress bar over ``total`` items (``None``: unknown) on stderr, starting at ``completed``; ``transient``
-    removes it when done."""
+    """A progress bar over ``total`` items (``None``: unknown) on stderr, starting at ``completed`` (after ``elapsed``
+    seconds of earlier work, which plain lines count in); ``transient`` removes it when done."""
     if not enabled:
         yield ProgressBar(None, None, unit, completed)
         return
     if not sys.stderr.isatty():
-        handle = ProgressBar(None, None, unit, completed, plain=(description, total))
+        handle = ProgressBar(None, None, unit, completed, plain=(description, total), elapsed=elapsed)
         yield handle
         if handle.completed != completed and not transient:
             handle._plain_line(handle.completed, None, final=True)

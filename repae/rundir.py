@@ -125,6 +125,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir``'s lock (an advisory ``flock`` on ``run_dir/.lock``, released by the system when the process
     ends, even by ``kill -9``) while training; a second process on the same folder gets a :class:`UserError` naming
     the holder. Then remove temporaries an interrupted write left (``.*.tmp-*``: nobody else writes here)."""
+    import errno
     import fcntl
     import os
     import socket
@@ -136,7 +137,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this file system
+                import warnings
+
+                warnings.warn(f"cannot lock {path} ({exc.strerror}): the file system has no flock (e.g. Lustre "
+                              "without -o flock); nothing stops a second run on this folder", stacklevel=2)
+                yield
+                return
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise UserError(f"{run_dir} is in use by {holder}: two runs cannot share a run directory. Wait for it "

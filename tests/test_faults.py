@@ -178,6 +178,20 @@ def test_resumed_logs_drop_steps_past_the_checkpoint_and_elapsed_time_goes_on(tm
     assert lines[2]["elapsed_s"] > first[1]["elapsed_s"]  # continues from the checkpoint's, not from 0
 
 
+def test_a_file_system_without_flock_warns_and_trains(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from repae.rundir import run_lock
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="has no flock"), run_lock(tmp_path / "run"):
+        pass
+
+
 def test_plain_progress_lines_when_output_is_not_a_terminal(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "repae", "run", str(QUICKSTART), *SMALL, "trainer.steps=3",

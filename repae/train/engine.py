@@ -691,7 +691,7 @@ class PhasedTrainer:
                              tensorboard_dir=run_dir / "tensorboard" if self.config.tensorboard else None) \
             if is_main else None
         try:
-            with progress_bar("train", self.config.steps, completed=self.step, unit="it",
+            with progress_bar("train", self.config.steps, completed=self.step, unit="it", elapsed=self.elapsed_s,
                               enabled=progress and is_main) as bar, _StopSignals() as signals:
                 self._loop(run_dir, order, metrics, bar, is_main, signals)
         finally:
@@ -865,7 +865,7 @@ def _component(built: Mapping[str, Any], slot: str) -> Any:
 def _say(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(message, markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
 
 
 
