@@ -29,7 +29,7 @@ from repae.errors import Problem, RecipeError, UserError, describe_exception, fi
 from repae.interfaces import StepPlan
 from repae.recipe import ResolvedRecipe
 
-__all__ = ["Composition", "check_composition", "compose_recipe"]
+__all__ = ["Composition", "check_composition", "compose_recipe", "weights_problems"]
 
 
 @dataclass
@@ -98,9 +98,53 @@ def compose_recipe(recipe: ResolvedRecipe, *, check_step: bool = True) -> Compos
                 "the components passed their own checks but do not run together: the message "
                 "names the operation that failed; report it to the plugin whose component raised it"))
     composition.seconds = time.perf_counter() - start
+    problems = weights_problems(recipe) + problems
     if problems:
         raise RecipeError(_unique(problems), title="the recipe's components do not fit together")
     return composition
+
+
+_WEIGHT_FIELDS = ("weights", "latent_stats")
+
+
+def weights_problems(recipe: ResolvedRecipe) -> list[Problem]:
+    """Weights sources in the recipe that cannot be right, found without reading them: a local file or folder that
+    does not exist, an ``hf://`` source that names no repository (whether it is in the hub cache is checked when it is
+    loaded). Config fields named ``weights``, ``*_weights`` and ``latent_stats`` (``auto`` aside) are sources."""
+    import os
+    from pathlib import Path
+
+    from repae.weights import parse_hf_source
+
+    problems: list[Problem] = []
+    for spec in recipe.components:
+        for name, value in vars(spec.config).items() if hasattr(spec.config, "__dict__") else ():
+            if not (name in _WEIGHT_FIELDS or name.endswith("_weights")) or not isinstance(value, str):
+                continue
+            text = value.strip()
+            if name == "latent_stats" and text == "auto":
+                continue
+            path = (*spec.path, name)
+            if not text:
+                problems.append(_problem(recipe, path, "is empty", "give a local path or hf://org/repo/file, or null"))
+            elif text.startswith("hf://"):
+                try:
+                    parse_hf_source(text)
+                except UserError as exc:
+                    problems.append(_problem(recipe, path, str(exc)))
+            elif text.startswith(("https://", "http://")):
+                continue
+            else:
+                try:
+                    exists = Path(text).expanduser().exists()
+                except (OSError, ValueError):
+                    exists = False
+                if not exists:
+                    problems.append(_problem(
+                        recipe, path, f"weights file not found: {text!r} (looked in {os.getcwd()} for a relative path)",
+                        "give an existing local file or folder, hf://org/repo/file (the Hugging Face hub cache), "
+                        "or null for random initial weights"))
+    return problems
 
 
 def contract_problems(kind: str, component: Any) -> str:

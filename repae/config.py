@@ -16,6 +16,7 @@ never pulls in torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -128,12 +129,17 @@ def _coerce(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> Any:
             bad()
         return value
     if origin in (Union, types.UnionType):
+        finite: list[ConfigIssue] = []
         for arg in args:
             trial: list[ConfigIssue] = []
             converted = _coerce(value, arg, path, trial)
             if not trial:
                 return converted
-        bad()
+            finite.extend(i for i in trial if i.message.startswith("must be a finite number"))
+        if finite:  # the right type, but not finite: say so rather than "expected float | null"
+            issues.append(finite[0])
+        else:
+            bad()
         return value
     if origin is Literal:
         if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args if a == value):
@@ -153,7 +159,15 @@ def _coerce(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             bad()
             return value
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):
+            issues.append(ConfigIssue(path, f"must be a finite number, got {_describe_value(value)}",
+                                      "YAML reads .nan, .inf and numbers beyond 1.8e308 as not finite"))
+            return value
+        return number
     if tp is str:
         if not isinstance(value, str):
             bad()

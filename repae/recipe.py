@@ -50,8 +50,35 @@ __all__ = [
 Path_ = tuple[Any, ...]  # a key path: strings for mapping keys, ints for list indices
 
 
+MAX_RECIPE_BYTES = 1 << 20
+"""The largest recipe file read (1 MiB; the shipped recipes are about 1 KiB)."""
+MAX_DEPTH = 64
+"""The deepest nesting of mappings and lists a recipe (or an override's value) may have."""
+MAX_VALUES = 100_000
+"""The most keys, list items and values a recipe file may expand to (YAML aliases repeat what they point at)."""
+
+
+class _TooDeep(yaml.YAMLError):
+    def __init__(self, mark: Any) -> None:
+        super().__init__()
+        self.problem = f"nested more than {MAX_DEPTH} levels deep (mappings and lists within each other)"
+        self.problem_mark = mark
+
+
 class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-4`` as a float (YAML 1.2) instead of a string (YAML 1.1)."""
+    """PyYAML's safe loader, reading ``1e-4`` as a float (YAML 1.2) instead of a string (YAML 1.1), and refusing
+    nesting deeper than :data:`MAX_DEPTH` before it recurses (PyYAML composes nested nodes recursively)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 RecipeLoader.add_implicit_resolver(
@@ -114,25 +141,43 @@ class RecipeSource:
     path: Path | None = None
 
     def where(self, path: Path_) -> str:
-        """The file:line (or command-line override) that set ``path`` or its closest parent."""
+        """The file:line (or command-line override) that set ``path`` or its closest parent; when overrides changed
+        keys inside ``path`` (a problem blamed on a whole section), those overrides too."""
+        path = tuple(path)
+        found = str(self.path) if self.path else "recipe"
         for n in range(len(path), -1, -1):
             if path[:n] in self.origins:
-                return self.origins[path[:n]]
-        return str(self.path) if self.path else "recipe"
+                found = self.origins[path[:n]]
+                break
+        if found.startswith("command line") or not path:
+            return found
+        inside = sorted({w for p, w in self.origins.items()
+                         if len(p) > len(path) and p[: len(path)] == path and w.startswith("command line")})
+        return f"{found}, changed by {', '.join(inside)}" if inside else found
 
 
 def _dotted(path: Path_) -> str:
     return ".".join(str(p) for p in path)
 
 
+class _TooBig(Exception):
+    def __init__(self, mark: Any) -> None:
+        super().__init__()
+        self.mark = mark
+
+
 def _parse_yaml(text: str, label: str, problems: list[Problem]) -> tuple[Any, dict[Path_, str]]:
     """Parse YAML text, recording ``label:line`` for every mapping key and list item."""
     origins: dict[Path_, str] = {}
     loader = RecipeLoader(text)
+    count = [0]
     try:
         root = loader.get_single_node()
 
         def build(node: Any, path: Path_) -> Any:
+            count[0] += 1
+            if count[0] > MAX_VALUES:
+                raise _TooBig(node.start_mark)
             tag = str(node.tag or "")
             if not tag.startswith("tag:yaml.org,2002:") or tag.startswith("tag:yaml.org,2002:python/"):
                 shown = "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
@@ -163,12 +208,20 @@ def _parse_yaml(text: str, label: str, problems: list[Problem]) -> tuple[Any, di
                 return items
             return loader.construct_object(node, deep=True)
 
-        data = build(root, ()) if root is not None else {}
+        data = build(root, ()) if root is not None else None
+    except _TooBig as exc:
+        problems.append(Problem(f"{label}:{exc.mark.line + 1}", "", f"not a recipe: it expands to more than "
+                                f"{MAX_VALUES} keys and values (YAML aliases `*name` repeat what their anchor holds)",
+                                "write the values out, or use fewer aliases"))
+        return {}, {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark else label
         reason = getattr(exc, "problem", None) or str(exc)
         problems.append(Problem(where, "", f"not valid YAML: {reason}"))
+        return {}, {}
+    except RecursionError:  # a safety net: MAX_DEPTH stops deep nesting well before Python's recursion limit
+        problems.append(Problem(label, "", f"not a recipe: nested too deeply (at most {MAX_DEPTH} levels)"))
         return {}, {}
     finally:
         loader.dispose()
@@ -207,17 +260,66 @@ def _switches_component(base: Mapping, layer: Mapping) -> bool:
     return "name" in layer and "name" in base and layer["name"] != base["name"]
 
 
-def _load_file(path: Path, stack: list[Path], problems: list[Problem], files: list[Path]) -> RecipeSource:
-    label = _display(path)
+_SAVE_AS_UTF8 = "recipes are UTF-8 text: save the file as UTF-8 (in most editors: Save with Encoding > UTF-8)"
+
+
+def _read_text(path: Path, label: str, problems: list[Problem]) -> str | None:
+    """The text of a recipe file, or ``None`` with a problem appended: any bytes are handled (too large, compressed,
+    binary, UTF-16, not UTF-8, NUL characters), each named with the file, the line where known, and the fix."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
         problems.append(Problem(label, "", f"cannot read recipe: {exc.strerror or exc}"))
+        return None
+    if len(raw) > MAX_RECIPE_BYTES:
+        problems.append(Problem(label, "", f"not a recipe: the file is larger than {MAX_RECIPE_BYTES >> 20} MiB",
+                                "a recipe is a short YAML file; check that this is the file you meant"))
+        return None
+    if raw.startswith(b"\x1f\x8b"):
+        problems.append(Problem(label, "", "not a recipe: the file is gzip-compressed", "decompress it (gunzip)"))
+        return None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) >= 4 and b"\x00" in raw[:4] and raw[:4] != b"\x00" * 4):
+        problems.append(Problem(label, "", "not a recipe: the file is UTF-16 (or UTF-32) text", _SAVE_AS_UTF8))
+        return None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        sample = raw[:4096]
+        binary = sum(b < 9 or 13 < b < 32 for b in sample) > len(sample) // 20
+        what = ("a binary file" if binary else
+                f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, column {column}; latin-1 or "
+                "Windows-1252, perhaps)")
+        problems.append(Problem(f"{label}:{line}", "", f"not a recipe: {what}", _SAVE_AS_UTF8))
+        return None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        problems.append(Problem(f"{label}:{line}", "", "not a recipe: the file holds a NUL character (byte 0)",
+                                "remove it; a recipe is plain YAML text"))
+        return None
+    return text
+
+
+def _load_file(path: Path, stack: list[Path], problems: list[Problem], files: list[Path]) -> RecipeSource:
+    label = _display(path)
+    text = _read_text(path, label, problems)
+    if text is None:
         return RecipeSource({}, {}, files, path)
     files.append(path)
+    before = len(problems)
     data, origins = _parse_yaml(text, label, problems)
+    if data is None and len(problems) == before:
+        problems.append(Problem(label, "", "not a recipe: the file is empty (or holds only comments)",
+                                "a recipe maps keys to values, e.g. `extends: quickstart.yaml` then the keys to change"))
+        return RecipeSource({}, {}, files, path)
     if not isinstance(data, dict):
-        problems.append(Problem(label, "", f"a recipe must be a mapping of keys to values, not {type(data).__name__}"))
+        if len(problems) == before:
+            problems.append(Problem(label, "", f"not a recipe: a recipe must be a mapping of keys to values, not "
+                                    f"{'a list' if isinstance(data, list) else type(data).__name__}"))
         return RecipeSource({}, {}, files, path)
     extends = data.pop("extends", None)
     extends_where = origins.get(("extends",), label)
@@ -231,14 +333,20 @@ def _load_file(path: Path, stack: list[Path], problems: list[Problem], files: li
         problems.append(Problem(extends_where, "extends", "must be a path or a list of paths (relative to this file)"))
         bases = []
     for base in bases or []:
-        base_path = (path.parent / Path(base).expanduser()).resolve()
+        try:
+            base_path = (path.parent / Path(base).expanduser()).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL character, a symlink loop, ...
+            problems.append(Problem(extends_where, "extends", f"{base!r} is not a usable path ({exc})",
+                                    "paths are relative to the file that extends them"))
+            continue
         if base_path in stack or base_path == path:
             chain = " -> ".join(_display(p) for p in [*stack, path, base_path])
             problems.append(Problem(extends_where, "extends", f"cycle: {chain}", "remove one of these extends"))
             continue
         if not base_path.is_file():
+            what = "is a folder, not a recipe file" if base_path.is_dir() else "file not found"
             problems.append(
-                Problem(extends_where, "extends", f"file not found: {base} (looked for {_display(base_path)})",
+                Problem(extends_where, "extends", f"{what}: {base} (looked for {_display(base_path)})",
                         "paths are relative to the file that extends them")
             )
             continue
@@ -272,12 +380,38 @@ def parse_override(text: str) -> tuple[Path_, Any]:
     for part in parts:
         if not part or not _KEY.match(part):
             raise ValueError(f"{key!r} is not a valid key path (dot-separated names or list indices)")
-    try:
-        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None  # noqa: S506 - a safe loader
-    except yaml.YAMLError as exc:
-        reason = getattr(exc, "problem", None) or "cannot be parsed"
-        raise ValueError(f"value {raw!r} is not valid YAML ({reason}); quote it") from None
+    value = None
+    if raw.strip():
+        loader = RecipeLoader(raw)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, MAX_VALUES) > MAX_VALUES:
+                raise ValueError(f"the value expands to more than {MAX_VALUES} items (YAML aliases)")
+            value = loader.construct_document(node) if node is not None else None
+        except yaml.YAMLError as exc:
+            reason = getattr(exc, "problem", None) or "cannot be parsed"
+            raise ValueError(f"value {_short(raw)} is not valid YAML ({reason}); quote it") from None
+        finally:
+            loader.dispose()
     return tuple(int(p) if p.isdigit() else p for p in parts), value
+
+
+def _expanded_size(node: Any, limit: int) -> int:
+    """How many nodes ``node`` stands for with every alias expanded, counting no further than just past ``limit``."""
+    count, todo = 0, [node]
+    while todo and count <= limit:
+        n = todo.pop()
+        count += 1
+        if isinstance(n, MappingNode):
+            for k, v in n.value:
+                todo.extend((k, v))
+        elif isinstance(n, SequenceNode):
+            todo.extend(n.value)
+    return count
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def apply_overrides(source: RecipeSource, overrides: Sequence[str], problems: list[Problem]) -> None:
@@ -296,6 +430,7 @@ def apply_overrides(source: RecipeSource, overrides: Sequence[str], problems: li
             if isinstance(node, dict):
                 if part not in node or node[part] is None:
                     node[part] = {}
+                    source.origins[prefix] = where  # a key the override creates comes from the command line
                 node = node[part]
             elif isinstance(node, list) and isinstance(part, int):
                 if part >= len(node):
@@ -347,6 +482,10 @@ def load_source(
     return source
 
 
+_UNREADABLE = ("not valid YAML", "not a recipe", "cannot read recipe")
+"""How the problems that leave a file's content unknown begin (validating the rest would only add noise)."""
+
+
 def load_recipe(
     path: str | Path, overrides: Sequence[str] = (), *, registry: Registry | None = None, check: bool = False
 ) -> ResolvedRecipe:
@@ -371,7 +510,7 @@ def read_recipe(path: str | Path, overrides: Sequence[str], registry: Registry) 
     """Load, override and validate in one go, reporting the problems of all three stages together."""
     problems: list[Problem] = []
     source = load_source(path, overrides, problems=problems)
-    if any(p.message.startswith("not valid YAML") or p.path == "extends" for p in problems):
+    if any(p.message.startswith(_UNREADABLE) or p.path == "extends" for p in problems):
         raise RecipeError(problems)  # the content is incomplete: validating it would only add noise
     return resolve_recipe(source, registry, problems=problems)
 

@@ -37,6 +37,9 @@ class GuidanceConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("guidance_low", "guidance_high"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FieldError(name, f"must be in [0, 1] (a time t; t = 1 is noise), got {getattr(self, name)}")
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance_low {self.guidance_low} is above guidance_high {self.guidance_high}")
         if self.cfg_channels is not None and self.cfg_channels < 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repae import hookimpl, option
+from repae import FieldError, hookimpl, option
 
 __all__ = ["KLVAEConfig", "SDVAEConfig", "INVAEConfig", "VAVAEConfig", "F8D4", "F16D32", "TINY"]
 
@@ -46,6 +46,21 @@ class KLVAEConfig:
     strict: bool = option(
         True, doc="false: ignore unexpected keys (e.g. VA-VAE's VF-loss projection); missing keys always fail"
     )
+
+    def __post_init__(self) -> None:
+        for name in ("latent_channels", "ch", "num_res_blocks", "resolution", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.ch_mult:
+            raise FieldError("ch_mult", "must list at least one level's width multiplier, e.g. [1, 2, 4, 4]")
+        if any(m < 1 for m in self.ch_mult):
+            raise FieldError("ch_mult", f"must be >= 1 each, got {self.ch_mult}")
+        if any(r < 1 for r in self.attn_resolutions):
+            raise FieldError("attn_resolutions", f"must be >= 1 each, got {self.attn_resolutions}")
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
+        if bad:
+            raise FieldError("norm_groups", f"{self.norm_groups} does not divide the channel widths {bad} (ch x "
+                             "ch_mult): GroupNorm splits the channels into equal groups")
 
 
 @dataclass(kw_only=True)
