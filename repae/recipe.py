@@ -169,7 +169,17 @@ class _TooBig(Exception):
 def _parse_yaml(text: str, label: str, problems: list[Problem]) -> tuple[Any, dict[Path_, str]]:
     """Parse YAML text, recording ``label:line`` for every mapping key and list item."""
     origins: dict[Path_, str] = {}
-    loader = RecipeLoader(text)
+    try:
+        loader = RecipeLoader(text)  # reads ahead: a character YAML does not allow is an error here already
+    except yaml.YAMLError as exc:
+        position = getattr(exc, "position", None)
+        where = f"{label}:{text.count(chr(10), 0, position) + 1}" if isinstance(position, int) else label
+        reason = getattr(exc, "reason", None) or str(exc).replace("\n", " ")
+        character = getattr(exc, "character", None)
+        shown = f" (character U+{ord(character):04X})" if isinstance(character, str) and character else ""
+        problems.append(Problem(where, "", f"not valid YAML: {reason}{shown}",
+                                "remove the character; a recipe is plain YAML text"))
+        return {}, {}
     count = [0]
     try:
         root = loader.get_single_node()
@@ -382,7 +392,10 @@ def parse_override(text: str) -> tuple[Path_, Any]:
             raise ValueError(f"{key!r} is not a valid key path (dot-separated names or list indices)")
     value = None
     if raw.strip():
-        loader = RecipeLoader(raw)
+        try:
+            loader = RecipeLoader(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"value {_short(raw)} is not valid YAML ({exc}); quote it".replace("\n", " ")) from None
         try:
             node = loader.get_single_node()
             if node is not None and _expanded_size(node, MAX_VALUES) > MAX_VALUES:
@@ -669,7 +682,10 @@ def _resolve_section(
     name = section.get("name")
     if not isinstance(name, str):
         known = ", ".join(registry.names(slot.kind)) or "none installed"
-        problems.append(Problem(where, _dotted(path + ("name",)), f"missing the {slot.kind} `name` (available: {known})"))
+        misspelt = did_you_mean("name", [str(k) for k in section if k != "name"]).strip()
+        problems.append(Problem(where, _dotted(path + ("name",)), f"missing the {slot.kind} `name` (available: {known})",
+                                misspelt.replace("Did you mean", "a misspelt key? Did you mean `name` for") if misspelt
+                                else ""))
         return None
     try:
         entry = registry.get(slot.kind, name)

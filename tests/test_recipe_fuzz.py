@@ -176,7 +176,7 @@ def mutations() -> list[Mutation]:
         add_file("encoding", "utf-16-le without BOM", body.encode("utf-16-le"))
         add_file("encoding", "utf-8 with BOM", codecs.BOM_UTF8 + text)
         add_file("encoding", "binary", bytes(rng.randrange(256) for _ in range(512)))
-        add_file("encoding", "gzip", gzip.compress(text))
+        add_file("encoding", "gzip", gzip.compress(text, mtime=0))
         add_file("encoding", "NUL character", text[:20] + b"\x00" + text[20:])
         add_file("encoding", "control character", text[:20] + b"\x07" + text[20:])
         add_file("empty", "empty file", b"")
@@ -197,7 +197,9 @@ def mutations() -> list[Mutation]:
         text = (ROOT / "recipes" / head).read_bytes()
 
         def add_ext(label: str, data: bytes, files: dict[str, bytes] | None = None) -> None:
-            out.append(Mutation("extends", label, head, files={head: data, **(files or {})}, key="extends"))
+            # a broken base file is named itself; a broken `extends` value is named by its key
+            key = None if label.endswith(" base") else "extends"
+            out.append(Mutation("extends", label, head, files={head: data, **(files or {})}, key=key))
 
         def set_extends(value: str) -> bytes:
             lines = [ln for ln in text.decode().splitlines() if not ln.startswith(("extends", "          _base"))]
@@ -316,9 +318,18 @@ def _verdict(mutation: Mutation, outcome: Outcome) -> str | None:
     if outcome.code == 2:
         if not _WHERE.search(outcome.output):
             return "the error names no file and no command-line override"
-        if mutation.key and mutation.key not in outcome.output:
+        if mutation.key and not _names_key(mutation.key, outcome.output):
             return f"the error does not name the key path {mutation.key}"
     return None
+
+
+def _names_key(key: str, output: str) -> bool:
+    """The output names ``key``: the dotted path, or its parent's path and the last key quoted (``trainer.optimizers
+    names ['defualt']``), or, for a misspelt ``name``, the section's missing ``name``."""
+    parent, _, last = key.rpartition(".")
+    if key in output or (parent and parent in output and repr(last) in output):
+        return True
+    return bool(parent) and f"{parent}.name: missing" in output
 
 
 def _outcome_kind(outcome: Outcome) -> str:
