@@ -473,6 +473,10 @@ class LossConfig:
                     "weight", f"gives coefficients for {sorted(self.weight)} but the loss updates {self.updates}: "
                     f"give one per updated part (missing {missing})"
                 )
+        weights = self.weight if isinstance(self.weight, dict) else {"": self.weight}
+        for part, value in weights.items():  # 0 switches a term off; a negative one would ascend the loss
+            if not value >= 0:
+                raise FieldError(f"weight.{part}" if part else "weight", f"must be a number >= 0, got {value}")
 
     def weight_of(self, part: str) -> float:
         """The coefficient of this loss in ``part``'s objective."""

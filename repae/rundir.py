@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -17,7 +19,7 @@ from typing import Any
 import yaml
 
 from repae.errors import UserError
-from repae.fileio import atomic_write, write_json
+from repae.fileio import atomic_write
 from repae.recipe import diff_keys
 
 __all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_run_dir", "prepare_run_dir", "remove_stale_temporaries",
@@ -46,9 +48,14 @@ def versions(plugins: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-CONTINUABLE = ("trainer.steps",)
-"""Recipe keys a run may change and still continue without ``--allow-recipe-change`` (training for longer)."""
+CONTINUABLE = ("trainer.steps", "trainer.num_workers", "trainer.log_every", "trainer.checkpoint_every",
+               "trainer.keep_checkpoints", "trainer.sample_every", "trainer.sample_count", "trainer.tensorboard")
+"""Recipe keys a run may change and still continue without ``--allow-recipe-change``: training for longer, and
+settings that do not change what is trained (data workers, logging, checkpoint and sample cadence)."""
 LOCK_FILE = ".lock"
+_OWN_TEMPORARY = re.compile(r"^\.(recipe\.yaml|recipe\.previous-\d+\.yaml|versions\.json|weights\.json|metrics\.jsonl|"
+                            r"step-\d{7,}|step-\d{7,}\.png)\.tmp-\d+$")
+"""Temporaries repae's atomic writes leave in a run directory when killed (``.<name>.tmp-<pid>``), and nothing else."""
 
 
 @dataclass
@@ -66,7 +73,7 @@ def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = F
 
     Refused: a path that is a file; an existing folder with files that are not a repae run's (``--out`` never
     overwrites or appends to them); a folder holding a run of a *different* recipe (naming the keys that differ),
-    unless the only change is a key of :data:`CONTINUABLE` (``trainer.steps``: training for longer) or
+    unless only keys of :data:`CONTINUABLE` changed (``trainer.steps``: training for longer; workers, logging) or
     ``allow_recipe_change``, in which cases the old recipe is kept as ``recipe.previous-N.yaml``."""
     run_dir = Path(run_dir)
     text = resolved.to_yaml()
@@ -76,8 +83,7 @@ def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = F
     if run_dir.is_dir() and not existing.is_file():
         # No recipe.yaml: not a run repae made (a run writes it first). Only the lock and temporaries of an
         # interrupted start may be there.
-        foreign = sorted(p.name for p in run_dir.iterdir()
-                         if p.name != LOCK_FILE and not (p.name.startswith(".") and ".tmp-" in p.name))
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not _OWN_TEMPORARY.match(p.name))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise UserError(f"--out {run_dir} holds files that are not a repae run's ({shown}); repae writes only "
@@ -104,15 +110,27 @@ def write_run_dir(plan: RunDirPlan, resolved: Any) -> Path:
     """Write what :func:`check_run_dir` planned: the recipe (keeping a changed one as ``recipe.previous-N.yaml``) and
     the versions."""
     run_dir = plan.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if plan.previous is not None:
-        n = 1
-        while (run_dir / f"recipe.previous-{n}.yaml").exists():
-            n += 1
-        atomic_write(run_dir / f"recipe.previous-{n}.yaml", plan.previous)
-    atomic_write(run_dir / RECIPE_FILE, plan.text)
-    write_json(run_dir / VERSIONS_FILE, versions(resolved.plugins))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if plan.previous is not None:
+            n = 1
+            while (run_dir / f"recipe.previous-{n}.yaml").exists():
+                n += 1
+            atomic_write(run_dir / f"recipe.previous-{n}.yaml", plan.previous)
+        _write_if_changed(run_dir / RECIPE_FILE, plan.text)
+        _write_if_changed(run_dir / VERSIONS_FILE, json.dumps(versions(resolved.plugins), indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {run_dir} ({exc.strerror or exc}: "
+                        f"{exc.filename or run_dir}); free space or fix its permissions, then run the same command"
+                        ) from None
     return run_dir
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` atomically unless the file already holds it (a resume on a full disk must not need space)."""
+    if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
+        return
+    atomic_write(path, text)
 
 
 def prepare_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> Path:
@@ -170,7 +188,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            if path.name.startswith(".") and ".tmp-" in path.name:
+            if _OWN_TEMPORARY.match(path.name):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:

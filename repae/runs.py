@@ -136,7 +136,7 @@ def open_run(
     if not recipe_path.is_file():
         raise UserError(f"{run_dir} has no {RECIPE_FILE}; it was not written by `repae run`")
     resolved = read_recipe(recipe_path, [], registry if registry is not None else default_registry())
-    checkpoint = load_checkpoint(checkpoint_dir)
+    checkpoint = load_checkpoint(checkpoint_dir, optimizers=False)
     models = checkpoint.models
     fix = (f"the checkpoint does not match {recipe_path} (edited after training?) or the file was replaced: restore "
            "the recipe.yaml the run was trained with, or the file")

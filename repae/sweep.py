@@ -393,6 +393,11 @@ def run_sweep(
                                            torchrun_args=list(torchrun_args), device=device,
                                            allow_recipe_change=sweep.allow_recipe_change)
                 code = subprocess.run(command, check=False).returncode
+                if code in (130, 143):  # the launched run was stopped by SIGINT/SIGTERM after a checkpoint
+                    from repae.errors import StopRequested
+
+                    raise StopRequested(f"point {point.name}: `{shlex.join(command)}` was stopped (exit code {code}); "
+                                        "run the sweep again to resume", exit_code=code)
                 if code != 0:
                     raise UserError(f"point {point.name}: `{shlex.join(command)}` exited with code {code}")
             else:
@@ -401,13 +406,16 @@ def run_sweep(
                 train_recipe(point.resolved, point.run_dir, device=device, progress=progress,
                              allow_recipe_change=sweep.allow_recipe_change)
         except BaseException as exc:
-            point.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            from repae.errors import StopRequested
+
+            stopped = isinstance(exc, (KeyboardInterrupt, StopRequested))  # preemption: the sweep stops here
+            point.status = "interrupted" if stopped else "failed"
             point.error = str(exc) if isinstance(exc, UserError) else "".join(
                 traceback.format_exception_only(type(exc), exc)).strip()
             point.seconds = time.perf_counter() - started
             point.step, _ = point_progress(point)
             sweep.write_index()
-            if keep_going and isinstance(exc, Exception):
+            if keep_going and isinstance(exc, Exception) and not stopped:
                 echo(f"[{n}/{total}] {point.name}: failed: {point.error}")
                 if not isinstance(exc, UserError):
                     traceback.print_exc()

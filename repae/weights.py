@@ -27,6 +27,7 @@ Importing this module does not import torch or huggingface_hub.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import struct
@@ -639,4 +640,26 @@ def write_weights_record(run_dir: str | os.PathLike[str], built: Any) -> Path:
     when no component loaded a file (random initialisation)."""
     from repae.fileio import write_json
 
-    return write_json(Path(run_dir) / WEIGHTS_FILE, {"files": weights_record(built)})
+    path = Path(run_dir) / WEIGHTS_FILE
+    record = {"files": weights_record(built)}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old == json.loads(json.dumps(record, default=str)):
+            return path  # the same files as before: nothing to write (a resume on a full disk needs no space)
+        if old is not None:  # a resumed run loads other files than it started with: keep the history, say so
+            n = 1
+            while (path.parent / f"weights.previous-{n}.json").exists():
+                n += 1
+            path.rename(path.parent / f"weights.previous-{n}.json")
+            before = {(f.get("component"), f.get("role")): f.get("sha256") for f in old.get("files", [])}
+            changed = [f"{f.get('component')} ({f.get('role')})" for f in record["files"]
+                       if before.get((f.get("component"), f.get("role"))) not in (None, f.get("sha256"))]
+            import warnings
+
+            warnings.warn(f"{run_dir}: the weights loaded differ from the last start's "
+                          f"({', '.join(changed) or 'files added or removed'}); the old record is kept as "
+                          f"weights.previous-{n}.json", stacklevel=2)
+    return write_json(path, record)

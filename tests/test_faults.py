@@ -28,7 +28,8 @@ def spawn(out: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "repae", "run", str(QUICKSTART), *SMALL, *overrides, "--out", str(out),
            "--device", "cpu"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
 
 
 def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 120.0) -> None:
@@ -55,14 +56,16 @@ def all_finite(folder: Path) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, sig):
+    """Sent to the whole process group, DataLoader workers included (SLURM signals every process of the job step;
+    Ctrl-C reaches the group): the workers leave it to the main process."""
     out = tmp_path / "run"
-    proc = spawn(out, "trainer.steps=2000", "trainer.checkpoint_every=2000")
+    proc = spawn(out, "trainer.steps=2000", "trainer.checkpoint_every=2000", "trainer.num_workers=2")
     wait_for_steps(out, proc, 3)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr[-2000:]
     assert f"stopped: by {sig.name} after step" in stderr and "run the same command to resume" in stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and stderr.count(f"{sig.name} received") == 1
     saved = latest_checkpoint(out)
     step = int(saved.name.split("-")[1])
     assert step >= 3 and json.loads((saved / "state.json").read_text())["step"] == step
@@ -103,8 +106,8 @@ def test_divergence_skips_steps_then_stops_with_the_last_good_state(tmp_path):
                  "--device", "cpu", code=2)
     assert "is not finite (NaN or inf); the step was skipped (1 in a row" in result.stderr
     assert "training diverged: 3 steps in a row had a non-finite loss or gradient" in result.stderr
-    saved = latest_checkpoint(out)
-    assert saved is not None and all_finite(saved)
+    # nothing saved at the divergence: those weights would diverge again (and would rotate good checkpoints away)
+    assert "no checkpoint was written before it" in result.stderr and latest_checkpoint(out) is None
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(line["skipped_steps"] for line in lines) >= 3
 
@@ -238,3 +241,78 @@ def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(tmp_path):
     saved = latest_checkpoint(out)
     assert saved is not None and all_finite(saved) and "engine.py" not in stderr
     assert f"after step {int(saved.name.split('-')[1])} of 2000" in stderr
+
+
+def test_a_resume_on_a_full_disk_writes_nothing_it_does_not_need(tmp_path, monkeypatch):
+    """Rerunning a run whose recipe, versions and weights are unchanged rewrites none of them (the advice after a
+    full disk is to rerun the same command); a write that is needed names the path."""
+    import errno
+
+    import repae.fileio as fileio
+
+    out = tmp_path / "run"
+    cli("run", QUICKSTART, *SMALL, "trainer.steps=2", "--out", out, "--device", "cpu")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+
+    monkeypatch.setattr(fileio, "atomic_path", full)
+    import repae.rundir as rundir
+
+    monkeypatch.setattr(rundir, "atomic_write", full)
+    cli("run", QUICKSTART, *SMALL, "trainer.steps=2", "--out", out, "--device", "cpu")  # finished: nothing to write
+    result = cli("run", QUICKSTART, *SMALL, "trainer.steps=3", "--out", out, "--device", "cpu", code=2)
+    assert f"cannot write the run directory {out}" in result.stderr and "No space left on device" in result.stderr
+
+
+def test_temporaries_that_are_not_repaes_are_neither_accepted_nor_deleted(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / ".notes.tmp-1").write_text("mine")
+    result = cli("run", QUICKSTART, *SMALL, "trainer.steps=1", "--out", folder, "--device", "cpu", code=2)
+    assert "holds files that are not a repae run's (.notes.tmp-1)" in result.stderr
+    assert (folder / ".notes.tmp-1").read_text() == "mine"
+    from repae.rundir import remove_stale_temporaries
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step-0000004.tmp-77").mkdir(parents=True)
+    (run / ".recipe.yaml.tmp-78").write_text("x")
+    (run / ".mine.tmp-79").write_text("y")
+    assert sorted(p.name for p in remove_stale_temporaries(run)) == [".recipe.yaml.tmp-78", ".step-0000004.tmp-77"]
+    assert (run / ".mine.tmp-79").is_file()
+
+
+def test_weights_record_keeps_its_history_when_the_files_change(tmp_path):
+    from types import SimpleNamespace
+
+    from repae.weights import write_weights_record
+
+    def built(sha):
+        info = SimpleNamespace(path=str(tmp_path / "w.safetensors"), source="w.safetensors", sha256=sha, entry=None,
+                               revision=None)
+        return {"tokenizer": SimpleNamespace(loaded_weights={"weights": info})}
+
+    write_weights_record(tmp_path, built("aa"))
+    first = (tmp_path / "weights.json").read_text()
+    write_weights_record(tmp_path, built("aa"))
+    assert not (tmp_path / "weights.previous-1.json").exists()
+    with pytest.warns(UserWarning, match=r"differ from the last start's \(tokenizer \(weights\)\)"):
+        write_weights_record(tmp_path, built("bb"))
+    assert (tmp_path / "weights.previous-1.json").read_text() == first
+    assert json.loads((tmp_path / "weights.json").read_text())["files"][0]["sha256"] == "bb"
+
+
+def test_skipped_unreadable_images_are_counted_in_the_metrics(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (40, 36), (30 * i, 100, 200 if label == "a" else 0)).save(root / label / f"{i}.png")
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cli("run", QUICKSTART, *SMALL, "trainer.steps=4",
+        f"dataset={{name: image-folder, root: {root}, resolution: 32, on_unreadable: skip}}",
+        "--out", tmp_path / "run", "--device", "cpu")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["data/skipped_images"] == 1  # 17 files, every one read in 4 steps of 8

@@ -26,7 +26,7 @@ import yaml
 from conftest import ROOT
 
 SEED = 20240610
-DRY_RUN_SAMPLE = 20
+DRY_RUN_SAMPLE = 12
 HEADS = ("quickstart.yaml", "repae_sdvae_dinov2.yaml")
 
 
@@ -252,7 +252,7 @@ def mutations() -> list[Mutation]:
     return _thin(out)
 
 
-THIN = {"delete": 4, "typo": 2, "nesting": 2}
+THIN = {"delete": 8, "typo": 2, "nesting": 2, "value": 2, "semantic": 2}
 """Keep every n-th mutation of these kinds (per recipe): a mutation that passes validation builds every component and
 runs one step on meta (seconds each), and these kinds mostly pass or repeat each other."""
 

@@ -138,6 +138,22 @@ def test_dry_run_reports_every_invalid_point_and_writes_nothing(tmp_path):
     assert "2 point(s) valid" in ok.output and not out.exists()
 
 
+def test_a_preempted_point_stops_the_sweep_even_with_keep_going(registry, tmp_path, monkeypatch):
+    """SIGTERM reaches a sweep as a stopped point (exit 143 of the launched run, or StopRequested in process): the
+    sweep marks it interrupted and stops (on SLURM the job is about to be killed), keep-going or not."""
+    from repae.errors import StopRequested
+
+    calls = []
+    monkeypatch.setattr("repae.sweep.subprocess.run",
+                        lambda command, check: calls.append(command) or subprocess.CompletedProcess(command, 143))
+    plan = plan_sweep(QUICKSTART, [*TINY, "trainer.optimizers.default.lr=2.0e-3,1.0e-3"], registry, tmp_path / "s")
+    with pytest.raises(StopRequested) as stopped:
+        run_sweep(plan, launcher="torchrun", nproc_per_node=2, keep_going=True, echo=lambda _: None)
+    assert stopped.value.exit_code == 143 and len(calls) == 1
+    index = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [p["status"] for p in index["points"]] == ["interrupted", "pending"]
+
+
 def test_torchrun_launcher_runs_one_job_per_point(registry, tmp_path, monkeypatch):
     calls = []
 

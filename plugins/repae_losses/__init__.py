@@ -46,21 +46,9 @@ def _parts(*names: str) -> Any:
     return option(default_factory=lambda: list(names), doc="trainable parts this loss's gradient may update")
 
 
-class _WeightChecked(LossConfig):
-    """The loss configs of this plugin: a coefficient is a number >= 0 (0 switches a term off; a negative one would
-    ascend the loss)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        weights = self.weight if isinstance(self.weight, dict) else {"": self.weight}
-        for part, value in weights.items():
-            if value < 0:
-                raise FieldError(f"weight.{part}" if part else "weight", f"must be >= 0, got {value}")
-
-
 # -- diffusion objectives -------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class FlowMatchingConfig(_WeightChecked):
+class FlowMatchingConfig(LossConfig):
     """Flow matching on the interpolant ``x_t = alpha_t x0 + sigma_t noise`` (t = 1 is noise), velocity target.
 
     ``time_sampling: logit-normal`` is REPA's ``weighting: lognormal``: ``s = exp(logit_mean + logit_std N(0,1))``,
@@ -84,7 +72,7 @@ class FlowMatchingConfig(_WeightChecked):
 
 
 @dataclass(kw_only=True)
-class DDPMConfig(_WeightChecked):
+class DDPMConfig(LossConfig):
     """DiT's DDPM objective: integer steps ``t ~ U{0..T-1}``, noise (epsilon) prediction by MSE, plus the
     variational bound term of the learned variance when the denoiser outputs ``2C`` channels ("hybrid" loss of
     improved DDPM, as DiT trains it). The linear schedule is ADM's: betas from ``1000/T * beta_start`` to
@@ -109,7 +97,7 @@ class DDPMConfig(_WeightChecked):
 
 # -- representation alignment ---------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class RepaConfig(_WeightChecked):
+class RepaConfig(LossConfig):
     """REPA alignment: minus the cosine similarity between the projected hidden tokens after block ``depth`` and the
     encoders' tokens, averaged over tokens, samples and encoders. REPA updates the denoiser with weight 0.5; REPA-E
     also updates the tokenizer through the frozen denoiser with weight 1.5: ``updates: [denoiser, tokenizer]``,
@@ -129,7 +117,7 @@ class RepaConfig(_WeightChecked):
 
 # -- tokenizer regularisers -----------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class ReconstructionConfig(_WeightChecked):
+class ReconstructionConfig(LossConfig):
     """Pixel reconstruction of the tokenizer: mean over all pixels of ``|x - recon|`` (l1, as the REPA-E code) or
     ``(x - recon)^2`` (mse, as the paper writes)."""
 
@@ -138,7 +126,7 @@ class ReconstructionConfig(_WeightChecked):
 
 
 @dataclass(kw_only=True)
-class KLConfig(_WeightChecked):
+class KLConfig(LossConfig):
     """KL divergence of the tokenizer posterior to N(0, I), summed over C, H, W and averaged over the batch."""
 
     weight: float | dict[str, float] = option(1e-6, doc="coefficient of this loss (REPA-E: 1e-6)")
@@ -146,7 +134,7 @@ class KLConfig(_WeightChecked):
 
 
 @dataclass(kw_only=True)
-class LPIPSConfig(_WeightChecked):
+class LPIPSConfig(LossConfig):
     """LPIPS perceptual distance (VGG16 backbone + linear heads) between images and reconstructions, frozen."""
 
     updates: list[str] = _parts("tokenizer")
@@ -173,7 +161,7 @@ PATCHGAN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(kw_only=True)
-class PatchGANConfig(_WeightChecked):
+class PatchGANConfig(LossConfig):
     """PatchGAN adversarial loss. The loss owns the trainable part ``discriminator`` (configure its optimizer in the
     trainer under that name). Tokenizer phase: the generator term ``-mean D(recon)`` times ``weight.tokenizer``;
     discriminator phase: the hinge loss ``0.5 (mean relu(1 - D(x)) + mean relu(1 + D(recon)))`` times

@@ -112,14 +112,31 @@ def save_checkpoint(
                 save_file(tensors, str(tmp / f"optimizer-{part}.safetensors"))
                 meta["optimizers"][part] = opt_meta
             (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            _fsync_folder(tmp, files=True)  # on disk before the rename: a node crash cannot leave empty files
     except (OSError, SafetensorError) as exc:  # a full disk, a quota, a read-only or vanished folder
         previous = latest_checkpoint(Path(run_dir))
         kept = f"the previous checkpoint {previous} is intact" if previous is not None else "no earlier checkpoint"
         raise UserError(f"cannot write checkpoint {final} ({type(exc).__name__}: {exc}); {kept}. Free space on "
                         f"{root} (or fix its permissions) and run the same command to resume.") from None
+    _fsync_folder(root)  # the rename itself
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_folder(folder: Path, *, files: bool = False) -> None:
+    """Flush ``folder``'s entries (and with ``files`` every file in it) to disk."""
+    import os
+
+    if files:
+        for file in folder.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -138,10 +155,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint folder written by :func:`save_checkpoint` (tensors on CPU).
+def load_checkpoint(path: Path, *, optimizers: bool = True) -> Checkpoint:
+    """Read a checkpoint folder written by :func:`save_checkpoint` (tensors on CPU); ``optimizers=False`` reads the
+    models only (sampling, analysis and export need no optimizer state).
 
-    Every model its ``state.json`` lists and every optimizer file must be there and readable: a missing, empty,
+    Every model its ``state.json`` lists and every optimizer file read must be there and readable: a missing, empty,
     truncated or corrupt file is a :class:`~repae.errors.UserError` naming it, with the checkpoint to fall back on."""
     path = Path(path)
     try:
@@ -155,11 +173,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     found = [f.name[len("model-") : -len(".safetensors")] for f in sorted(path.glob("model-*.safetensors"))]
     names = list(dict.fromkeys([*(listed or []), *found]))
     models = {name: _read_part(path, f"model-{name}.safetensors", f"{name} weights") for name in names}
-    optimizers = {
+    opt_metas = meta.pop("optimizers", {})
+    states = {
         part: _optimizer_join(_read_part(path, f"optimizer-{part}.safetensors", f"{part} optimizer state"), opt_meta)
-        for part, opt_meta in meta.pop("optimizers", {}).items()
-    }
-    checkpoint = Checkpoint(models=models, optimizers=optimizers, state=meta)
+        for part, opt_meta in opt_metas.items()
+    } if optimizers else {}
+    checkpoint = Checkpoint(models=models, optimizers=states, state=meta)
     checkpoint.path = path
     return checkpoint
 

@@ -745,17 +745,19 @@ class PhasedTrainer:
                          "img_per_s": (done - last_step) * cfg.batch_size / seconds}
                 last_time, last_step = now, done
                 losses = [f"{k}={v:.4g}" for k, v in values.items()
-                          if not k.endswith("grad_norm") and k != "skipped_steps"][:4]
+                          if not k.endswith("grad_norm") and k != "skipped_steps" and not k.startswith("data/")]
                 bar.update(done, text="  ".join([f"{speed['img_per_s']:.1f} img/s", *losses]))
                 if metrics is not None:
                     metrics.write(done, {**values, **speed, "elapsed_s": self.elapsed_s})
-            if diverged:
-                self._save(run_dir, is_main)
+            if diverged:  # nothing saved: the weights that led here would diverge again
+                last = latest_checkpoint(run_dir) if is_main else None
+                since = f"the last checkpoint, {last}, is from before it" if last is not None else \
+                    "no checkpoint was written before it (training restarts from step 0)"
                 raise UserError(
                     f"training diverged: {streak} steps in a row had a non-finite loss or gradient (the last at "
-                    f"step {done}); the last good weights are saved in {run_dir / 'checkpoints'}. Lower the "
-                    "learning rate (trainer.optimizers.*.lr) or clip gradients (trainer.clip_grad_norm), then "
-                    "resume with the same --out (--allow-recipe-change)")
+                    f"step {done}); {since}. Lower the learning rate (trainer.optimizers.*.lr) or clip gradients "
+                    "(trainer.clip_grad_norm), then rerun with the same --out (--allow-recipe-change), or checkpoint "
+                    "more often (trainer.checkpoint_every)")
             saved = False
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 self._save(run_dir, is_main)
@@ -764,6 +766,10 @@ class PhasedTrainer:
                 self.sample_grid(run_dir / "samples" / f"step-{done:07d}.png")
             received = signals.received if signals is not None else 0
             if distributed.any_process(received != 0) and done < cfg.steps:
+                if is_main:
+                    again = " (Ctrl-C again to stop at once)" if received == signal.SIGINT else ""
+                    _say(f"{signal.Signals(received or signal.SIGTERM).name} received: writing a checkpoint of "
+                         f"step {done}{again}")
                 if not saved:
                     self._save(run_dir, is_main)
                 number = received or signal.SIGTERM  # another process was signalled
@@ -788,7 +794,16 @@ class PhasedTrainer:
         workers = self.config.num_workers
         return DataLoader(_EpochItems(self.dataset), batch_sampler=_RunBatches(order, start, end),
                           num_workers=workers, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=4 if workers else None,
+                          worker_init_fn=_ignore_stop_signals if workers else None)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In DataLoader workers: SIGTERM/SIGINT sent to the whole process group (SLURM signals every process of a job
+    step; Ctrl-C reaches the group) are the main process's to handle; a worker that died of one would crash the run
+    before it could write its checkpoint. Workers still end with the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _EpochItems(torch.utils.data.Dataset):
@@ -840,10 +855,7 @@ class _StopSignals:
     def _handle(self, number: int, frame: Any) -> None:
         if self.received == signal.SIGINT and number == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        self.received = number
-        if distributed.rank() == 0:
-            _say(f"{signal.Signals(number).name} received: stopping after this step with a checkpoint "
-                 "(Ctrl-C again to stop at once)")
+        self.received = number  # reported by the loop (printing inside a signal handler can re-enter stderr)
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():

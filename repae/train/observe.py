@@ -50,13 +50,25 @@ class MetricsLog:
             if logged <= step:
                 kept.append(line)
         if len(kept) != len(lines):
-            atomic_write(self.path, "".join(f"{line}\n" for line in kept))
+            try:
+                atomic_write(self.path, "".join(f"{line}\n" for line in kept))
+            except OSError as exc:
+                from repae.errors import UserError
+
+                raise UserError(f"cannot rewrite {self.path} ({exc.strerror or exc}); free space or fix its "
+                                "permissions, then run the same command") from None
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                    for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            from repae.errors import UserError
+
+            raise UserError(f"cannot append to {self.path} ({exc.strerror or exc}); free space or fix its "
+                            "permissions, then run the same command to resume from the last checkpoint") from None
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
