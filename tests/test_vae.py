@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import repae
 import repae.weights
 from conftest import GOLDEN, build_section, load_manifest, official_weights, read_golden, vae_fields
-from repae.errors import ComponentBuildError, UserError
+from repae.errors import RecipeError, UserError
 from repae.interfaces import Posterior, Tokenizer
 from repae_vae import F8D4, F16D32, TINY
 from repae_vae.autoencoder import KLAutoencoder
@@ -102,7 +102,8 @@ def test_sample_draws_fresh_noise_unless_given():
 
 
 def test_invalid_architecture_is_a_config_error(registry):
-    with pytest.raises(ComponentBuildError, match="norm_groups"):
+    """Found by the config's own check (so `repae recipe validate` reports it), before anything is built."""
+    with pytest.raises(RecipeError, match=r"norm_groups: 4 does not divide the channel widths \[6\]"):
         build(registry, "sd-vae", size="tiny", ch=6)
 
 
