@@ -33,7 +33,9 @@ read); :func:`scan_images` checks many files, optionally in processes, and retur
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,7 +48,7 @@ from repae.errors import UserError, describe_exception
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-__all__ = ["BACKGROUND", "MAX_PIXELS", "UnreadableImage", "check_image", "decode_image", "describe_unreadable",
+__all__ = ["BACKGROUND", "MAX_PIXELS", "StorageError", "UnreadableImage", "check_image", "decode_image", "describe_unreadable",
            "scan_images",
            "to_rgb_array"]
 
@@ -158,6 +160,13 @@ def _open(path: Path, *, draft: bool) -> PILImage.Image:
                                  ) from None
     except MemoryError:
         raise UnreadableImage.of(path, "decoding it ran out of memory") from None
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:  # the file system failed, not the image: not a bad file, not skipped
+            raise StorageError(
+                f"cannot read {path}: the storage failed ({exc.strerror}; errno {errno.errorcode.get(exc.errno or 0)}), "
+                "not the image. Check the file system and run the same command again (training resumes from its "
+                "last checkpoint)") from None
+        raise UnreadableImage.of(path, describe_exception(exc)) from None
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error...
         raise UnreadableImage.of(path, describe_exception(exc)) from None
     finally:
@@ -166,8 +175,31 @@ def _open(path: Path, *, draft: bool) -> PILImage.Image:
 
 def decode_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one image file as uint8 RGB ``[H, W, 3]`` (rules: module docstring); :class:`UnreadableImage` naming the
-    file and the reason when it cannot be read."""
-    path = Path(path)
+    file and the reason when it cannot be read. An I/O error of the storage (EIO, ESTALE, a timeout: network file
+    systems) is retried twice (0.5 s, then 1 s later) and then raised as :class:`StorageError`, which is not an
+    unreadable file (``on_unreadable: skip`` does not skip it)."""
+    for attempt in range(_STORAGE_ATTEMPTS):
+        try:
+            return _decode(Path(path))
+        except StorageError:
+            if attempt == _STORAGE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+_STORAGE_ATTEMPTS = 3
+_STORAGE_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "ESTALE", "ETIMEDOUT", "EAGAIN", "EINTR", "EMFILE", "ENFILE", "ENOLINK", "ECOMM", "EREMOTEIO", "EHOSTDOWN",
+    "ECONNRESET") if hasattr(errno, name))
+"""Errors of the file system rather than of the file's content."""
+
+
+class StorageError(UserError):
+    """Reading an image failed in the storage (an I/O error, a stale network handle), not in its content."""
+
+
+def _decode(path: Path) -> np.ndarray:
     with _open(path, draft=False) as image:
         try:
             return to_rgb_array(image)

@@ -396,3 +396,35 @@ def test_damage_that_libjpeg_only_warns_about_is_not_detected(tmp_path):
     scan = data.find(b"\xff\xda")
     (tmp_path / "zeroed.jpg").write_bytes(data[: scan + 100] + bytes(200) + data[scan + 300:])
     assert check_image(tmp_path / "zeroed.jpg") is None  # decodes (to wrong pixels)
+
+
+def test_storage_errors_are_retried_and_not_taken_for_unreadable_files(tmp_path, monkeypatch):
+    """An I/O error of the file system (EIO, a stale NFS handle) is not a bad image: retried, then a StorageError
+    (which `on_unreadable: skip` does not skip), never an UnreadableImage that would mark the file bad for the run."""
+    import errno
+
+    from PIL import Image
+
+    import repae.images as images
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(path)
+    real_open, failures = Image.open, []
+    monkeypatch.setattr(images.time, "sleep", lambda s: None)
+
+    def flaky(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", flaky)
+    assert images.decode_image(path)[0, 0].tolist() == [10, 20, 30] and len(failures) == 2
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(Image, "open", broken)
+    with pytest.raises(images.StorageError, match=r"the storage failed \(Stale file handle; errno ESTALE\), not the "):
+        images.decode_image(path)
+    assert not issubclass(images.StorageError, images.UnreadableImage)
