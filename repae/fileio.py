@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "write_json", "write_png", "write_safetensors"]
+__all__ = ["atomic_path", "atomic_write", "holds", "write_json", "write_png", "write_safetensors"]
 
 
 def _remove(path: Path) -> None:
@@ -56,9 +56,21 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
     return Path(path)
 
 
+def holds(path: str | os.PathLike[str], text: str) -> bool:
+    """Whether the file ``path`` already holds exactly ``text`` (UTF-8): a rewrite can be skipped (a resume on a full
+    disk then needs no space)."""
+    path = Path(path)
+    return path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text
+
+
+def json_text(data: Any, *, indent: int = 2, sort_keys: bool = False) -> str:
+    """What :func:`write_json` writes for ``data``."""
+    return json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n"
+
+
 def write_json(path: str | os.PathLike[str], data: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
     """``data`` as JSON (``indent`` spaces, a final newline) to ``path``, atomically."""
-    return atomic_write(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+    return atomic_write(path, json_text(data, indent=indent, sort_keys=sort_keys))
 
 
 def write_png(image: Any, path: str | os.PathLike[str]) -> Path:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import re
 from collections.abc import Iterator, Mapping
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from repae.errors import UserError
-from repae.fileio import atomic_write
+from repae.fileio import atomic_write, holds, json_text
 from repae.recipe import diff_keys
 
 __all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_run_dir", "prepare_run_dir", "remove_stale_temporaries",
@@ -117,20 +116,15 @@ def write_run_dir(plan: RunDirPlan, resolved: Any) -> Path:
             while (run_dir / f"recipe.previous-{n}.yaml").exists():
                 n += 1
             atomic_write(run_dir / f"recipe.previous-{n}.yaml", plan.previous)
-        _write_if_changed(run_dir / RECIPE_FILE, plan.text)
-        _write_if_changed(run_dir / VERSIONS_FILE, json.dumps(versions(resolved.plugins), indent=2) + "\n")
+        for path, text in ((run_dir / RECIPE_FILE, plan.text),
+                           (run_dir / VERSIONS_FILE, json_text(versions(resolved.plugins)))):
+            if not holds(path, text):
+                atomic_write(path, text)
     except OSError as exc:
         raise UserError(f"cannot write the run directory {run_dir} ({exc.strerror or exc}: "
                         f"{exc.filename or run_dir}); free space or fix its permissions, then run the same command"
                         ) from None
     return run_dir
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write ``text`` atomically unless the file already holds it (a resume on a full disk must not need space)."""
-    if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
-        return
-    atomic_write(path, text)
 
 
 def prepare_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> Path:

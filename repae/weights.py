@@ -638,17 +638,18 @@ def weights_record(built: Any) -> list[dict[str, Any]]:
 def write_weights_record(run_dir: str | os.PathLike[str], built: Any) -> Path:
     """Write :func:`weights_record` of ``built`` to ``RUN/weights.json`` (atomically); return its path. An empty list
     when no component loaded a file (random initialisation)."""
-    from repae.fileio import write_json
+    from repae.fileio import atomic_write, holds, json_text
 
     path = Path(run_dir) / WEIGHTS_FILE
     record = {"files": weights_record(built)}
+    text = json_text(record)
+    if holds(path, text):
+        return path  # the same files as before: nothing to write (a resume on a full disk needs no space)
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
-        if old == json.loads(json.dumps(record, default=str)):
-            return path  # the same files as before: nothing to write (a resume on a full disk needs no space)
         if old is not None:  # a resumed run loads other files than it started with: keep the history, say so
             n = 1
             while (path.parent / f"weights.previous-{n}.json").exists():
@@ -662,4 +663,4 @@ def write_weights_record(run_dir: str | os.PathLike[str], built: Any) -> Path:
             warnings.warn(f"{run_dir}: the weights loaded differ from the last start's "
                           f"({', '.join(changed) or 'files added or removed'}); the old record is kept as "
                           f"weights.previous-{n}.json", stacklevel=2)
-    return write_json(path, record)
+    return atomic_write(path, text)

@@ -171,6 +171,7 @@ class PhasedTrainer:
         """Each trainable part in torch's ``DistributedDataParallel`` (:func:`repae.train.distributed.replicate`)
         when several processes train; empty in a single process."""
         self._checked_gradients: set[str] = set()  # parts whose first DDP step was checked for unused parameters
+        self._unused_search = "static"  # how DDP learns unused parameters (distributed.replicate's `unused`)
         self.skipped_last = False
         """Whether the last :meth:`apply_gradients` skipped its update (a non-finite gradient)."""
         self.elapsed_s = 0.0
@@ -227,10 +228,10 @@ class PhasedTrainer:
             # One graph-handling mode for every step (hence exact resume): DDP's static graph finds unused
             # parameters once, but cannot record it inside no_sync, so under gradient accumulation DDP runs
             # without a search and the first step checks that every parameter got a gradient.
-            search = "every-step" if not self.config.static_graph else (
+            self._unused_search = "every-step" if not self.config.static_graph else (
                 "none" if self.config.grad_accum > 1 else "static")
             self.replicas = {name: distributed.replicate(module, device, bucket_mb=self.config.bucket_mb,
-                                                         unused=search)
+                                                         unused=self._unused_search)
                              for name, module in self.parts.items()}
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(device.type)
@@ -476,7 +477,7 @@ class PhasedTrainer:
         """After the first DDP step of a part under gradient accumulation (no unused-parameter search): every trained
         parameter must have received a gradient, else DDP would fail at the next step with a message of its own."""
         self._checked_gradients.add(phase)
-        if self.config.grad_accum == 1 or not self.config.static_graph:
+        if self._unused_search != "none":  # DDP finds unused parameters itself
             return
         missing = [name for name, p in self.parts[phase].named_parameters() if p.requires_grad and p.grad is None]
         if missing:
