@@ -1,0 +1,1 @@
+"""diffusers VAEs as tokenizers (registry name ``diffusers-vae``); being written."""
