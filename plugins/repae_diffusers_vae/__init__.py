@@ -1,1 +1,138 @@
-"""diffusers VAEs as tokenizers (registry name ``diffusers-vae``); being written."""
+"""diffusers VAEs as a repae tokenizer: ``diffusers-vae`` wraps diffusers' ``AutoencoderKL`` (SD-VAE, SDXL, FLUX-VAE,
+SD3.5-VAE) and ``AutoencoderKLQwenImage`` (Qwen-Image-VAE, a video VAE used here on single frames).
+
+This module only declares the config and the presets and registers them; it imports neither torch nor diffusers
+(diffusers is the optional extra ``repae[diffusers]``, needed when the tokenizer is built). The model lives in
+:mod:`repae_diffusers_vae.model`.
+
+A preset (``size``) is the diffusers config (``config.json`` content) of a released VAE: it is what the tokenizer is
+built from when no weights are read (dry runs on ``meta``, random initialisation), and what the ``config.json`` of the
+weights must agree with when they are loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from repae import FieldError, hookimpl, option
+
+__all__ = ["DiffusersVAEConfig", "ARCHITECTURE_KEYS", "PRESETS", "STATISTICS_KEYS"]
+
+ArchitectureValue = Union[int, float, bool, str, None, list[int], list[float], list[bool], list[str]]
+"""A value of a diffusers config key, as a recipe can hold it."""
+
+ModelClass = Literal["AutoencoderKL", "AutoencoderKLQwenImage"]
+
+# The constructor arguments of each diffusers class that repae accepts in `architecture` (diffusers 0.3x-0.4x).
+ARCHITECTURE_KEYS: dict[str, tuple[str, ...]] = {
+    "AutoencoderKL": (
+        "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+        "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor", "shift_factor",
+        "latents_mean", "latents_std", "force_upcast", "use_quant_conv", "use_post_quant_conv",
+        "mid_block_add_attention",
+    ),
+    "AutoencoderKLQwenImage": (
+        "base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample", "dropout",
+        "input_channels", "latents_mean", "latents_std",
+    ),
+}
+STATISTICS_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+"""Keys that describe the latent distribution, not the network: the weights' ``config.json`` supplies them."""
+
+_KL = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "mid_block_add_attention": True,
+    "latents_mean": None,
+    "latents_std": None,
+}
+# black-forest-labs/FLUX.1-dev vae/config.json: 16 channels, no quant convs, latents (z - 0.1159) * 0.3611.
+FLUX = {**_KL, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+        "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False}
+# stabilityai/stable-diffusion-3.5-large vae/config.json: the FLUX layout with its own shift and scale.
+SD35 = {**FLUX, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+# stabilityai/sd-vae-ft-mse / sd-vae-ft-ema (SD 1.x/2.x, REPA, REPA-E's starting SD-VAE): 4 channels, 0.18215.
+SD = {**_KL, "latent_channels": 4, "sample_size": 256, "scaling_factor": 0.18215, "shift_factor": None,
+      "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True}
+# stabilityai/stable-diffusion-xl-base-1.0 vae/config.json: the SD layout, scale 0.13025.
+SDXL = {**SD, "sample_size": 1024, "scaling_factor": 0.13025}
+# Qwen/Qwen-Image vae/config.json (= diffusers' AutoencoderKLQwenImage defaults): per-channel latent statistics.
+QWEN_IMAGE = {
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+    "input_channels": 3,
+    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                    1.6382, 1.1253, 2.8251, 1.916],
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "flux": {"model_class": "AutoencoderKL", "architecture": FLUX},
+    "sd3.5": {"model_class": "AutoencoderKL", "architecture": SD35},
+    "sd": {"model_class": "AutoencoderKL", "architecture": SD},
+    "sdxl": {"model_class": "AutoencoderKL", "architecture": SDXL},
+    "qwen-image": {"model_class": "AutoencoderKLQwenImage", "architecture": QWEN_IMAGE},
+}
+
+_WEIGHTS_DOC = (
+    "a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors) or hf://org/name[@revision] (the "
+    "Hugging Face cache; offline with HF_HUB_OFFLINE=1); null = random init"
+)
+
+
+@dataclass(kw_only=True)
+class DiffusersVAEConfig:
+    """A diffusers ``AutoencoderKL`` / ``AutoencoderKLQwenImage`` and where its weights are (default: FLUX-VAE)."""
+
+    size: str = option("flux", doc="preset (a released VAE's config): flux, sd3.5, sd, sdxl or qwen-image")
+    model_class: ModelClass = option("AutoencoderKL", doc="the diffusers class: AutoencoderKL or AutoencoderKLQwenImage")
+    architecture: dict[str, ArchitectureValue] = option(
+        default_factory=lambda: dict(FLUX),
+        doc="diffusers config keys (config.json), on top of the preset's when the preset is of the same class; the "
+        "weights' config.json must agree on every key but the latent statistics (scaling_factor, shift_factor, "
+        "latents_mean, latents_std), which it supplies",
+    )
+    weights: str | None = option(None, doc=_WEIGHTS_DOC)
+    subfolder: str | None = option(None, doc="folder of the VAE inside `weights`, e.g. 'vae' for a pipeline")
+
+    def __post_init__(self) -> None:
+        known = ARCHITECTURE_KEYS[self.model_class]
+        unknown = sorted(k for k in self.architecture if k not in known)
+        if unknown:
+            raise FieldError("architecture", f"{', '.join(map(repr, unknown))} are not config keys of diffusers' "
+                             f"{self.model_class} (its keys: {', '.join(known)})")
+        if self.subfolder is not None and (not self.subfolder.strip("/") or ".." in self.subfolder.split("/")):
+            raise FieldError("subfolder", f"must name a folder inside the weights, e.g. 'vae'; got {self.subfolder!r}")
+        for key in ("latents_mean", "latents_std"):
+            value = self.architecture.get(key)
+            if value is not None and not isinstance(value, list):
+                raise FieldError("architecture", f"{key} must be a list of per-channel values or null, got {value!r}")
+        scale = self.architecture.get("scaling_factor")
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale == 0:
+            raise FieldError("architecture", "scaling_factor must not be 0")
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    """Register the ``diffusers-vae`` tokenizer."""
+    register(
+        "tokenizer",
+        "diffusers-vae",
+        summary="a diffusers VAE: AutoencoderKL (SD, SDXL, FLUX, SD3.5) or AutoencoderKLQwenImage (Qwen-Image)",
+        config=DiffusersVAEConfig,
+        factory="repae_diffusers_vae.model:build_diffusers_vae",
+        presets=PRESETS,
+    )

@@ -240,8 +240,19 @@ class ChannelStats(nn.Module):
 
 
 def _tokenizer_stats(context: BuildContext) -> LatentStatistics | None:
+    """The tokenizer's latent statistics as per-channel ``mean``/``std`` (``normalized = (z - mean) / std``): a
+    ``scaling_factor`` is folded into ``std``, and a global ``shift_factor``/``scaling_factor`` (FLUX's and SD3.5's
+    VAEs) is spread over the tokenizer's channels."""
     tokenizer = context.tokenizer
-    return tokenizer.latent_stats if supports(tokenizer, HasLatentStatistics) else None
+    stats = tokenizer.latent_stats if supports(tokenizer, HasLatentStatistics) else None
+    if stats is None or stats.is_empty or stats.scaling_factor == 1.0 and stats.mean is not None:
+        return stats
+    scale = float(stats.scaling_factor)
+    if stats.mean is not None and stats.std is not None:
+        return LatentStatistics(stats.mean, stats.std / scale, source=stats.source)
+    channels = int(tokenizer.latent_channels)
+    return LatentStatistics(torch.full((channels,), float(stats.shift_factor or 0.0)),
+                            torch.full((channels,), 1.0 / scale), source=stats.source)
 
 
 def build_batchnorm(config: BatchNormConfig, context: BuildContext) -> LatentBatchNorm:
