@@ -142,9 +142,12 @@ def test_full_size_matches_official_manifest(manifest):
     model = create(size=f"{model_size}/{patch}", device="meta", **kwargs)  # defaults: the constructor's
     assert {k: list(v.shape) for k, v in to_official(model).items()} == spec
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == meta["num_trainable_parameters"]
+    assert trainable == meta["num_trainable_parameters"]  # pos_embed: fixed, the default (DiT's training keeps it)
     frozen = sum(model.state_dict()[k].numel() for k in meta["frozen_parameters"])
     assert trainable + frozen == meta["num_parameters"]
+    learned = create(size=f"{model_size}/{patch}", device="meta", **kwargs, pos_embed="learned")  # the shared trunk
+    assert sum(p.numel() for p in learned.parameters() if p.requires_grad) == meta["num_parameters"]
+    assert {k: list(v.shape) for k, v in to_official(learned).items()} == spec
 
 
 def test_matches_official_dit_forward_and_cfg():

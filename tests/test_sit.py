@@ -145,6 +145,72 @@ def test_tiny_forward_backward():
     assert "pos_embed" not in dict(model.named_parameters()) and "pos_embed" in model.state_dict()
 
 
+def test_pos_embed_fixed_or_learned():
+    """``fixed``: a buffer nothing trains; ``learned``: a parameter with the same initial sin-cos values that gets a
+    gradient (the official REPA-E step trains it). Both keep the official key ``pos_embed``."""
+    fixed, learned = tiny(), tiny(pos_embed="learned")
+    assert parse(size="tiny").pos_embed == "fixed"
+    assert isinstance(learned.pos_embed, torch.nn.Parameter) and learned.pos_embed.requires_grad
+    assert "pos_embed" in dict(learned.named_parameters()) and "pos_embed" not in dict(fixed.named_parameters())
+    torch.testing.assert_close(learned.pos_embed.detach(), fixed.pos_embed, rtol=0, atol=0)
+    assert set(learned.state_dict()) == set(fixed.state_dict())
+    assert "pos_embed=learned" in repr(learned)
+    randomize(learned)
+    out = learned(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    out.prediction.square().mean().backward()
+    assert learned.pos_embed.grad is not None and learned.pos_embed.grad.abs().sum() > 0
+    fixed.requires_grad_(True)  # the reference's requires_grad(model, True) cannot unfreeze a buffer
+    assert not fixed.pos_embed.requires_grad
+    _, issues = repae.load_plugins().registry.get("denoiser", "sit").parse({"pos_embed": "trained"})
+    assert issues and "learned" in str(issues[0].message) + str(issues[0].hint)
+
+
+def test_pos_embed_checkpoints_load_in_both_modes(tmp_path):
+    """An official checkpoint (the sin-cos table) loads in both modes; a learned run's trained table loaded into
+    ``fixed`` mode is kept (as the buffer: it is what the weights were trained with), never replaced by sin-cos."""
+    official = tiny()
+    randomize(official, seed=7)
+    file = tmp_path / "official.safetensors"
+    save_file({k: v.contiguous() for k, v in to_official(official).items()}, file)
+    for mode in ("fixed", "learned"):
+        model = tiny(weights=str(file), pos_embed=mode)
+        assert torch.equal(model.pos_embed.detach(), official.pos_embed), mode
+        assert isinstance(model.pos_embed, torch.nn.Parameter) == (mode == "learned")
+    trained = tiny(pos_embed="learned")
+    randomize(trained, seed=8)  # the table moved away from sin-cos, as training moves it
+    assert not torch.equal(trained.pos_embed.detach(), official.pos_embed)
+    file = tmp_path / "learned-run.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in to_official(trained).items()}, file)
+    for mode in ("fixed", "learned"):
+        model = tiny(weights=str(file), pos_embed=mode)
+        assert torch.equal(model.pos_embed.detach(), trained.pos_embed.detach()), mode
+        x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+        torch.testing.assert_close(model.eval()(x, t, y).prediction, trained.eval()(x, t, y).prediction,
+                                   rtol=0, atol=0)
+
+
+def test_repae_recipes_learn_pos_embed_and_the_others_keep_it_fixed():
+    """The REPA-E recipes (the tokenizer and the denoiser both train: the official train_repae.py step, which unfreezes
+    the table) choose ``learned``; REPA (train.py) and vanilla / frozen-VAE runs (train_ldm_only.py, SiT, DiT) keep it
+    ``fixed``, as their official code does."""
+    from pathlib import Path
+
+    from repae.recipe import read_recipe
+
+    registry = repae.load_plugins(select={"repae"}).registry
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted(p for p in root.rglob("*.yaml")
+                     if not p.name.startswith("_") and "_base" not in p.parts and "t2i_vae" not in p.parts)
+    seen = set()
+    for path in recipes:
+        resolved = read_recipe(path, [], registry)
+        end_to_end = any("tokenizer" in spec.config.updates for spec in resolved.get("losses"))
+        denoiser = resolved.get("denoiser")[0].config
+        assert denoiser.pos_embed == ("learned" if end_to_end else "fixed"), path.relative_to(root)
+        seen.add(end_to_end)
+    assert seen == {True, False}
+
+
 def test_features_only_stops_early_and_matches_full_pass():
     model = tiny().eval()
     randomize(model, seed=1)
@@ -302,9 +368,14 @@ def test_full_size_matches_official_manifest(manifest):
     ours = {k: list(v.shape) for k, v in to_official(model, bn).items()}
     assert ours == spec
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == meta["num_trainable_parameters"]
+    assert trainable == meta["num_trainable_parameters"]  # pos_embed: fixed (SiT's constructor freezes it)
     frozen = sum(model.state_dict()[k].numel() for k in meta["frozen_parameters"])
-    assert trainable + frozen == meta["num_parameters"]
+    assert meta["frozen_parameters"] == ["pos_embed"] and trainable + frozen == meta["num_parameters"]
+    learned = create(size=size, device="meta", built=built, num_classes=kwargs["num_classes"],
+                     class_dropout_prob=kwargs["class_dropout_prob"], qk_norm=kwargs["qk_norm"], pos_embed="learned")
+    # pos_embed: learned trains what train_repae.py trains after its requires_grad(model, True): every parameter
+    assert sum(p.numel() for p in learned.parameters() if p.requires_grad) == meta["num_parameters"]
+    assert {k: list(v.shape) for k, v in to_official(learned, bn).items()} == spec
 
 
 # -- golden: the official REPA-E SiT ---------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ class TransformerConfig:
     projector_dim: int = option(2048, doc="hidden width of the REPA projector MLPs")
     qk_norm: bool = option(False, doc="LayerNorm on queries and keys in attention")
     learn_sigma: bool = option(False, doc="the final layer predicts 2*C channels (the second C: variance values)")
+    pos_embed: Literal["fixed", "learned"] = option(
+        "fixed", doc="positional table: fixed (sin-cos buffer, never trained; SiT, DiT, REPA) or learned (a parameter "
+        "initialised to the same sin-cos table and trained, as the official REPA-E end-to-end step does)"
+    )
     weights: str | None = option(None, doc="checkpoint: local file/folder or hf://org/repo/file; null: random init")
     weights_key: str | None = option(
         "ema", doc="entry of a training checkpoint (.pt with model/ema) to load; a plain state dict ignores it"

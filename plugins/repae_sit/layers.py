@@ -217,7 +217,9 @@ class DiffusionTransformer(nn.Module):
     time + label, REPA projectors, and a final layer that unpatchifies to ``out_channels`` (``2 * in_channels`` with
     ``learn_sigma``: the prediction, then the variance values of the DiT/SiT releases).
 
-    ``pos_embed`` is a persistent buffer (saved and loaded under its official key, never trained).
+    ``pos_embed`` (the 2-D sin-cos table, saved and loaded under its official key) is, with ``pos_embed="fixed"``, a
+    persistent buffer that nothing trains; with ``pos_embed="learned"`` it is an ``nn.Parameter`` initialised to the
+    same table, trained, clipped, decayed and EMA'd with the other parameters (the official REPA-E step trains it).
     Subclasses define ``forward``: how time enters and what the prediction is.
     """
 
@@ -241,10 +243,13 @@ class DiffusionTransformer(nn.Module):
         num_classes: int = 1000,
         class_dropout_prob: float = 0.1,
         qk_norm: bool = False,
+        pos_embed: str = "fixed",
         encoder_dims: Sequence[int] = (),
         projector_dim: int = 2048,
     ) -> None:
         super().__init__()
+        if pos_embed not in ("fixed", "learned"):
+            raise ValueError(f"pos_embed must be 'fixed' or 'learned', got {pos_embed!r}")
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size = input_size
@@ -261,7 +266,12 @@ class DiffusionTransformer(nn.Module):
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size**2
 
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size).unsqueeze(0))
+        self.pos_embed_mode = pos_embed
+        table = sincos_pos_embed_2d(hidden_size, self.grid_size).unsqueeze(0)
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(table)
+        else:
+            self.register_buffer("pos_embed", table)
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -373,5 +383,6 @@ class DiffusionTransformer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"input_size={self.input_size}, patch_size={self.patch_size}, in_channels={self.in_channels}, "
-            f"out_channels={self.out_channels}, tokens={self.num_tokens}, encoder_dims={self.encoder_dims}"
+            f"out_channels={self.out_channels}, tokens={self.num_tokens}, pos_embed={self.pos_embed_mode}, "
+            f"encoder_dims={self.encoder_dims}"
         )

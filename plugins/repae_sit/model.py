@@ -104,6 +104,7 @@ def build_denoiser(cls: type[_Model], config: TransformerConfig, context: BuildC
         num_classes=config.num_classes,
         class_dropout_prob=config.class_dropout_prob,
         qk_norm=config.qk_norm,
+        pos_embed=config.pos_embed,
         encoder_dims=config.encoder_dims,
         projector_dim=config.projector_dim,
         **specific,
