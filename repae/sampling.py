@@ -4,7 +4,8 @@ Sample ``i`` always gets the same label and noise (from the seed and ``i`` alone
 the batch size or the number of processes. Under ``torchrun`` rank ``r`` of ``W`` makes the indices ``i = r mod W``.
 PNGs are written as they are made (``DIR/images/000000.png`` ...); a rerun skips those that decode, so an interrupted
 run resumes. At the end rank 0 assembles ``DIR/samples.npz`` (``arr_0``: uint8 ``N x H x W x 3`` in index order,
-streamed to disk) and records :class:`SamplingSettings` with what they resolved to in ``DIR/sampling.json``.
+streamed to disk), draws ``DIR/contact_sheet.png`` (the first samples at a glance, one row per class:
+:func:`contact_sheet_rows`) and records :class:`SamplingSettings` with what they resolved to in ``DIR/sampling.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,11 +24,18 @@ from repae.fileio import atomic_path, write_json, write_png
 if TYPE_CHECKING:
     from repae.runs import OpenedRun
 
-__all__ = ["NPZ_FILE", "SETTINGS_FILE", "SamplingSettings", "build_sampler", "default_dirname", "sample_run",
-           "write_npz"]
+__all__ = ["CONTACT_SHEET", "NPZ_FILE", "SETTINGS_FILE", "SamplingSettings", "build_sampler", "contact_sheet_rows",
+           "default_dirname", "image_grid", "sample_run", "write_contact_sheet", "write_npz"]
 
 SETTINGS_FILE = "sampling.json"
 NPZ_FILE = "samples.npz"
+CONTACT_SHEET = "contact_sheet.png"
+SHEET_CLASSES = 8
+"""Rows of a class-conditional contact sheet: the first 8 classes (by id) that have samples."""
+SHEET_PER_CLASS = 8
+"""Samples per row: the first 8 of each class (an unconditional model: the first 64 samples, 8 per row)."""
+GRID_MIN_WIDTH = 512
+"""Pictures narrower than this are scaled up by a whole factor, nearest neighbour (a 32-px tile stays sharp)."""
 IMAGES_DIR = "images"
 SLOTS = ("tokenizer", "latent_norm", "denoiser", "sampler")
 """What sampling builds (no dataset, no encoders: the run's recipe holds the denoiser's derived shapes)."""
@@ -209,6 +217,11 @@ def sample_run(
             note = _finish(folder, resolved, [png(i) for i in range(settings.num)], size, made=made, seconds=seconds,
                            world=topology.world_size, batch_size=batch_size)
             echo(note)
+            sheet = folder / CONTACT_SHEET
+            rows = contact_sheet_rows(all_labels.tolist(), num_classes)
+            if made or not sheet.is_file():
+                write_contact_sheet(sheet, rows, png)
+            echo(f"contact sheet: {sheet} ({_describe_sheet(rows)})")
         distributed.barrier()
         return folder
     finally:
@@ -299,6 +312,7 @@ def _finish(out: Path, settings: dict[str, Any], pngs: list[Path], size: tuple[i
     else:
         note = f"nothing to do: {npz} is complete"
     write_json(meta_path, {"settings": settings, "status": "done", "npz": NPZ_FILE, "images": IMAGES_DIR,
+                           "contact_sheet": CONTACT_SHEET,
                            "made_this_time": made, "world_size": world, "batch_size": batch_size,
                            "seconds_rank0": round(seconds, 3)})
     return f"{note}; settings in {meta_path}"
@@ -307,3 +321,94 @@ def _finish(out: Path, settings: dict[str, Any], pngs: list[Path], size: tuple[i
 def _read_pngs(pngs: list[Path], size: tuple[int, int]) -> Iterator[Any]:
     for p in pngs:
         yield _read_png(p, size)
+
+
+# -- the contact sheet -----------------------------------------------------------------------------------------------
+
+
+def contact_sheet_rows(labels: Sequence[int], num_classes: int, *, classes: int = SHEET_CLASSES,
+                       per_class: int = SHEET_PER_CLASS) -> list[tuple[int | None, list[int]]]:
+    """The sample indices a contact sheet shows, row by row, as ``(class, [indices])``.
+
+    Class-conditional (``num_classes > 1``): one row for each of the first ``classes`` classes, by id, that have
+    samples, holding the first ``per_class`` samples of that class in index order (the same seed shows the same
+    samples in the same places, checkpoint after checkpoint; with fewer samples of a class its row is shorter).
+    Unconditional: the first ``classes * per_class`` samples, ``per_class`` to a row, class ``None``.
+    """
+    if num_classes <= 1:
+        first = list(range(min(len(labels), classes * per_class)))
+        return [(None, first[i:i + per_class]) for i in range(0, len(first), per_class)]
+    rows: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        row = rows.setdefault(int(label), [])
+        if len(row) < per_class:
+            row.append(index)
+    return [(label, rows[label]) for label in sorted(rows)[:classes]]
+
+
+def _describe_sheet(rows: Sequence[tuple[int | None, list[int]]]) -> str:
+    count = sum(len(indices) for _, indices in rows)
+    if not rows or rows[0][0] is None:
+        return f"the first {count} samples"
+    first, last = rows[0][0], rows[-1][0]
+    return f"{count} samples: one row for each of the classes {first}..{last}" if len(rows) > 1 else \
+        f"{count} samples of class {first}"
+
+
+def image_grid(rows: Sequence[Sequence[Any]], *, labels: Sequence[str] | None = None,
+               min_width: int = GRID_MIN_WIDTH, min_columns: int = 1, padding: int = 2, background: int = 255) -> Any:
+    """A PIL image of uint8 ``[H, W, 3]`` arrays laid out in ``rows`` (all of one size) on ``max(longest row,
+    min_columns)`` columns (short rows leave their last cells empty), each row labelled on the left with ``labels[r]``
+    when given. Tiles are scaled up by the smallest whole factor that makes the columns at least ``min_width`` pixels
+    wide (nearest neighbour: pixels stay sharp; tiles that wide already are left as they are)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    nearest = getattr(Image, "Resampling", Image).NEAREST  # Pillow >= 9.1 (Image.NEAREST before)
+    tiles = [np.asarray(t, dtype=np.uint8) for row in rows for t in row]
+    if not tiles:
+        raise ValueError("image_grid: no images")
+    h, w = tiles[0].shape[:2]
+    columns = max(min_columns, *(len(row) for row in rows))
+    scale = max(1, -(-min_width // (columns * w)))  # ceil
+    th, tw = h * scale, w * scale
+    text_scale = max(1, min(4, th // 40))
+    font = ImageFont.load_default()
+    rendered = [_text(label, text_scale, font, nearest) for label in labels] if labels is not None else []
+    margin = max((r.width for r in rendered), default=0) + (2 * padding * text_scale if rendered else 0)
+    sheet = Image.new("RGB", (margin + padding + columns * (tw + padding), padding + len(rows) * (th + padding)),
+                      (background,) * 3)
+    for r, row in enumerate(rows):
+        top = padding + r * (th + padding)
+        for c, tile in enumerate(row):
+            image = Image.fromarray(np.asarray(tile, dtype=np.uint8))
+            if scale > 1:
+                image = image.resize((tw, th), nearest)
+            sheet.paste(image, (margin + padding + c * (tw + padding), top))
+        if rendered:
+            text = rendered[r]
+            sheet.paste((0, 0, 0), (padding * text_scale, top + (th - text.height) // 2), mask=text)
+    return sheet
+
+
+def _text(label: str, scale: int, font: Any, nearest: Any) -> Any:
+    """``label`` as a mask (mode L, text 255) in ``font``, scaled up ``scale`` times (nearest neighbour)."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), label, font=font)
+    mask = Image.new("L", (max(1, int(right - left)), max(1, int(bottom - top))), 0)
+    ImageDraw.Draw(mask).text((-left, -top), label, fill=255, font=font)
+    return mask.resize((mask.width * scale, mask.height * scale), nearest) if scale > 1 else mask
+
+
+def write_contact_sheet(path: Path, rows: Sequence[tuple[int | None, list[int]]], png: Any) -> Path:
+    """Draw the :func:`contact_sheet_rows` of a sample folder (``png(i)``: the file of sample ``i``) to ``path``
+    (atomically): one row per class, labelled ``class N``, scaled up to at least :data:`GRID_MIN_WIDTH` pixels."""
+    from repae.images import decode_image
+
+    grid = [[decode_image(png(i)) for i in indices] for _, indices in rows]
+    labels = None if not rows or rows[0][0] is None else [f"class {label}" for label, _ in rows]
+    picture = image_grid(grid, labels=labels, min_columns=SHEET_PER_CLASS)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return path

@@ -531,7 +531,8 @@ def test_sample_run_api_matches_the_cli(first_samples, quick_run, tmp_path):
     said = []
     folder = sample_run(quick_run, SamplingSettings(num=6, steps=2), out=tmp_path / "api", batch_size=3,
                         device="cpu", progress=False, registry=REGISTRY, echo=said.append)
-    assert folder == tmp_path / "api" and len(said) == 1 and "wrote" in said[0]
+    assert folder == tmp_path / "api" and len(said) == 2 and "wrote" in said[0]
+    assert said[1].startswith(f"contact sheet: {folder / 'contact_sheet.png'} (")
     reference = read_npz(first_samples / "samples.npz")
     assert np.abs(read_npz(folder / "samples.npz").astype(int) - reference).max() <= 1  # float32 batch effects only
     ours = json.loads((folder / "sampling.json").read_text())["settings"]
@@ -543,3 +544,55 @@ def test_sample_run_api_matches_the_cli(first_samples, quick_run, tmp_path):
                          registry=REGISTRY, echo=said.append)
     assert default == run / "samples" / "step-0000002_euler-1_cfg4_seed5"
     assert read_npz(default / "samples.npz").shape == (1, 32, 32, 3)
+
+
+# -- the contact sheet -----------------------------------------------------------------------------------------------
+
+
+def test_contact_sheet_rows_are_the_first_samples_of_the_first_classes():
+    from repae.sampling import contact_sheet_rows
+
+    labels = make_labels(200, 10, mode="balanced", seed=3).tolist()
+    rows = contact_sheet_rows(labels, 10)
+    assert [label for label, _ in rows] == list(range(8))  # the first 8 classes, by id
+    for label, indices in rows:  # each: the first 8 samples of its class, in index order
+        assert indices == [i for i, y in enumerate(labels) if y == label][:8]
+    # few samples: a row per class present (classes 0..5 of 10), as many samples as there are
+    few = contact_sheet_rows([4, 0, 2, 0, 5, 1, 3], 10)
+    assert few == [(0, [1, 3]), (1, [5]), (2, [2]), (3, [6]), (4, [0]), (5, [4])]
+    # unconditional: the first 64 samples, 8 to a row, no classes
+    plain = contact_sheet_rows([0] * 100, 1)
+    assert plain == [(None, list(range(r * 8, r * 8 + 8))) for r in range(8)]
+    assert contact_sheet_rows([0] * 10, 1) == [(None, list(range(8))), (None, [8, 9])]
+
+
+def test_image_grid_scales_small_tiles_up_sharply_and_labels_rows():
+    from repae.sampling import image_grid
+
+    rng = np.random.default_rng(0)
+    tiles = [[rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(8)] for _ in range(2)]
+    grid = np.asarray(image_grid(tiles, labels=["class 0", "class 1"]))
+    assert grid.shape[1] >= 512 and grid.shape[0] == 2 + 2 * (64 + 2)  # 32-px tiles x2: 8 x 64 = 512 px
+    right = grid.shape[1]
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            top, left = 2 + r * 66, right - (8 - c) * 66
+            assert np.array_equal(grid[top:top + 64, left:left + 64], tile.repeat(2, 0).repeat(2, 1)), (r, c)
+        margin = grid[2 + r * 66:2 + r * 66 + 64, :right - 8 * 66]
+        assert margin.shape[1] > 10 and (margin < 128).any()  # the row's label, in black
+    big = [[np.zeros((256, 256, 3), np.uint8)] * 4]
+    assert np.asarray(image_grid(big)).shape == (2 + 256 + 2, 2 + 4 * 258, 3)  # wide enough: not scaled, no margin
+
+
+def test_cli_writes_a_class_balanced_contact_sheet(first_samples, quick_run):
+    sheet = first_samples / "contact_sheet.png"
+    assert sheet.is_file()
+    assert json.loads((first_samples / "sampling.json").read_text())["contact_sheet"] == "contact_sheet.png"
+    labels = make_labels(6, 10, mode="balanced", seed=0).tolist()  # quickstart: 10 classes; 6 samples, one each
+    image = np.asarray(Image.open(sheet).convert("RGB"))
+    assert image.shape[1] >= 512 and image.shape[0] == 2 + 6 * (64 + 2)  # a row per class 0..5; 32 px tiles x2
+    for row in range(6):  # 8 columns (the first 8 samples of each class), here one filled
+        index = labels.index(row)
+        sample = np.asarray(Image.open(first_samples / "images" / f"{index:06d}.png"))
+        top, left = 2 + row * 66, image.shape[1] - 8 * 66
+        assert np.array_equal(image[top:top + 64, left:left + 64], sample.repeat(2, 0).repeat(2, 1)), row
