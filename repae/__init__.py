@@ -8,7 +8,8 @@ internal and may change). Plugin authors import only from ``repae``; the built-i
   :func:`load_recipe`, :func:`compose_recipe` (check a recipe whole on ``meta``), :func:`open_run` (a trained run's
   components), :func:`load_plugins`.
 - Writing a plugin: :data:`hookimpl`, :func:`option`, :class:`BuildContext`; the contract of every kind and its
-  optional capabilities (:class:`Tokenizer`, :class:`Denoiser`, ..., :class:`Exportable`, :func:`require`); a loss
+  optional capabilities (:class:`Tokenizer`, :class:`Denoiser`, ..., :class:`Tracker`, :class:`Exportable`,
+  :func:`require`); a loss
   subclasses :class:`Loss` with a :class:`LossConfig` and reads a :class:`StepContext`; a trainer may subclass
   :class:`PhasedTrainer`.
 - What plugins share with the core: weights (:func:`resolve_weights`, :func:`load_state_dict`, :func:`load_into`,
@@ -44,8 +45,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "AffineNormalizer", "CarriesLatentNormState", "ChecksTokenizer", "Dataset", "Denoiser", "DenoiserOutput",
         "ExportContext", "Exportable", "HasBlocks", "HasLatentStatistics", "LatentNormalizer", "LatentStatistics",
         "LoadsLatentNormState", "LossConfig", "Metric", "PhasePlan", "Posterior", "ReadsImages", "RecordsWeights",
-        "ReferenceFeatures", "RepresentationEncoder", "Sampler", "StepPlan", "Tokenizer", "Trainer", "Transport",
-        "WeightsInfo", "adopt_latent_norm_state", "require", "supports",
+        "ReferenceFeatures", "RepresentationEncoder", "Sampler", "StepPlan", "Tokenizer", "Tracker", "TrackerRun",
+        "Trainer", "Transport", "WeightsInfo", "adopt_latent_norm_state", "require", "supports",
     ),
     "repae.loss": ("Loss",),
     "repae.train.context": ("StepContext", "StepInputs"),
@@ -136,6 +137,8 @@ if TYPE_CHECKING:
         Sampler,
         StepPlan,
         Tokenizer,
+        Tracker,
+        TrackerRun,
         Trainer,
         Transport,
         WeightsInfo,

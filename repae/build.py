@@ -3,7 +3,8 @@
 A factory is called as ``factory(config, context)``. The :class:`BuildContext` tells it where to build (``meta`` for
 dry runs: no memory, no weights, no data), whether to load pretrained weights, and which components were built before
 it. It never sees the recipe. Build order is the order of the recipe's component slots
-(:data:`repae.recipe.SLOTS`): dataset, tokenizer, encoders, latent_norm, denoiser, losses, sampler, metrics, trainer.
+(:data:`repae.recipe.SLOTS`): dataset, tokenizer, encoders, latent_norm, denoiser, losses, sampler, metrics, trackers,
+trainer.
 
 **Derived fields.** Values that follow from other components are derived unless the recipe sets them: a config class
 may define ``derive(self, context) -> Mapping[str, object]``, returning values for its fields computed from the
@@ -55,7 +56,7 @@ class BuildContext:
     """Load pretrained weights named in the config. Always false on ``meta``."""
     built: Mapping[str, Any] = field(default_factory=dict)
     """Components built earlier, by slot: ``dataset``, ``tokenizer``, ``encoders`` (a list), ``latent_norm``,
-    ``denoiser``, ``losses`` (a dict by label), ``sampler``, ``metrics`` (a list)."""
+    ``denoiser``, ``losses`` (a dict by label), ``sampler``, ``metrics`` (a list), ``trackers`` (a list)."""
     seed: int = 0
     """The recipe's seed."""
     names: Mapping[str, str] = field(default_factory=dict)

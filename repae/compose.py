@@ -158,7 +158,7 @@ def contract_problems(kind: str, component: Any) -> str:
     protocol = {
         "tokenizer": interfaces.Tokenizer, "denoiser": interfaces.Denoiser, "encoder": interfaces.RepresentationEncoder,
         "normalizer": interfaces.LatentNormalizer, "dataset": interfaces.Dataset, "sampler": interfaces.Sampler,
-        "metric": interfaces.Metric, "trainer": interfaces.Trainer,
+        "metric": interfaces.Metric, "tracker": interfaces.Tracker, "trainer": interfaces.Trainer,
     }.get(kind)
     if protocol is None or isinstance(component, protocol):
         return ""

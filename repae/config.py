@@ -211,7 +211,13 @@ def _parse(cls: type, data: Mapping[str, Any], prefix: str, issues: list[ConfigI
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     before = len(issues)
     kwargs: dict[str, Any] = {}
+    removed: Mapping[str, tuple[Any, str]] = getattr(cls, "REMOVED_KEYS", None) or {}
     for key, value in data.items():
+        if key not in fields and key in removed:
+            inert, fix = removed[key]
+            if not (type(value) is type(inert) and value == inert):  # the old default (recorded runs hold it): ignored
+                issues.append(ConfigIssue(f"{prefix}{key}", "was removed", fix))
+            continue
         if key not in fields:
             hint = did_you_mean(str(key), fields).strip() or f"valid keys: {', '.join(fields)}"
             issues.append(ConfigIssue(f"{prefix}{key}", "unknown key", hint))
@@ -326,6 +332,10 @@ def parse_config(cls: type, data: Mapping[str, Any]) -> tuple[Any, list[ConfigIs
 
     Returns ``(instance, [])`` on success, or ``(None, issues)`` listing every unknown key, missing required key and
     wrong type. A ``__post_init__`` that raises ``ValueError``/``TypeError`` becomes an issue too.
+
+    A config class may name keys it no longer has in a class attribute ``REMOVED_KEYS: ClassVar[Mapping[str,
+    tuple[object, str]]]`` (key -> (its old default, what to do instead)): such a key holding its old default is
+    ignored (the resolved recipes of earlier runs hold it), any other value is an issue "was removed" with the fix.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")

@@ -1,8 +1,8 @@
 """The contract of every component kind: what a plugin's component must provide, and what it may provide.
 
-One place for all nine kinds (``repae list`` shows them): tokenizer (and its posterior), denoiser, representation
+One place for all ten kinds (``repae list`` shows them): tokenizer (and its posterior), denoiser, representation
 encoder, latent normaliser, transport (the diffusion process a loss defines), loss (the :class:`repae.Loss` base class
-and the :class:`repae.StepContext` it reads), sampler, dataset, metric and trainer. The contracts are structural
+and the :class:`repae.StepContext` it reads), sampler, dataset, metric, tracker and trainer. The contracts are structural
 (``typing.Protocol``): a component needs no base class (except a loss, which subclasses :class:`repae.Loss`), only
 the members listed here. ``repae recipe validate`` and ``repae run --dry-run`` check a recipe's components against
 them before any data is read (:mod:`repae.compose`).
@@ -84,6 +84,8 @@ __all__ = [
     "Sampler",
     "StepPlan",
     "Tokenizer",
+    "Tracker",
+    "TrackerRun",
     "Trainer",
     "Transport",
     "WeightsInfo",
@@ -645,6 +647,77 @@ class Metric(Protocol):
 
     def compute(self, samples: Mapping[str, Any], reference: ReferenceFeatures) -> dict[str, float]:
         """The metric's values (keys :attr:`outputs`)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tracker
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackerRun:
+    """What a tracker is told when training starts (:meth:`Tracker.start`)."""
+
+    run_dir: Path
+    """The run directory (``--out``): where a tracker keeps its files by default (``RUN_DIR/tensorboard``,
+    ``RUN_DIR/wandb``) and whatever it needs to continue the same run after a resume (wandb's run id)."""
+    resume_step: int
+    """The step training continues from: 0 for a new run, else the checkpoint's step. The steps after it may have
+    been logged already by the interrupted process (up to ``log_every * n`` steps it ran past its last checkpoint);
+    they are logged again with this process's values, so a tracker that can should drop what it holds for them
+    (TensorBoard: ``purge_step``), and one that cannot should skip the steps it already has (wandb)."""
+    recipe: Mapping[str, Any]
+    """The run's resolved recipe as plain data (the mapping of ``RUN_DIR/recipe.yaml``: every component's full
+    config): log it as the run's configuration."""
+    recipe_text: str
+    """The same recipe as YAML text, byte for byte ``RUN_DIR/recipe.yaml``."""
+    label: str = "trackers.0"
+    """This tracker's key path in the recipe, for messages."""
+
+    @property
+    def name(self) -> str:
+        """The run's name: the run directory's name."""
+        return self.run_dir.name
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """An experiment tracker (TensorBoard, Weights & Biases, ...): receives what the run writes, as it writes it.
+
+    A recipe lists any number under ``trackers`` (``trackers: [tensorboard, {name: wandb, project: repae}]``); none by
+    default. ``RUN_DIR/metrics.jsonl`` is always written by the engine and stays the run's record: trackers are
+    additional. Only process 0 of a ``torchrun`` job calls a tracker; the others never build a connection.
+
+    Lifecycle: the factory builds the tracker during ``repae recipe validate`` / ``--dry-run`` / before training
+    (on ``meta`` for the first two), so it must not connect, create files or import heavy packages then; it checks
+    what it can without side effects, above all that its optional package is installed (a
+    :class:`~repae.errors.UserError` naming the ``pip install`` line). Then, in process 0 of ``repae run``:
+    :meth:`start` once, :meth:`log_scalars` and :meth:`log_image` as the run writes, in increasing step order,
+    :meth:`finish` once (also after an error or a stop by SIGTERM). An exception from :meth:`start` stops the run
+    before step 1 (a :class:`~repae.errors.UserError`'s message is shown as is); one from a ``log_*`` method is
+    reported once and the run goes on without that tracker (``metrics.jsonl`` keeps everything).
+    """
+
+    def start(self, run: TrackerRun) -> None:
+        """Open the run (or re-open it on resume: :attr:`TrackerRun.resume_step` > 0) and record
+        :attr:`TrackerRun.recipe` as its configuration."""
+        ...
+
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """The values ``metrics.jsonl`` records at ``step`` (the optimizer steps done), the same keys (losses by
+        label and term, ``PART/grad_norm``, ``skipped_steps``, ``it_per_s``, ``img_per_s``, ``elapsed_s``, ...)
+        and the same values, as floats (``nan``/``inf`` where ``metrics.jsonl`` writes ``null``)."""
+        ...
+
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        """A sample grid the run saved at ``step``: ``path`` is the PNG (``RUN_DIR/samples/step-NNNNNNN.png``, a
+        grid of ``uint8 [N, 3, H, W]`` images from the EMA denoiser), ``key`` what it shows (``samples``)."""
+        ...
+
+    def finish(self, *, ok: bool = True) -> None:
+        """Flush and close; ``ok`` is false when training ended by an error (the tracker may mark the run failed).
+        A run stopped by SIGTERM/SIGINT finishes with ``ok=True``: it resumes later."""
         ...
 
 

@@ -111,6 +111,7 @@ SLOTS: tuple[Slot, ...] = (
     Slot("losses", "loss", "named", "loss components by label"),
     Slot("sampler", "sampler", "one", "how samples are drawn during and after training"),
     Slot("metrics", "metric", "list", "evaluation metrics"),
+    Slot("trackers", "tracker", "list", "experiment trackers that also receive the run's metrics, recipe and samples"),
     Slot("trainer", "trainer", "one", "the training loop and its settings"),
 )
 """Component slots in build order."""

@@ -53,6 +53,7 @@ KINDS: Mapping[str, str] = MappingProxyType(
         "dataset": "image / latent datasets",
         "sampler": "samplers turning noise into latents with a denoiser",
         "metric": "evaluation metrics over generated images",
+        "tracker": "experiment trackers receiving a run's metrics, recipe and sample grids (TensorBoard, W&B)",
         "trainer": "training loops that run a recipe",
     }
 )

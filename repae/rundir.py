@@ -48,12 +48,23 @@ def versions(plugins: Mapping[str, Any]) -> dict[str, Any]:
 
 
 CONTINUABLE = ("trainer.steps", "trainer.num_workers", "trainer.log_every", "trainer.checkpoint_every",
-               "trainer.keep_checkpoints", "trainer.sample_every", "trainer.sample_count", "trainer.tensorboard")
+               "trainer.keep_checkpoints", "trainer.sample_every", "trainer.sample_count", "trainer.tensorboard",
+               "trackers")
 """Recipe keys a run may change and still continue without ``--allow-recipe-change``: training for longer, and
-settings that do not change what is trained (data workers, logging, checkpoint and sample cadence)."""
+settings that do not change what is trained (data workers, logging, checkpoint and sample cadence, the trackers: any
+key under ``trackers``). ``trainer.tensorboard`` is the key of earlier versions (now ``trackers: [tensorboard]``):
+their run directories hold it."""
+
+
+def continuable(key: str) -> bool:
+    """Whether a changed recipe key (a :func:`repae.recipe.diff_keys` path) lets a run continue: a key of
+    :data:`CONTINUABLE` or one under it (``trackers.0.project``)."""
+    return any(key == k or key.startswith(f"{k}.") for k in CONTINUABLE)
+
+
 LOCK_FILE = ".lock"
 _OWN_TEMPORARY = re.compile(r"^\.(recipe\.yaml|recipe\.previous-\d+\.yaml|versions\.json|weights\.json|metrics\.jsonl|"
-                            r"step-\d{7,}|step-\d{7,}\.png)\.tmp-\d+$")
+                            r"step-\d{7,}|step-\d{7,}\.png|wandb-run\.json)\.tmp-\d+$")
 """Temporaries repae's atomic writes leave in a run directory when killed (``.<name>.tmp-<pid>``), and nothing else."""
 
 
@@ -95,8 +106,10 @@ def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = F
                 changed = diff_keys(yaml.safe_load(old_text) or {}, yaml.safe_load(text) or {})
             except yaml.YAMLError:
                 changed = ["(unreadable recipe.yaml)"]
-            shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
-            if not allow_recipe_change and not set(changed) <= set(CONTINUABLE):
+            blocking = [key for key in changed if not continuable(key)]  # named first: those need a decision
+            listed = blocking + [key for key in changed if continuable(key)]
+            shown = ", ".join(listed[:10]) + (f" and {len(listed) - 10} more" if len(listed) > 10 else "")
+            if not allow_recipe_change and blocking:
                 raise UserError(
                     f"{run_dir} already holds a run of a different recipe (differing keys: {shown}). Pass another "
                     f"--out directory, or --allow-recipe-change to continue it with the new recipe."

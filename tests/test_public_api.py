@@ -105,7 +105,7 @@ def test_every_kind_has_a_written_contract():
     contracts = {"tokenizer": interfaces.Tokenizer, "denoiser": interfaces.Denoiser,
                  "encoder": interfaces.RepresentationEncoder, "normalizer": interfaces.LatentNormalizer,
                  "loss": repae.Loss, "dataset": interfaces.Dataset, "sampler": interfaces.Sampler,
-                 "metric": interfaces.Metric, "trainer": interfaces.Trainer}
+                 "metric": interfaces.Metric, "tracker": interfaces.Tracker, "trainer": interfaces.Trainer}
     assert set(contracts) == set(repae.KINDS)
     for contract in contracts.values():
         assert inspect.getdoc(contract) and contract.__module__ in ("repae.interfaces", "repae.loss")

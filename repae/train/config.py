@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from repae.config import FieldError, option
 
@@ -89,7 +90,14 @@ class TrainerConfig:
     keep_checkpoints: int = option(3, doc="how many of the latest checkpoints to keep")
     sample_every: int = option(10_000, doc="steps between sample grids from the EMA denoiser (0: never)")
     sample_count: int = option(16, doc="images per sample grid (class-balanced labels)")
-    tensorboard: bool = option(False, doc="also write TensorBoard event files (needs the tensorboard package)")
+
+    REMOVED_KEYS: ClassVar[Mapping[str, tuple[Any, str]]] = {
+        "tensorboard": (False, "TensorBoard is a tracker now: list it at the recipe's top level, `trackers: "
+                               "[tensorboard]` (override: 'trackers=[tensorboard]'), and delete trainer.tensorboard "
+                               "(see docs/training.md, Trackers)"),
+    }
+    """Keys of earlier versions (see :func:`repae.config.parse_config`): ``tensorboard: false``, which every run
+    directory's recipe.yaml of those versions holds, is ignored; ``true`` names the replacement."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):

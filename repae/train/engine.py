@@ -62,7 +62,7 @@ from repae.train.context import (
 )
 from repae.train.data import StepOrder, step_generator
 from repae.train.ema import EMA
-from repae.train.observe import MetricsLog, save_grid, summarize
+from repae.train.observe import MetricsLog, Trackers, save_grid, summarize
 
 if TYPE_CHECKING:
     from repae.build import BuildContext
@@ -97,6 +97,8 @@ class PhasedTrainer:
         self.denoiser = _component(built, "denoiser")
         self.losses: dict[str, Any] = dict(built.get("losses") or {})
         self.sampler = _component(built, "sampler")
+        self.trackers: list[Any] = list(built.get("trackers") or [])
+        """The recipe's trackers (:class:`repae.interfaces.Tracker`), in recipe order: process 0 starts them."""
         problems = []
         if self.denoiser is None:
             problems.append("a `denoiser`")
@@ -688,16 +690,26 @@ class PhasedTrainer:
                 _say(f"resuming from {found} (step {self.step} of {self.config.steps})")
         order = StepOrder(len(self.dataset), self.config.batch_size, self.config.grad_accum, world, topo_rank,
                           self.seed)
-        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=self.step,
-                             tensorboard_dir=run_dir / "tensorboard" if self.config.tensorboard else None) \
-            if is_main else None
+        trackers = Trackers([(f"trackers.{i}", self.names.get(f"trackers.{i}", type(t).__name__), t)
+                             for i, t in enumerate(self.trackers)]) if is_main else None
+        metrics: MetricsLog | None = None
+        ok = False
         try:
+            if trackers is not None:
+                trackers.start(run_dir, self.step)  # a tracker that cannot start stops the run before step 1
+                metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=self.step, trackers=trackers)
             with progress_bar("train", self.config.steps, completed=self.step, unit="it", elapsed=self.elapsed_s,
                               enabled=progress and is_main) as bar, _StopSignals() as signals:
                 self._loop(run_dir, order, metrics, bar, is_main, signals)
+            ok = True
+        except StopRequested:
+            ok = True  # stopped by a signal with a checkpoint: the run continues later
+            raise
         finally:
             if metrics is not None:
-                metrics.close()
+                metrics.close(ok=ok)
+            elif trackers is not None:
+                trackers.finish(ok=False)
 
     def _loop(self, run_dir: Path, order: StepOrder, metrics: MetricsLog | None, bar: Any, is_main: bool,
               signals: _StopSignals | None = None) -> None:
@@ -764,7 +776,9 @@ class PhasedTrainer:
                 self._save(run_dir, is_main)
                 saved = True
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and is_main:
-                self.sample_grid(run_dir / "samples" / f"step-{done:07d}.png")
+                grid = self.sample_grid(run_dir / "samples" / f"step-{done:07d}.png")
+                if grid is not None and metrics is not None:
+                    metrics.image(done, "samples", grid)
             received = signals.received if signals is not None else 0
             if distributed.any_process(received != 0) and done < cfg.steps:
                 if is_main:

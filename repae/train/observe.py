@@ -1,41 +1,109 @@
-"""What a run leaves behind: ``metrics.jsonl``, optional TensorBoard, sample grids (its progress bar is
-:func:`repae.reporting.progress`)."""
+"""What a run leaves behind: ``metrics.jsonl``, sample grids, and what the recipe's trackers receive (its progress
+bar is :func:`repae.reporting.progress`)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["MetricsLog", "save_grid", "summarize"]
+__all__ = ["MetricsLog", "Trackers", "save_grid", "summarize"]
+
+
+class Trackers:
+    """The recipe's trackers (:class:`repae.interfaces.Tracker`) in process 0: started with the run directory, the
+    resume step and the run's resolved recipe (``RUN_DIR/recipe.yaml``), then given what ``metrics.jsonl`` and the
+    sample grids get. A tracker that fails to start stops the run before step 1 (a :class:`UserError` naming its key
+    path); one that fails while logging is reported once and left out from then on (``metrics.jsonl`` keeps
+    everything)."""
+
+    def __init__(self, trackers: Sequence[tuple[str, str, Any]]) -> None:
+        """``trackers``: ``(key path, registered name, tracker)`` in recipe order (``("trackers.0", "wandb", t)``)."""
+        self._waiting = list(trackers)
+        self._active: list[tuple[str, str, Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def start(self, run_dir: Path, resume_step: int) -> None:
+        import yaml
+
+        from repae.errors import UserError, describe_exception
+        from repae.interfaces import TrackerRun
+
+        path = Path(run_dir) / "recipe.yaml"
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        recipe = yaml.safe_load(text) if text else {}
+        for label, name, tracker in self._waiting:
+            run = TrackerRun(run_dir=Path(run_dir), resume_step=resume_step,
+                             recipe=recipe if isinstance(recipe, Mapping) else {}, recipe_text=text, label=label)
+            try:
+                tracker.start(run)
+            except Exception as exc:  # noqa: BLE001 - a plugin's tracker: reported with its key path
+                self.finish(ok=False)  # those started already
+                detail = str(exc) if isinstance(exc, UserError) else describe_exception(exc)
+                raise UserError(f"{label} (tracker '{name}') could not start: {detail}") from None
+            self._active.append((label, name, tracker))
+        self._waiting = []
+
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        floats = {key: float(value) for key, value in values.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        self._call("log_scalars", step, floats)
+
+    def image(self, step: int, key: str, path: Path) -> None:
+        self._call("log_image", step, key, Path(path))
+
+    def finish(self, *, ok: bool = True) -> None:
+        active, self._active = self._active, []
+        for label, name, tracker in active:
+            try:
+                tracker.finish(ok=ok)
+            except Exception as exc:  # noqa: BLE001 - the run's own files are written; say what was not
+                _warn(f"{label} (tracker '{name}') failed to finish: {_describe(exc)}")
+
+    def _call(self, method: str, *args: Any) -> None:
+        for entry in list(self._active):
+            label, name, tracker = entry
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - one tracker failing must not stop a training
+                self._active.remove(entry)
+                _warn(f"{label} (tracker '{name}') failed in {method} at step {args[0]} ({_describe(exc)}); it gets "
+                      "nothing more in this run (metrics.jsonl keeps every value)")
+                try:
+                    tracker.finish(ok=False)
+                except Exception:  # noqa: BLE001, S110 - it failed already; said above
+                    pass
+
+
+def _describe(exc: BaseException) -> str:
+    from repae.errors import UserError, describe_exception
+
+    return str(exc) if isinstance(exc, UserError) else describe_exception(exc)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class MetricsLog:
-    """Append-only JSONL (one object per logged step) plus TensorBoard scalars when asked for."""
+    """Append-only JSONL (one object per logged step); what it writes also goes to the run's :class:`Trackers`."""
 
-    def __init__(self, path: Path, *, tensorboard_dir: Path | None = None, resume_step: int = 0) -> None:
-        """``resume_step``: the step training resumes from; lines and TensorBoard events of later steps (logged
-        after that checkpoint by the interrupted run) are dropped, so every step appears once."""
+    def __init__(self, path: Path, *, resume_step: int = 0, trackers: Trackers | None = None) -> None:
+        """``resume_step``: the step training resumes from; lines of later steps (logged after that checkpoint by
+        the interrupted run) are dropped, so every step appears once. ``trackers`` (started) get every line too."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             self._drop_after(resume_step)
+        self.trackers = trackers if trackers is not None else Trackers(())
         self._file = self.path.open("a", encoding="utf-8")
-        self._tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:  # tensorboard is an optional dependency
-                from repae.errors import UserError
-
-                raise UserError(
-                    f"trainer.tensorboard is on but TensorBoard is not installed ({exc}); pip install tensorboard"
-                ) from None
-            self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def _drop_after(self, step: int) -> None:
         from repae.fileio import atomic_write
@@ -69,15 +137,15 @@ class MetricsLog:
 
             raise UserError(f"cannot append to {self.path} ({exc.strerror or exc}); free space or fix its "
                             "permissions, then run the same command to resume from the last checkpoint") from None
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+        self.trackers.scalars(step, values)
 
-    def close(self) -> None:
+    def image(self, step: int, key: str, path: Path) -> None:
+        """A saved sample grid (PNG), for the trackers."""
+        self.trackers.image(step, key, path)
+
+    def close(self, *, ok: bool = True) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        self.trackers.finish(ok=ok)
 
 
 def save_grid(images: torch.Tensor, path: Path, *, nrow: int | None = None) -> Path:
