@@ -178,6 +178,13 @@ def test_run_trains_with_the_plugin_trainer_loss_and_sampler(run_dir):
     recipe = (run_dir / "recipe.yaml").read_text()
     assert "input_size: 4" in recipe and "name: acme-trainer" in recipe
     assert json.loads((run_dir / "versions.json").read_text())["plugins"]["acme"]["distribution"] == DISTRIBUTION
+    # the plugin's tracker got what metrics.jsonl holds (its two keys, each step) and the grid
+    rows = (run_dir / "acme-metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,key,value" and len(rows) == 1 + 2 * 2 + 1
+    for line in lines:
+        for key in ("denoiser/total", "denoiser/param_norm"):
+            assert f"{line['step']},{key},{line[key]!r}" in rows
+    assert rows[-1] == f"2,samples,{run_dir / 'samples' / 'step-0000002.png'}"
 
 
 def test_sample_with_the_plugin_sampler(samples):
