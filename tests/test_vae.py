@@ -44,6 +44,13 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+def parse_section(registry, name: str, **section):
+    """The config a tokenizer section resolves to (presets applied); asserts it is valid."""
+    config, issues = registry.get("tokenizer", name).parse(section)
+    assert not issues, issues
+    return config
+
+
 def tiny(seed: int = 0) -> KLAutoencoder:
     return randomize_(KLAutoencoder(**TINY), seed).eval()
 
@@ -406,14 +413,16 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_loads_repae_hub_repository_offline(registry, offline_hub, tmp_path):
-    ours = tiny(seed=14)
-    torch.save(ours.state_dict(), tmp_path / "w.pt")
+    torch.manual_seed(14)
+    ours = KLAutoencoder(**F8D4)  # the release's architecture (random weights, stored in half precision: 167 MB)
+    torch.save({k: v.half() for k, v in ours.state_dict().items()}, tmp_path / "w.pt")
     stats = {"latents_scale": torch.full((1, 4, 1, 1), 3.0), "latents_bias": torch.zeros(1, 4, 1, 1)}
     torch.save(stats, tmp_path / "s.pt")
     files = {"sdvae-f8d4.pt": tmp_path / "w.pt", "sdvae-f8d4-latents-stats.pt": tmp_path / "s.pt"}
     fake_hub_repo(offline_hub, "REPA-E/sdvae", files)
-    vae = build(registry, "sd-vae", size="tiny", weights="hf://REPA-E/sdvae")  # the repository alone names its file
-    assert_same_weights(ours, vae)
+    vae = build(registry, "sd-vae", size="f8d4", weights="hf://REPA-E/sdvae")  # the repository alone names its file
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v.half().float(), vae.state_dict()[k]), k
     info = vae.loaded_weights["weights"]
     assert info.sha256 == sha256(tmp_path / "w.pt") and info.source == "hf://REPA-E/sdvae"
     torch.testing.assert_close(vae.latent_stats.std, torch.full((4,), 1 / 3))
@@ -431,7 +440,7 @@ def test_hub_repository_without_cached_stats_loads_without_them(registry, offlin
 
 def test_uncached_hub_weights_say_what_to_download(registry, offline_hub):
     with pytest.raises(UserError, match=r"(?s)e2e-vavae-400k\.pt.*REPA-E/e2e-vavae"):
-        build(registry, "va-vae", size="tiny", weights="hf://REPA-E/e2e-vavae")
+        build(registry, "va-vae", weights="hf://REPA-E/e2e-vavae")  # its preset, f16d32
 
 
 def test_registration_module_does_not_import_torch():
@@ -443,12 +452,12 @@ def test_registration_module_does_not_import_torch():
 
 
 def test_hub_stats_are_fetched_beside_the_checkpoint(registry, tmp_path, monkeypatch):
-    ours = tiny(seed=16)
+    ours = tiny(seed=16)  # tiny weights: a repository that is not a release (those must hold their architecture)
     (tmp_path / "cached").mkdir()
     (tmp_path / "fetched").mkdir()
-    ckpt = tmp_path / "cached" / "e2e-vavae-400k.pt"
+    ckpt = tmp_path / "cached" / "e2e-tiny-400k.pt"
     torch.save(ours.state_dict(), ckpt)
-    stats = tmp_path / "fetched" / "e2e-vavae-400k-latents-stats.pt"
+    stats = tmp_path / "fetched" / "e2e-tiny-400k-latents-stats.pt"
     torch.save({"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.zeros(1, 4, 1, 1)}, stats)
     asked = []
 
@@ -459,7 +468,94 @@ def test_hub_stats_are_fetched_beside_the_checkpoint(registry, tmp_path, monkeyp
     # the public name (what plugins import) and the module's own (what repae.load_weights calls)
     monkeypatch.setattr(repae.weights, "resolve_weights", resolve)
     monkeypatch.setattr(repae, "resolve_weights", resolve)
-    vae = build(registry, "va-vae", size="tiny", weights="hf://REPA-E/e2e-vavae/e2e-vavae-400k.pt@v1")
-    repo = "hf://REPA-E/e2e-vavae"
-    assert asked == [f"{repo}/e2e-vavae-400k.pt@v1", f"{repo}/e2e-vavae-400k-latents-stats.pt@v1"]
+    vae = build(registry, "va-vae", size="tiny", weights="hf://someone/e2e-tiny/e2e-tiny-400k.pt@v1")
+    repo = "hf://someone/e2e-tiny"
+    assert asked == [f"{repo}/e2e-tiny-400k.pt@v1", f"{repo}/e2e-tiny-400k-latents-stats.pt@v1"]
     torch.testing.assert_close(vae.latent_stats.std, torch.full((4,), 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights and configuration agree (issue 11): fields that change no parameter shape are checked against the release
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The reported input: the tiny preset's fields, with the f8d4 shape fields set, keeps the tiny preset's norm_groups 4.
+F8D4_SHAPES_TINY_GROUPS = {**{k: v for k, v in F8D4.items() if k != "norm_groups"}, "size": "tiny"}
+
+
+@pytest.fixture(scope="module")
+def f8d4_file(tmp_path_factory) -> Path:
+    """A real f8d4-layout state dict (random weights, half precision) in a plain .pt file, as REPA-E's sdvae-f8d4.pt."""
+    torch.manual_seed(21)
+    file = tmp_path_factory.mktemp("f8d4") / "sdvae-f8d4.pt"
+    torch.save({k: v.half() for k, v in KLAutoencoder(**F8D4).state_dict().items()}, file)
+    return file
+
+
+def test_release_weights_into_a_config_with_other_norm_groups_are_refused(registry, f8d4_file):
+    """The f8d4 weights load strictly into norm_groups 4 (no shape changes) and compute something else: an error
+    naming the field, both values and the preset, before anything is copied."""
+    assert parse_section(registry, "sd-vae", **F8D4_SHAPES_TINY_GROUPS).norm_groups == 4
+    with pytest.raises(UserError, match=r"(?s)norm_groups 4 \(the weights: 32\).*no parameter shape.*size: f8d4"):
+        build(registry, "sd-vae", weights=str(f8d4_file), **F8D4_SHAPES_TINY_GROUPS)
+    vae = build(registry, "sd-vae", size="f8d4", weights=str(f8d4_file))  # the release's own preset loads
+    assert vae.architecture["norm_groups"] == 32
+
+
+def test_release_layout_is_checked_by_validate_from_the_header(registry, tmp_path):
+    """A local safetensors file: ``repae recipe validate`` (a build on meta) reads its header and refuses the config,
+    without reading the tensors."""
+    from repae.compose import compose_recipe
+    from repae.recipe import read_recipe
+
+    with torch.device("meta"):
+        model = KLAutoencoder(**F8D4)
+    file = tmp_path / "sdvae-f8d4.safetensors"
+    header = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in model.state_dict().items()}
+    save_file(header, str(file))
+    with pytest.raises(UserError, match=r"norm_groups 4 \(the weights: 32\)"):
+        build(registry, "sd-vae", device="meta", weights=str(file), **F8D4_SHAPES_TINY_GROUPS)
+    fields = ", ".join(f"{k}: {v}" for k, v in {**F8D4_SHAPES_TINY_GROUPS, "weights": str(file)}.items())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text().replace(
+        "tokenizer: {name: sd-vae, size: tiny}", f"tokenizer: {{name: sd-vae, {fields}}}").replace(
+        "extends: _base/repae_losses.yaml", f"extends: {Path(__file__).parents[1] / 'recipes/_base/repae_losses.yaml'}"))
+    with pytest.raises(RecipeError, match=r"(?s)tokenizer.*norm_groups 4 \(the weights: 32\).*size: f8d4"):
+        compose_recipe(read_recipe(recipe, ["dataset.resolution=256"], registry), check_step=False)
+    build(registry, "sd-vae", device="meta", size="f8d4", weights=str(file))  # the right config passes
+
+
+def test_weights_naming_a_release_are_checked_by_the_config(registry):
+    """``weights`` naming a released repository: every architecture field against the release, at the key path."""
+    entry = registry.get("tokenizer", "sd-vae")
+    _, issues = entry.parse({**F8D4_SHAPES_TINY_GROUPS, "weights": "hf://REPA-E/sdvae"})
+    assert [i.path for i in issues] == ["norm_groups"]
+    assert "norm_groups 4 (the weights: 32)" in issues[0].message and "size: f8d4" in issues[0].message
+    _, issues = entry.parse({"size": "tiny", "weights": "hf://stabilityai/sd-vae-ft-ema"})
+    assert [i.path for i in issues] == ["ch"]  # the first field that differs; the message lists them all
+    assert all(f in issues[0].message for f in ("ch 8 (the weights: 128)", "norm_groups 4 (the weights: 32)"))
+    _, issues = registry.get("tokenizer", "va-vae").parse({"size": "f8d4", "weights": "hf://REPA-E/e2e-vavae"})
+    assert issues and "size: f16d32" in issues[0].message
+    for name, size, source in (("sd-vae", "f8d4", "hf://REPA-E/e2e-sdvae/e2e-sdvae-400k.pt"),
+                               ("in-vae", "f16d32", "hf://REPA-E/invae"), ("sd-vae", "tiny", "hf://me/my-vae")):
+        _, issues = registry.get("tokenizer", name).parse({"size": size, "weights": source})
+        assert not issues, (source, issues)
+
+
+def test_weights_stating_their_architecture_are_checked_against_it(registry, tmp_path):
+    """A diffusers folder (config.json) or repae's own export (safetensors metadata) states its architecture: a config
+    that differs from it, even in a field that changes no shape, is refused; the stated one loads."""
+    from repae_vae.convert import export_ldm
+    from repae.interfaces import ExportContext, LatentStatistics
+
+    ours = tiny(seed=22)  # norm_groups 4; 2 divides every width too, and changes no shape
+    folder = save_diffusers(ours, tmp_path / "hf")
+    with pytest.raises(UserError, match=r"(?s)config\.json states.*norm_groups 2 \(the weights: 4\)"):
+        build(registry, "sd-vae", size="tiny", norm_groups=2, weights=str(folder))
+    assert_same_weights(ours, build(registry, "sd-vae", size="tiny", weights=str(folder)))
+    export_ldm(ours, tmp_path, ExportContext("tokenizer", LatentStatistics(), None, {}))
+    exported = tmp_path / "tokenizer.safetensors"
+    with pytest.raises(UserError, match=r"(?s)repae\.architecture metadata.*norm_groups 2 \(the weights: 4\)"):
+        build(registry, "sd-vae", size="tiny", norm_groups=2, weights=str(exported))
+    with pytest.raises(UserError, match=r"norm_groups 2 \(the weights: 4\)"):  # validate too (the header)
+        build(registry, "sd-vae", device="meta", size="tiny", norm_groups=2, weights=str(exported))
+    assert_same_weights(ours, build(registry, "sd-vae", size="tiny", weights=str(exported)))

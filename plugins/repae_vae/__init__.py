@@ -61,6 +61,14 @@ class KLVAEConfig:
         if bad:
             raise FieldError("norm_groups", f"{self.norm_groups} does not divide the channel widths {bad} (ch x "
                              "ch_mult): GroupNorm splits the channels into equal groups")
+        from repae_vae.releases import ARCHITECTURE_FIELDS, architecture_problem, release_of_source
+
+        release = release_of_source(self.weights)  # weights naming a release: its architecture, field by field
+        if release is not None:
+            problem = architecture_problem(vars(self), release.architecture, fields=ARCHITECTURE_FIELDS,
+                                           what=f"the {release.name} release ({self.weights})", preset=release.preset)
+            if problem is not None:
+                raise FieldError(*problem)
 
 
 @dataclass(kw_only=True)

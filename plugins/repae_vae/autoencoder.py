@@ -431,6 +431,7 @@ def load_vae_weights(model: KLAutoencoder, source: str, *, key: str | None = Non
     state, info = load_weights(source, key=key, default_filename=_default_filename(source))
     path = Path(info.path)
     state = _vae_state_dict(state, source)
+    check_release(model, path, source, {k: tuple(v.shape) for k, v in state.items()})
     if not strict:
         expected = model.state_dict()
         state = {k: v for k, v in state.items() if k in expected}
@@ -439,6 +440,73 @@ def load_vae_weights(model: KLAutoencoder, source: str, *, key: str | None = Non
     load_into(model, state, strict=True, what=f"VAE weights {where} for the architecture ({arch})")
     model.loaded_weights["weights"] = info
     return path
+
+
+def check_release(model: KLAutoencoder, path: Path, source: str, shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Refuse weights that ``model``'s architecture disagrees with in a field strict loading cannot see
+    (:mod:`repae_vae.releases`): the architecture the file states (a diffusers ``config.json`` next to it, repae's
+    export metadata), else the release whose key layout it has. ``shapes``: the file's keys and shapes in the LDM
+    layout (``None``: unknown, then only a stated architecture is checked). Raises :class:`repae.UserError` naming
+    the fields, both values and the preset."""
+    from repae_vae.releases import (
+        ARCHITECTURE_FIELDS,
+        SHAPE_FREE_FIELDS,
+        architecture_problem,
+        declared_architecture,
+        release_of_layout,
+    )
+
+    arch = model.architecture
+    declared = declared_architecture(path)
+    if declared is not None:
+        expected, where = declared
+        release = release_of_layout(expected)
+        same = release is not None and all(
+            list(release.architecture[f]) == list(expected[f]) if isinstance(expected.get(f), list)
+            else release.architecture[f] == expected.get(f) for f in ARCHITECTURE_FIELDS)
+        problem = architecture_problem(arch, expected, what=f"{source!r}, with the architecture {where}",
+                                       fields=ARCHITECTURE_FIELDS, preset=release.preset if same and release else None)
+    else:
+        release = release_of_layout(arch)
+        if release is None or shapes is None or dict(shapes) != {k: tuple(v.shape) for k, v in
+                                                                 model.state_dict().items()}:
+            return  # no release has this layout, or the file has another one (strict loading names the keys)
+        problem = architecture_problem(arch, release.architecture, fields=SHAPE_FREE_FIELDS, preset=release.preset,
+                                       what=f"{source!r}, whose key layout is that of the {release.name} release")
+    if problem is not None:
+        raise UserError(f"VAE: {problem[1]}")
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Keys and shapes of an LDM-layout safetensors file, from its header alone (``None`` for other files)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
+        return None
+    for prefix in ("module.", "vae."):
+        if shapes and all(k.startswith(prefix) for k in shapes):
+            shapes = {k[len(prefix):]: v for k, v in shapes.items()}
+    return None if is_diffusers_layout(shapes) else shapes
+
+
+def _check_before_loading(model: KLAutoencoder, config: KLVAEConfig) -> None:
+    """On ``meta`` (``repae recipe validate``, ``--dry-run``): :func:`check_release` for a local weights file, from
+    what it states about itself and its header, without reading its tensors (hub sources are checked when loaded)."""
+    from repae import resolve_weights
+
+    source = config.weights
+    if not source or source.startswith(("hf://", "http://", "https://")) or config.weights_key:
+        return
+    try:
+        path = resolve_weights(source, default_filename=_default_filename(source))
+    except (UserError, OSError, ValueError):
+        return  # a missing file is reported by the recipe check
+    check_release(model, path, source, _header_shapes(path))
 
 
 def _vae_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -538,6 +606,7 @@ def build_kl_vae(config: KLVAEConfig, context: BuildContext) -> KLAutoencoder:
         norm_groups=config.norm_groups,
     )
     if not context.load_weights:
+        _check_before_loading(model, config)
         return model
     loaded = None
     if config.weights:

@@ -10,6 +10,8 @@ diffusers itself is not needed here: only its key names and config fields are us
 
 from __future__ import annotations
 
+import json
+
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -253,8 +255,11 @@ def export_ldm(model: KLAutoencoder, folder: Path, context: ExportContext) -> di
     to it)."""
     from repae import write_safetensors
 
+    from repae_vae.releases import ARCHITECTURE_METADATA
+
     files = {}
-    write_safetensors(folder / f"{context.stem}.safetensors", model.state_dict(), metadata=context.metadata)
+    metadata = {**(context.metadata or {}), ARCHITECTURE_METADATA: json.dumps(model.architecture)}
+    write_safetensors(folder / f"{context.stem}.safetensors", model.state_dict(), metadata=metadata)
     files[f"{context.stem}.safetensors"] = "the tokenizer, LDM layout (REPA-E / latent-diffusion key names)"
     stats = repae_e_statistics(context.statistics, model.latent_channels)
     if stats is not None:
