@@ -362,7 +362,7 @@ def image_grid(rows: Sequence[Sequence[Any]], *, labels: Sequence[str] | None = 
     when given. Tiles are scaled up by the smallest whole factor that makes the columns at least ``min_width`` pixels
     wide (nearest neighbour: pixels stay sharp; tiles that wide already are left as they are)."""
     import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageFont
 
     nearest = getattr(Image, "Resampling", Image).NEAREST  # Pillow >= 9.1 (Image.NEAREST before)
     tiles = [np.asarray(t, dtype=np.uint8) for row in rows for t in row]
