@@ -172,3 +172,116 @@ def test_listing_does_not_import_heavy_modules():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# -- shell completion and choices ------------------------------------------------------------------------------------
+
+
+def complete(runner, line: str) -> list[str]:
+    """What `repae` offers bash for the last word of ``line`` (click's protocol: the completion script sets
+    _REPAE_COMPLETE=complete_bash, COMP_WORDS and COMP_CWORD and reads one candidate per line)."""
+    words = line.split(" ")
+    env = {"_REPAE_COMPLETE": "complete_bash", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)}
+    result = runner.invoke(app, [], env=env, prog_name="repae")
+    assert result.exit_code == 0, result.output
+    return result.stdout.split()
+
+
+def test_shell_completion_is_on(runner, monkeypatch):
+    assert "--install-completion" in invoke(runner, "--help").stdout
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")  # name the shell instead of detecting it
+    for shell in ("bash", "zsh", "fish"):
+        script = invoke(runner, "--show-completion", shell)
+        assert script.exit_code == 0 and "_REPAE_COMPLETE" in script.stdout, (shell, script.output)
+
+
+def test_completion_of_commands_choices_and_component_names(runner, toys):
+    from repae.registry import KINDS
+
+    assert complete(runner, "repae sa") == ["sample"]
+    assert complete(runner, "repae sample run --device c") == ["cpu", "cuda", "cuda:0"]
+    assert complete(runner, "repae sample run --labels ") == ["balanced", "random"]
+    assert complete(runner, "repae sweep r.yaml --launcher t") == ["torchrun"]
+    assert complete(runner, "repae list t") == [k for k in KINDS if k.startswith("t")]
+    assert complete(runner, "repae show toy-") == ["toy-data", "toy-dit", "toy-enc", "toy-loss", "toy-vae"]
+    assert complete(runner, "repae run r.yaml --out x --dev") == ["--device"]
+    assert complete(runner, "repae run rec") == []  # paths: the shell completes files itself
+
+
+def test_completion_of_registered_samplers_and_metrics(runner, monkeypatch):
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    assert complete(runner, "repae sample run --sampler euler") == ["euler", "euler-maruyama"]
+    assert complete(runner, "repae eval s.npz --metrics fid,s") == ["fid,sfid"]
+    assert complete(runner, "repae eval s.npz --metrics p") == ["precision-recall", "pr"]
+    assert complete(runner, "repae prepare-data root --dataset image-") == ["image-folder", "image-shards"]
+
+
+def test_choices_are_listed_by_help_and_checked_by_the_parser():
+    from repae.cli.reference import render
+
+    sections = {s.split("\n", 1)[0]: s for s in render().split("\n## ")[1:]}
+    expected = {
+        "repae sample": ["--labels [balanced|random]", "--cfg-channels [all|N]"],
+        "repae sweep": ["--launcher [in-process|torchrun]"],
+        "repae prepare-data": ["--on-unreadable [error|skip]"],
+        "repae show": ["--kind [tokenizer|denoiser|"],
+    }
+    for command, options in expected.items():
+        for option in options:
+            assert option in sections[command], (command, option)
+    with_device = [c for c, text in sections.items() if "--device" in text]
+    assert set(with_device) == {"repae run", "repae bench", "repae cache-latents", "repae sample", "repae eval",
+                                "repae analyze", "repae sweep"}
+    assert all("--device [auto|cpu|cuda|cuda:N]" in sections[c] for c in with_device)
+
+
+def test_bad_choices_are_usage_errors_before_torch_is_imported(tmp_path):
+    """Each mistake exits with code 2 and a message naming the valid values (and the closest), without a traceback
+    and before torch is imported (the check of a registered name loads only the plugins' metadata)."""
+    (tmp_path / "images").mkdir()
+    cases = [
+        (["sample", "run", "--device", "cdua"], ["'cdua'", "Did you mean 'cuda'?", "auto, cpu, cuda or cuda:N"]),
+        (["sample", "run", "--labels", "balance"], ["Did you mean 'balanced'?", "balanced or random"]),
+        (["sample", "run", "--cfg-channels", "0"], ["all or N", "a number of channels"]),
+        (["sample", "run", "--sampler", "eulr"], ["--sampler eulr: unknown sampler", "Did you mean 'euler'?",
+                                                  "ddpm, euler, euler-maruyama, heun"]),
+        (["eval", "s.npz", "--ref", "r.npz", "--metrics", "fdi"], ["unknown metric 'fdi'. Did you mean 'fid'"]),
+        (["sweep", "r.yaml", "--launcher", "slurm"], ["in-process or torchrun"]),
+        (["prepare-data", str(tmp_path / "images"), "--out", str(tmp_path / "o"), "--on-unreadable", "ignore"],
+         ["error or skip"]),
+        (["prepare-data", str(tmp_path / "images"), "--out", str(tmp_path / "o"), "--dataset", "image-foldr"],
+         ["Did you mean 'image-folder'?"]),
+        (["run", "r.yaml", "--device", "gpu"], ["auto, cpu, cuda or cuda:N"]),
+        (["show", "sit", "--kind", "denoisers"], ["Did you mean 'denoiser'?"]),
+    ]
+    code = (
+        "import json, sys\nfrom typer.testing import CliRunner\nfrom repae.cli import app\n"
+        f"cases = json.loads({json.dumps(json.dumps([args for args, _ in cases]))})\n"
+        "out = []\n"
+        "for args in cases:\n"
+        "    r = CliRunner().invoke(app, args, terminal_width=400)\n"
+        "    out.append([r.exit_code, r.stdout, r.stderr])\n"
+        "print(json.dumps({'results': out, 'heavy': [m for m in ('torch', 'timm') if m in sys.modules]}))\n"
+    )
+    env = {**os.environ, "REPAE_PLUGINS": "repae", "COLUMNS": "400"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["heavy"] == []
+    for (args, texts), (exit_code, out, err) in zip(cases, data["results"]):
+        assert exit_code == 2 and "Traceback" not in out + err, (args, out, err)
+        for text in texts:
+            assert text in " ".join(err.split()), (args, text, err)
+
+
+def test_completion_imports_no_torch():
+    code = (
+        "import os, sys; from typer.testing import CliRunner; from repae.cli import app\n"
+        "env = {'_REPAE_COMPLETE': 'complete_bash', 'COMP_WORDS': 'repae sample run --sampler e', 'COMP_CWORD': '4'}\n"
+        "r = CliRunner().invoke(app, [], env=env, prog_name='repae')\n"
+        "print(r.stdout.split(), [m for m in ('torch', 'timm', 'open_clip') if m in sys.modules])"
+    )
+    env = {**os.environ, "REPAE_PLUGINS": "repae"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['euler', 'euler-maruyama'] []"

@@ -24,7 +24,7 @@ app = typer.Typer(
     name="repae",
     help="Train latent diffusion transformers with representation alignment (REPA-E, REPA, vanilla) from recipes.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from repae.cli._choices import DEVICE_OPTION
 from repae.cli._common import load_host, plain_table, stdout, user_errors
 from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 
@@ -41,7 +42,7 @@ def analyze(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the diffusion noise of the CKNNA features."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA denoiser and latent normaliser (default)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    device: str = DEVICE_OPTION,
     inception_weights: Optional[str] = typer.Option(
         None, "--inception-weights", help="Inception weights for the rFID (default: as `repae eval` finds them, "
         "never downloaded here); without them rfid is null."

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from repae.cli._choices import DEVICE_OPTION
 from repae.cli._common import load_host, pick_device, print_json, stdout, user_errors
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
@@ -17,7 +18,7 @@ def bench(
     overrides: Optional[List[str]] = OVERRIDES_ARG,
     steps: int = typer.Option(10, "--steps", help="Timed steps (medians are over these)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compilation, allocator, caches)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    device: str = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (img_per_s, step_s, peak_mem_mb, "
                                  "phases, flops, mfu, ...) instead of the report."),
     weights: bool = typer.Option(False, "--weights/--random-weights", help="Load the recipe's pretrained weights "

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from repae.cli._choices import DEVICE_OPTION
 from repae.cli._common import announce_output, load_host, pick_device, stdout, user_errors
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
@@ -22,7 +23,7 @@ def cache_latents(
     overrides: Optional[List[str]] = OVERRIDES_ARG,
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the cache to (created; never overwritten)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images encoded per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    device: str = DEVICE_OPTION,
     workers: int = typer.Option(0, "--workers", help="DataLoader processes reading and cropping images."),
 ) -> None:
     """Cache the latents of a recipe's dataset under its tokenizer (posterior mean and std, float32).

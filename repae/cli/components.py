@@ -7,24 +7,22 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from repae.cli._choices import choice, component_names
 from repae.cli._common import load_host, plain_table, print_json, stdout, user_errors
 from repae.config import describe_config
-from repae.errors import UserError, did_you_mean
 from repae.registry import KINDS, PRESET_FIELD
 
-
-def _check_kind(kind: str | None) -> None:
-    if kind is not None and kind not in KINDS:
-        raise UserError(f"unknown kind '{kind}'.{did_you_mean(kind, KINDS)} Kinds: {', '.join(KINDS)}")
+KIND = choice(tuple(KINDS))
+"""A component kind (:data:`repae.registry.KINDS`)."""
 
 
 def list_components(
-    kind: Optional[str] = typer.Argument(None, help=f"Only this kind: {', '.join(KINDS)}.", show_default=False),
+    kind: Optional[str] = typer.Argument(None, help=f"Only this kind: {', '.join(KINDS)}.", show_default=False,
+                                         **choice(tuple(KINDS), metavar="KIND")),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {kind, name, summary, plugin}."),
 ) -> None:
     """List registered components: kind, name, summary and the plugin that provides them."""
     with user_errors():
-        _check_kind(kind)
         host = load_host()
         entries = host.registry.entries(kind)
         if as_json:
@@ -59,13 +57,14 @@ def list_components(
 
 
 def show_component(
-    name: str = typer.Argument(..., help="Component name, e.g. sit."),
-    kind: Optional[str] = typer.Option(None, "--kind", "-k", help="Disambiguate when several kinds use the name."),
+    name: str = typer.Argument(..., help="Component name, e.g. sit (qualified: DISTRIBUTION:NAME).",
+                               autocompletion=component_names(None)),
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", help="Disambiguate when several kinds use the name.",
+                                       show_default=False, **KIND),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a component's config fields (type, default, doc) and presets."""
     with user_errors():
-        _check_kind(kind)
         host = load_host()
         entries = host.registry.find(name, kind)
         if as_json:

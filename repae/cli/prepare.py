@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from repae.cli._choices import check_component, choice, component_names
 from repae.cli._common import announce_output, load_host, stdout, user_errors
 from repae.errors import UserError
 
@@ -42,14 +43,16 @@ def prepare_data(
                                 show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the shards to (created; never overwritten)."),
     resolution: int = typer.Option(256, "--resolution", "-r", help="Side of the centre crop, in pixels."),
-    dataset: str = typer.Option("image-folder", "--dataset", help="Registered image dataset that reads ROOT."),
+    dataset: str = typer.Option("image-folder", "--dataset", metavar="NAME", autocompletion=component_names("dataset"),
+                                help="Registered image dataset that reads ROOT (`repae list dataset`)."),
     workers: int = typer.Option(0, "--workers", help="DataLoader processes decoding and cropping images."),
     shard_size: int = typer.Option(DEFAULT_SHARD_SIZE, "--shard-size", help="Images per shard file."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per DataLoader batch."),
     verify: bool = typer.Option(False, "--verify", help="Afterwards re-read every shard against its sha256 (also "
                                 "when OUT was already complete)."),
     on_unreadable: str = typer.Option("error", "--on-unreadable", help="An image file that cannot be decoded: "
-                                      "'error' stops naming it; 'skip' warns and uses the next readable image."),
+                                      "error stops naming it; skip warns and uses the next readable image.",
+                                      **choice(("error", "skip"))),
     scan: bool = typer.Option(False, "--scan", help="Decode every image first and report all unreadable ones at "
                               "once, before anything is written."),
 ) -> None:
@@ -62,8 +65,8 @@ def prepare_data(
     console.soft_wrap = True  # paths and the recipe line stay whole (copy-pasteable)
     with user_errors():
         _check_arguments(root, out, resolution, workers, shard_size, batch_size)
-        if on_unreadable not in ("error", "skip"):
-            raise UserError(f"--on-unreadable must be 'error' or 'skip', got {on_unreadable!r}")
+        host = load_host()
+        check_component(host.registry, "dataset", dataset, "--dataset")
         import dataclasses
 
         from repae.build import BuildContext, build_component
@@ -71,7 +74,6 @@ def prepare_data(
         from repae.errors import Problem, RecipeError
         from repae.image_shards import ImageShards, write_image_shards
 
-        host = load_host()
         entry = host.registry.get("dataset", dataset)
         fields = {f.name for f in dataclasses.fields(entry.config)}
         if "root" not in fields:

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from repae.cli._choices import DEVICE_OPTION
 from repae.cli._common import load_host, plain_table, stdout, user_errors
 from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
@@ -30,7 +31,7 @@ def run(
         "propagate one step's shapes, print the resolved recipe, the components and the step plan; write nothing."
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<recipe name>)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    device: str = DEVICE_OPTION,
     allow_recipe_change: bool = typer.Option(
         False, "--allow-recipe-change", help="Resume a run directory even though its recipe differs (the old recipe "
         "is kept as recipe.previous-N.yaml)."

@@ -8,9 +8,10 @@ from typing import Literal, Optional, Tuple
 
 import typer
 
+from repae.cli._choices import DEVICE_OPTION, check_component, choice, component_names
 from repae.cli._common import load_host, stdout, user_errors
 from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
-from repae.errors import UserError
+from repae.generate import LABEL_MODES
 
 
 def sample(
@@ -24,8 +25,9 @@ def sample(
     ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the sampler's config)."),
     sampler: Optional[str] = typer.Option(
-        None, "--sampler", help="A registered sampler (euler, heun, euler-maruyama, ddpm) with its defaults; "
-        "default: the run's recipe sampler and its settings.",
+        None, "--sampler", metavar="NAME", autocompletion=component_names("sampler"), show_default=False,
+        help="A registered sampler with its defaults (built in: euler, heun, euler-maruyama, ddpm; `repae list "
+        "sampler` lists all). Default: the run's recipe sampler and its settings.",
     ),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (1 = none)."),
     guidance_interval: Optional[Tuple[float, float]] = typer.Option(
@@ -33,7 +35,9 @@ def sample(
         help="Guide only at times LOW <= t <= HIGH (t = 1 is noise; REPA-E SD-VAE: 0 0.65).",
     ),
     cfg_channels: Optional[str] = typer.Option(
-        None, "--cfg-channels", help="Guide only the first N latent channels (3: the DiT/SiT convention), or 'all'.",
+        None, "--cfg-channels", help="Guide only the first N latent channels (3: the DiT/SiT convention), or all.",
+        show_default=False,
+        **choice(("all",), patterns=[("N", r"[1-9][0-9]*")], explain="N: a number of channels, >= 1"),
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output directory (default: RUN/samples/<checkpoint>_<sampler>_<settings>).",
@@ -41,10 +45,11 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per batch, per process."),
     seed: int = typer.Option(0, "--seed", help="Seed of the labels and of every sample's noise."),
     labels: str = typer.Option(
-        "balanced", "--labels", help="balanced (equal count per class, shuffled) or random (uniform draws).",
+        "balanced", "--labels", help="balanced: equal count per class, shuffled; random: uniform draws.",
+        **choice(LABEL_MODES),
     ),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw denoiser (and normaliser) weights, not the EMA."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (rank 0)."),
     trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
@@ -53,23 +58,24 @@ def sample(
 
     with user_errors(), pickle_trust(trust_pickle):
         host = load_host()
+        if sampler is not None:
+            check_component(host.registry, "sampler", sampler, "--sampler")
         settings = SamplingSettings(
             num=num, seed=seed, labels=labels, ema=not no_ema, sampler=sampler, steps=steps,
-            cfg_scale=cfg, cfg_channels=_parse_channels(cfg_channels) if cfg_channels is not None else None,
+            cfg_scale=cfg, cfg_channels=_channels(cfg_channels),
             guidance_interval=(float(guidance_interval[0]), float(guidance_interval[1]))
             if guidance_interval is not None else None,
         )
         console = stdout()
+        console.soft_wrap = True  # paths stay whole (copy-pasteable)
         sample_run(run_path, settings, out=out, batch_size=batch_size, device=device, progress=progress,
                    registry=host.registry, echo=lambda text: console.print(text, markup=False))
 
 
-def _parse_channels(value: str) -> int | Literal["all"]:
-    if value.strip().lower() in ("all", "none", "null"):
-        return "all"
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"--cfg-channels {value}: give a number of channels (e.g. 3) or 'all'") from None
+def _channels(value: str | None) -> int | Literal["all"] | None:
+    """``--cfg-channels`` as the parser checked it: ``None``, ``"all"`` or a number of channels."""
+    if value is None:
+        return None
+    return "all" if value == "all" else int(value)
 
 

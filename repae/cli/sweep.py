@@ -7,9 +7,11 @@ from typing import List, Optional
 
 import typer
 
+from repae.cli._choices import DEVICE_OPTION, choice
 from repae.cli._common import load_host, plain_table, stdout, user_errors
 from repae.cli.recipe import RECIPE_ARG
 from repae.errors import RecipeError
+from repae.sweep import LAUNCHERS
 
 SWEEP_ARGS = typer.Argument(
     None, show_default=False,
@@ -24,14 +26,14 @@ def sweep(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep directory (default: runs/<recipe>-sweep)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the points and validate every one; train nothing."),
     launcher: str = typer.Option(
-        "in-process", "--launcher", help="in-process (points one after another in this process) or torchrun (one "
-        "`torchrun ... -m repae run` job per point)."
+        "in-process", "--launcher", help="in-process: the points one after another in this process; torchrun: one "
+        "`torchrun ... -m repae run` job per point.", **choice(LAUNCHERS),
     ),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes per point (with --launcher torchrun)."),
     torchrun_args: str = typer.Option(
         "", "--torchrun-args", help="More torchrun options, one string, e.g. '--nnodes 2 --rdzv-endpoint host:29500'."
     ),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    device: str = DEVICE_OPTION,
     keep_going: bool = typer.Option(False, "--keep-going", help="Go on with the next point when one fails."),
     allow_recipe_change: bool = typer.Option(
         False, "--allow-recipe-change", help="Continue points whose directory holds another recipe (e.g. more "
