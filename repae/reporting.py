@@ -8,8 +8,12 @@
 The bar goes to stderr (standard output stays for results), shows done/total, the rate in ``unit``/s, the elapsed
 and remaining time, and a free text (``bar.advance(n, text="loss=0.31")``). Disabled (``enabled=False``), it costs
 nothing and prints nothing. When stderr is not a terminal (``nohup``, SLURM log files, a pipe), it prints plain lines
-instead: one at every update that sets a text (training: every ``log_every`` steps) and otherwise at most one every
-30 seconds, each ``description done/total (percent) rate elapsed ETA text``, never cut to a width.
+instead: one at every update that sets a text (training: every ``log_every`` steps), otherwise at most one every
+30 seconds, and a last one when the task ends having done something (also for a ``transient`` bar: a log keeps what
+was done and how fast), each ``description done/total (percent) rate elapsed ETA text``, never cut to a width.
+
+Commands print their results on standard output (``--json``: nothing else there), so progress is shown with
+``--json`` too: it never mixes with the result.
 """
 
 from __future__ import annotations
@@ -101,14 +105,14 @@ def progress(
     elapsed: float = 0.0,
 ) -> Iterator[ProgressBar]:
     """A progress bar over ``total`` items (``None``: unknown) on stderr, starting at ``completed`` (after ``elapsed``
-    seconds of earlier work, which plain lines count in); ``transient`` removes it when done."""
+    seconds of earlier work, which plain lines count in); ``transient`` removes a terminal's bar when done."""
     if not enabled:
         yield ProgressBar(None, None, unit, completed)
         return
     if not sys.stderr.isatty():
         handle = ProgressBar(None, None, unit, completed, plain=(description, total), elapsed=elapsed)
         yield handle
-        if handle.completed != completed and not transient:
+        if handle.completed != completed:
             handle._plain_line(handle.completed, None, final=True)
         return
     from rich.console import Console

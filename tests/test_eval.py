@@ -341,6 +341,21 @@ def test_identical_sets_give_zero_fid_through_the_cli(cli, weights, image_sets, 
     assert fid > 5.0, other.stdout  # smooth blobs vs uniform noise (15.5 with these random weights)
 
 
+def test_json_is_alone_on_stdout_and_progress_goes_to_stderr(cli, weights, tmp_path):
+    """`--json` keeps standard output for the report alone and still shows progress on stderr (plain lines when
+    stderr is not a terminal), so a long evaluation is not silent."""
+    images = generated_images(4, seed=3)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    write_folder(tmp_path / "reference", images[::-1].copy())
+    result = cli(tmp_path / "samples.npz", "--ref", tmp_path / "reference", "--inception-weights", weights,
+                 "--metrics", "fid", "--batch-size", 2, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # the same 4 images
+    lines = result.stderr.splitlines()
+    assert [line.split()[:4] for line in lines] == [["Inception", "features:", "samples", "4/4"],
+                                                    ["Inception", "features:", "reference", "4/4"]], result.stderr
+
+
 def test_cli_user_errors(cli, weights, image_sets, tmp_path, monkeypatch):
     samples = image_sets / "samples.npz"
     stats_only = tmp_path / "stats.npz"

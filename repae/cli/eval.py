@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from repae.cli._choices import DEVICE_OPTION, component_names
 from repae.cli._common import (
     load_host,
     pick_device,
@@ -32,13 +33,17 @@ def evaluate(
         ..., "--ref", help="Reference: an ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0; ImageNet 256: "
         "VIRTUAL_imagenet256_labeled.npz) or a folder of reference images."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the report as JSON (alone on standard output; progress goes to stderr)."
+    ),
     metrics: Optional[str] = typer.Option(
-        None, "--metrics", help="Comma-separated: fid, sfid, is, pr, or any registered metric. Default: all four, "
+        None, "--metrics", metavar="NAME,...", show_default=False,
+        autocompletion=component_names("metric", also=tuple(METRIC_ALIASES), separator=","),
+        help="Comma-separated: fid, sfid, is, pr, or any registered metric (`repae list metric`). Default: all four, "
         "skipping precision/recall when the reference has no images."
     ),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception forward pass (ADM: 64)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    device: str = DEVICE_OPTION,
     inception_weights: Optional[str] = typer.Option(
         None, "--inception-weights", help="Inception weights file (weights-inception-2015-12-05-6726825d.pth). "
         "Default: $REPAE_INCEPTION_WEIGHTS, then torch's hub cache."
@@ -55,12 +60,12 @@ def evaluate(
     from repae.evaluate import evaluate as run_evaluation
 
     with user_errors():
+        chosen = _choose_metrics(metrics, settings or [])  # names and --set checked before torch is imported
         device = pick_device(device)
-        built = _build_metrics(metrics, device, settings or [])
+        built = _build_metrics(chosen, device)
         report = run_evaluation(
             samples, ref, built, inception_weights=inception_weights, device=device,
-            batch_size=batch_size, skip_unavailable=metrics is None, save_reference=save_ref,
-            progress=None if json_out else _progress,
+            batch_size=batch_size, skip_unavailable=metrics is None, save_reference=save_ref, progress=_progress,
         )
     if json_out:
         print_json(report.to_dict())
@@ -85,9 +90,9 @@ def evaluate(
     console.print(f"[dim]{report.num_samples} samples on {report.device} in {report.seconds:.1f} s[/]")
 
 
-def _build_metrics(names: str | None, device: str, settings: List[str]) -> list:
-    """Build the metrics named by ``--metrics`` (aliases allowed) through the registry, with ``--set`` values."""
-    from repae.build import BuildContext, build_component
+def _choose_metrics(names: str | None, settings: List[str]) -> list[tuple[Any, Any]]:
+    """The registry entries of the metrics named by ``--metrics`` (aliases allowed), each with its config parsed
+    from the ``--set`` values: ``[(entry, config), ...]``. Torch-free."""
     from repae.errors import did_you_mean
 
     wanted = DEFAULT_METRICS if names is None else [n.strip() for n in names.split(",") if n.strip()]
@@ -118,15 +123,22 @@ def _build_metrics(names: str | None, device: str, settings: List[str]) -> list:
         import yaml
 
         sections[name][fieldname] = yaml.safe_load(value) if value.strip() else None
-    built = []
+    parsed = []
     for name in chosen:
         entry = registry.get("metric", name)
         config, issues = entry.parse(sections[name])
         if issues:
             raise UserError(f"metric '{name}': " + "; ".join(
                 f"{i.path}: {i.message}" + (f" ({i.hint})" if i.hint else "") for i in issues))
-        built.append(build_component(entry, config, BuildContext(device=device)))
-    return built
+        parsed.append((entry, config))
+    return parsed
+
+
+def _build_metrics(chosen: list[tuple[Any, Any]], device: str) -> list:
+    """Build the metrics :func:`_choose_metrics` chose, through the registry."""
+    from repae.build import BuildContext, build_component
+
+    return [build_component(entry, config, BuildContext(device=device)) for entry, config in chosen]
 
 
 
@@ -134,5 +146,6 @@ def _build_metrics(names: str | None, device: str, settings: List[str]) -> list:
 def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     from repae.reporting import progress
 
+    # on stderr, also with --json (standard output holds the report alone); plain lines when stderr is not a terminal
     with progress(f"Inception features: {description}", total, unit="img", transient=True) as bar:
         yield bar.advance
