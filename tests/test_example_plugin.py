@@ -1,5 +1,6 @@
 """The third-party path end to end: the example plugin package (examples/repae-plugin-example), installed beside repae
-as its own distribution, used from a recipe: its tokenizer, encoder, loss and sampler with the built-in SiT."""
+as its own distribution, used from a recipe: its tokenizer, encoder, loss, sampler and tracker with the built-in
+SiT."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def recipe(example_plugin, tmp_path):
 def test_listed_with_its_distribution(example_plugin):
     entries = {(e["kind"], e["name"]): e for e in json.loads(cli("list", "--json").stdout)}
     for key in [("tokenizer", "pixel-shuffle"), ("encoder", "patch-stats"), ("loss", "variance-floor"),
-                ("sampler", "midpoint")]:
+                ("sampler", "midpoint"), ("tracker", "run-summary")]:
         assert entries[key]["plugin"] == "example" and entries[key]["distribution"] == "repae-plugin-example"
         assert entries[key]["version"] == "0.1.0"
     assert ("tokenizer", "sd-vae") in entries  # built-ins still there
@@ -109,6 +110,10 @@ def test_trains_and_samples_with_the_example_components_and_sit(recipe, tmp_path
         assert all(np.isfinite(line[key]) for line in lines), key
     assert (run_dir / "checkpoints" / "step-0000002" / "model-tokenizer.safetensors").is_file()
     assert (run_dir / "samples" / "step-0000002.png").is_file()  # the in-training grid, through midpoint
+    summary = json.loads((run_dir / "summary.json").read_text())  # the plugin's tracker: the last line, the grid
+    assert summary["step"] == 2 and summary["finished"] == "ok" and summary["run"] == "run"
+    assert summary["values"] == {k: v for k, v in lines[-1].items() if k != "step"}
+    assert summary["samples"] == {"2": str(run_dir / "samples" / "step-0000002.png")}
 
     out = tmp_path / "samples"
     cli("sample", run_dir, "-n", 4, "--steps", 2, "--device", "cpu", "--out", out, "--no-progress")

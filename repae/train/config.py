@@ -92,9 +92,9 @@ class TrainerConfig:
     sample_count: int = option(16, doc="images per sample grid (class-balanced labels)")
 
     REMOVED_KEYS: ClassVar[Mapping[str, tuple[Any, str]]] = {
-        "tensorboard": (False, "TensorBoard is a tracker now: list it at the recipe's top level, `trackers: "
-                               "[tensorboard]` (override: 'trackers=[tensorboard]'), and delete trainer.tensorboard "
-                               "(see docs/training.md, Trackers)"),
+        "tensorboard": (False, "TensorBoard is a tracker now: delete trainer.tensorboard and add `trackers: "
+                               "[tensorboard]` at the recipe's top level, or 'trackers=[tensorboard]' on the command "
+                               "line; see docs/training.md#trackers"),
     }
     """Keys of earlier versions (see :func:`repae.config.parse_config`): ``tensorboard: false``, which every run
     directory's recipe.yaml of those versions holds, is ignored; ``true`` names the replacement."""

@@ -1,8 +1,9 @@
 """An example repae plugin: registers the tokenizer ``pixel-shuffle``, the encoder ``patch-stats``, the loss
-``variance-floor`` and the sampler ``midpoint``.
+``variance-floor``, the sampler ``midpoint`` and the tracker ``run-summary``.
 
 This module is what the entry point names. It stays free of torch so that ``repae list`` remains fast; the
-implementations live in :mod:`repae_plugin_example.models` and are imported only when a recipe builds them. Like every
+implementations live in :mod:`repae_plugin_example.models` (and ``.tracker``) and are imported only when a recipe
+builds them. Like every
 plugin it imports only the public names of ``repae``.
 """
 
@@ -71,6 +72,18 @@ class MidpointConfig:
             raise FieldError("guidance_low", f"{self.guidance_low} is above guidance_high {self.guidance_high}")
 
 
+@dataclass(kw_only=True)
+class RunSummaryConfig:
+    """Config of the ``run-summary`` tracker."""
+
+    file: str = option("summary.json", doc="JSON file in the run directory: last step, its values, sample grids")
+    keys: list[str] = option(default_factory=list, doc="only these keys of metrics.jsonl (empty: every key)")
+
+    def __post_init__(self) -> None:
+        if not self.file.strip() or "/" in self.file:
+            raise FieldError("file", f"must be a file name in the run directory, got {self.file!r}")
+
+
 @hookimpl
 def register_components(register: Any) -> None:
     register(
@@ -100,4 +113,11 @@ def register_components(register: Any) -> None:
         summary="example: explicit-midpoint ODE sampler for flow matching (t = 1 noise), with CFG",
         config=MidpointConfig,
         factory="repae_plugin_example.models:build_midpoint",
+    )
+    register(
+        "tracker",
+        "run-summary",
+        summary="example: RUN_DIR/summary.json with the last step's values and the sample grids",
+        config=RunSummaryConfig,
+        factory="repae_plugin_example.tracker:build_run_summary",
     )
