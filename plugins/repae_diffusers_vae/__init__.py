@@ -13,13 +13,13 @@ weights must agree with when they are loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from repae import FieldError, hookimpl, option
 
-__all__ = ["DiffusersVAEConfig", "ARCHITECTURE_KEYS", "PRESETS", "STATISTICS_KEYS"]
+__all__ = ["ARCHITECTURE_KEYS", "PRESETS", "STATISTICS_KEYS", "DiffusersVAEConfig"]
 
-ArchitectureValue = Union[int, float, bool, str, None, list[int], list[float], list[bool], list[str]]
+ArchitectureValue = int | float | bool | str | None | list[int] | list[float] | list[bool] | list[str]
 """A value of a diffusers config key, as a recipe can hold it."""
 
 ModelClass = Literal["AutoencoderKL", "AutoencoderKLQwenImage"]

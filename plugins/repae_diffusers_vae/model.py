@@ -191,6 +191,17 @@ class DiffusersVAE(nn.Module):
         return {CONFIG_FILE: f"diffusers {self.model_class} config with the latent statistics",
                 WEIGHTS_FILE: f"the tokenizer, diffusers {self.model_class} layout"}
 
+    def to(self, *args: Any, **kwargs: Any) -> DiffusersVAE:
+        """``nn.Module.to``; ``memory_format=torch.channels_last`` (the trainer's ``channels_last``) converts the 4-D
+        tensors only, so that the Qwen-Image VAE's 3-D convolutions (5-D weights, which ``channels_last`` refuses)
+        stay as they are."""
+        memory_format = kwargs.pop("memory_format", None)
+        if args or kwargs:
+            super().to(*args, **kwargs)
+        if memory_format is not None:
+            self._apply(lambda t: t.to(memory_format=memory_format) if t.dim() == 4 else t)
+        return self
+
     def extra_repr(self) -> str:
         return f"{self.model_class}, latent_channels={self.latent_channels}, downsample={self.downsample}"
 
@@ -370,12 +381,13 @@ def _state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     out = {}
     for key, value in tensors.items():
-        if ".attentions." in key or ".attention." in key:
+        renamed = key
+        if ".attentions." in key:
             for old, new in _OLD_ATTENTION.items():
-                key = key.replace(old, new)
-            if value.ndim == 4 and value.shape[2:] == (1, 1) and key.endswith(".weight") and ".to_" in key:
-                value = value[:, :, 0, 0]  # 1x1 conv attention projections of the oldest checkpoints
-        out[key] = value
+                renamed = renamed.replace(old, new)
+        if renamed != key and value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]  # the old names' 1x1-conv projections are Linear layers today
+        out[renamed] = value
     return out
 
 
