@@ -171,3 +171,31 @@ def test_cfg_channel_count_is_a_parameter():
     torch.testing.assert_close(every, torch.cat([uncond + scale * (cond - uncond)] * 2), **TOL)
     torch.testing.assert_close(every[:, :k], gold["out_cfg"][:, :k], **TOL)
     assert not torch.allclose(every[:, k:], gold["out_cfg"][:, k:])
+
+
+# -- weights and configuration agree (issue 11): num_heads changes no shape ------------------------------------------
+
+
+def test_release_layout_with_other_num_heads_is_refused_before_loading(tmp_path):
+    """The official DiT-XL/2 key layout (golden manifest) into a config with 12 heads: refused on meta (``repae recipe
+    validate``) from the file's header, naming the field, both values and the preset."""
+    from repae.errors import UserError
+    from test_sit import sparse_safetensors
+
+    _, spec = load_manifest("dit_xl_2.json")
+    file = tmp_path / "dit-xl-2.safetensors"
+    sparse_safetensors(file, spec)
+    with pytest.raises(UserError, match=r"(?s)num_heads 12 \(the weights: 16\).*no parameter shape.*size: XL/2"):
+        create(size="XL/2", num_heads=12, weights=str(file), device="meta")
+    create(size="XL/2", weights=str(file), device="meta")
+
+
+def test_weights_naming_a_release_are_checked_by_the_config():
+    entry = repae.load_plugins().registry.get("denoiser", "dit")
+    _, issues = entry.parse({"size": "XL/2", "num_heads": 8,
+                             "weights": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"})
+    assert [i.path for i in issues] == ["num_heads"] and "num_heads 8 (the weights: 16)" in issues[0].message
+    _, issues = entry.parse({"size": "L/2", "weights": "/ckpts/DiT-XL-2-512x512.pt"})
+    assert [i.path for i in issues] == ["depth"] and "size: XL/2" in issues[0].message
+    _, issues = entry.parse({"size": "XL/2", "weights": "/ckpts/DiT-XL-2-512x512.pt"})
+    assert not issues

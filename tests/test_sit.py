@@ -478,3 +478,91 @@ def test_matches_official_sampler_model_calls():
                 v = uncond + scale * (cond - uncond)
             x = x + (grid[i + 1] - grid[i]) * v
     torch.testing.assert_close(x, gold["out_euler"], **TOL)
+
+
+# -- weights and configuration agree (issue 11): num_heads and time_convention change no shape ------------------------
+
+
+def sparse_safetensors(path, shapes: dict, metadata: dict | None = None) -> None:
+    """A safetensors file with the given keys and shapes (float16) whose data is a hole in the file: a full-size
+    official key layout that costs no disk, for the checks that read only the header (``repae recipe validate``)."""
+    import json
+    import math
+    import struct
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def test_release_layout_with_other_num_heads_is_refused_before_loading(tmp_path):
+    """The official REPA-E SiT-XL/2 key layout (golden manifest) into a config with 8 heads (no shape changes): on
+    meta (``repae recipe validate``) the file's header is enough for an error naming the field, both values and the
+    preset; the release's own config passes."""
+    _, spec = load_manifest("sit_xl_2.json")
+    file = tmp_path / "sit-repae-sdvae.safetensors"
+    sparse_safetensors(file, spec)
+    fields = dict(size="XL/2", encoder_dims=[768], weights=str(file), device="meta")
+    with pytest.raises(UserError, match=r"(?s)num_heads 8 \(the weights: 16\).*no parameter shape.*size: XL/2"):
+        create(num_heads=8, **fields)
+    create(**fields)
+    _, spec = load_manifest("sit_xl_1.json")  # the f16d32 release: SiT-XL/1 on 16x16x32 latents
+    sparse_safetensors(file, spec)
+    with pytest.raises(UserError, match=r"(?s)num_heads 12 \(the weights: 16\).*size: XL/1"):
+        create(size="XL/1", num_heads=12, input_size=16, in_channels=32, encoder_dims=[768], weights=str(file),
+               device="meta")
+
+
+def test_sit_release_with_the_other_time_convention_is_refused(tmp_path):
+    """willisma/SiT's SiT-XL-2-256x256.pt (learned sigma, no projector) was trained with t = 1 as data: a config in
+    REPA's convention would load it and integrate backwards."""
+    layout = create(size="XL/2", learn_sigma=True, time_convention="data-at-1", device="meta")
+    file = tmp_path / "sit-xl-2.safetensors"
+    sparse_safetensors(file, {k: tuple(v.shape) for k, v in layout.state_dict().items()})
+    with pytest.raises(UserError, match=r"(?s)time_convention noise-at-1 \(the weights: data-at-1\)"):
+        create(size="XL/2", learn_sigma=True, weights=str(file), device="meta")
+    create(size="XL/2", learn_sigma=True, time_convention="data-at-1", weights=str(file), device="meta")
+    # named by its file: the config check, at the key path
+    entry = repae.load_plugins().registry.get("denoiser", "sit")
+    _, issues = entry.parse({"size": "XL/2", "learn_sigma": True, "weights": "/ckpts/SiT-XL-2-256x256.pt"})
+    assert [i.path for i in issues] == ["time_convention"] and "data-at-1" in issues[0].message
+
+
+def test_weights_naming_a_release_are_checked_by_the_config():
+    entry = repae.load_plugins().registry.get("denoiser", "sit")
+    source = "hf://REPA-E/sit-repae-sdvae/checkpoints/0400000.pt"
+    _, issues = entry.parse({"size": "XL/2", "num_heads": 8, "weights": source})
+    assert [i.path for i in issues] == ["num_heads"]
+    assert "num_heads 8 (the weights: 16)" in issues[0].message and "size: XL/2" in issues[0].message
+    _, issues = entry.parse({"size": "XL/2", "weights": "hf://REPA-E/sit-repae-vavae/checkpoints/0400000.pt"})
+    assert [i.path for i in issues] == ["patch_size"] and "size: XL/1" in issues[0].message
+    for fields in ({"size": "XL/2", "weights": source}, {"size": "XL/1", "weights": "hf://REPA-E/sit-ldm-e2e-vavae"},
+                   {"size": "B/2", "weights": "hf://me/my-sit/model.safetensors"}):
+        _, issues = entry.parse(fields)
+        assert not issues, (fields, issues)
+
+
+def test_exported_weights_are_checked_against_the_architecture_they_state(tmp_path):
+    """repae's export states the architecture (``repae.architecture`` metadata): loading it with other heads is refused
+    before the tensors are copied (and on meta), with the stated ones it loads."""
+    from repae.interfaces import ExportContext
+    from repae_sit.model import export_official
+
+    src = tiny(num_heads=4)
+    randomize(src, seed=9)
+    export_official(src, "official", tmp_path, ExportContext("denoiser"))
+    file = tmp_path / "denoiser.safetensors"
+    for device in ("cpu", "meta"):
+        with pytest.raises(UserError, match=r"(?s)repae\.architecture metadata.*num_heads 2 \(the weights: 4\)"):
+            tiny(num_heads=2, weights=str(file), device=device)
+    model = tiny(num_heads=4, weights=str(file))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)

@@ -39,6 +39,11 @@ class DiTConfig(TransformerConfig):
         if self.cfg_channels is not None and self.cfg_channels < 1:
             raise FieldError("cfg_channels", f"must be >= 1 or null, got {self.cfg_channels}")
 
+    def releases(self) -> tuple[Any, ...]:
+        from repae_sit.releases import DIT_RELEASES
+
+        return DIT_RELEASES
+
 
 @hookimpl
 def register_components(register: Any) -> None:

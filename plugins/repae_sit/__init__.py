@@ -100,6 +100,21 @@ class TransformerConfig:
                              "latents must tile into patches: change the image resolution or the size's patch)")
         if any(d < 1 for d in self.encoder_dims):
             raise FieldError("encoder_dims", f"must be >= 1 each, got {self.encoder_dims}")
+        from repae_sit.releases import ARCHITECTURE_FIELDS, DERIVED_FIELDS, architecture_of, architecture_problem
+        from repae_sit.releases import release_of_source
+
+        release = release_of_source(self.weights, self.releases())  # weights naming a release: its architecture
+        if release is not None:
+            problem = architecture_problem(architecture_of(self), release.architecture, preset=release.preset,
+                                           fields=[f for f in ARCHITECTURE_FIELDS if f not in DERIVED_FIELDS],
+                                           what=f"the {release.name} release ({self.weights})")
+            if problem is not None:
+                raise FieldError(*problem)
+
+    def releases(self) -> tuple[Any, ...]:
+        """The published checkpoints of this denoiser (:class:`repae_sit.releases.Release`) its weights are checked
+        against (:mod:`repae_sit.releases`)."""
+        return ()
 
     def derive(self, context: BuildContext) -> Mapping[str, Any]:
         """``input_size`` / ``in_channels`` from the latent shape the dataset and tokenizer give, ``encoder_dims``
@@ -120,6 +135,11 @@ class SiTConfig(TransformerConfig):
     time_convention: Literal["noise-at-1", "data-at-1"] = option(
         "noise-at-1", doc="time the weights were trained with: noise-at-1 (REPA/REPA-E) or data-at-1 (willisma/SiT)"
     )
+
+    def releases(self) -> tuple[Any, ...]:
+        from repae_sit.releases import SIT_RELEASES
+
+        return SIT_RELEASES
 
 
 @hookimpl

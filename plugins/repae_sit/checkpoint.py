@@ -15,6 +15,7 @@ the keys and the config field that most likely needs changing. :func:`to_officia
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -111,27 +112,87 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
     load_into(module, state_dict, strict=True, what=what, hints=_hints)
 
 
+def check_release(module: nn.Module, config: Any, path: Path, source: str,
+                  shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Refuse weights that ``config`` disagrees with in a field strict loading cannot see (:mod:`repae_sit.releases`):
+    the architecture the file states (repae's export metadata), else the release whose key layout it has.
+    ``shapes``: the file's denoiser keys and shapes (``bn.*`` split off; ``None``: unknown, then only a stated
+    architecture is checked). Raises :class:`repae.UserError` naming the fields, both values and the preset."""
+    from repae import UserError
+    from repae_sit.releases import (
+        ARCHITECTURE_FIELDS,
+        ARCHITECTURE_METADATA,
+        SHAPE_FREE_FIELDS,
+        architecture_of,
+        architecture_problem,
+        declared_architecture,
+        release_of_layout,
+    )
+
+    arch = architecture_of(config)
+    declared = declared_architecture(path)
+    if declared is not None:
+        problem = architecture_problem(arch, declared, fields=ARCHITECTURE_FIELDS, preset=None,
+                                       what=f"{source!r}, with the architecture its {ARCHITECTURE_METADATA} metadata "
+                                            "states")
+    else:
+        release = release_of_layout(arch, config.releases())
+        if release is None or shapes is None or dict(shapes) != {k: tuple(v.shape) for k, v in
+                                                                 module.state_dict().items()}:
+            return  # no release has this layout, or the file has another one (strict loading names the keys)
+        problem = architecture_problem(arch, release.architecture, fields=SHAPE_FREE_FIELDS, preset=release.preset,
+                                       what=f"{source!r}, whose key layout is that of the {release.name}")
+    if problem is not None:
+        raise UserError(f"{type(module).__name__}: {problem[1]}")
+
+
 def load_official_weights(
-    module: nn.Module, source: str, *, key: str | None = "ema"
+    module: nn.Module, source: str, *, key: str | None = "ema", config: Any = None
 ) -> tuple[WeightsInfo, dict[str, Tensor]]:
     """Resolve ``source`` (local file/folder or ``hf://``), read it, adapt it and load it strictly into ``module``.
 
     ``key`` picks the entry of a training checkpoint (``ema`` or ``model`` of the REPA / REPA-E ``.pt`` files); a
-    plain state dict (SiT and DiT releases, safetensors exports) is loaded as is. Returns what was read and the
-    split-off latent BatchNorm buffers (``{}`` when the checkpoint has none).
+    plain state dict (SiT and DiT releases, safetensors exports) is loaded as is. With the module's ``config``, the
+    weights are first checked against it (:func:`check_release`). Returns what was read and the split-off latent
+    BatchNorm buffers (``{}`` when the checkpoint has none).
     """
     raw, info = load_weights(source, key=key, missing_key="whole")
     denoiser_state, latent_norm = from_official(raw)
+    if config is not None:
+        check_release(module, config, Path(info.path), source, {k: tuple(v.shape) for k, v in denoiser_state.items()})
     load_strict(module, denoiser_state, what=f"weights {source!r}" + (f" [{info.entry}]" if info.entry else ""))
     return info, latent_norm
+
+
+def _check_before_loading(module: DiffusionTransformer, config: Any) -> None:
+    """On ``meta`` (``repae recipe validate``, ``--dry-run``): :func:`check_release` for a local safetensors file
+    from its header alone (hub sources and ``.pt`` files are checked when loaded)."""
+    from repae import UserError, resolve_weights
+    from repae_sit.releases import header_shapes
+
+    source = config.weights
+    if source.startswith(("hf://", "http://", "https://")):
+        return
+    try:
+        path = resolve_weights(source)
+    except (UserError, OSError, ValueError):
+        return  # a missing file is reported by the recipe check
+    shapes = header_shapes(path)
+    if shapes is not None:
+        shapes = {_strip_wrappers(k): v for k, v in shapes.items()}
+        shapes = {k: v for k, v in shapes.items() if not k.startswith(LATENT_NORM_PREFIX)}
+    check_release(module, config, path, source, shapes)
 
 
 def load_configured_weights(module: DiffusionTransformer, config: Any, context: BuildContext) -> None:
     """Load ``config.weights`` (entry ``config.weights_key``) into a freshly built denoiser, unless the config names
     none or ``context.load_weights`` is false (``meta`` builds). Records ``loaded_weights`` (:class:`repae.
     RecordsWeights`) and ``latent_norm_state`` (:class:`repae.CarriesLatentNormState`) on the module."""
-    if not config.weights or not context.load_weights:
+    if not config.weights:
         return
-    info, latent_norm = load_official_weights(module, config.weights, key=config.weights_key)
+    if not context.load_weights:
+        _check_before_loading(module, config)
+        return
+    info, latent_norm = load_official_weights(module, config.weights, key=config.weights_key, config=config)
     module.loaded_weights = {"weights": info}
     module.latent_norm_state = latent_norm or None

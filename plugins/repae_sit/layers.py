@@ -263,6 +263,7 @@ class DiffusionTransformer(nn.Module):
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob  # > 0: the label table has the null row (CFG)
         self.encoder_dims = list(encoder_dims)
+        self.mlp_ratio, self.qk_norm, self.projector_dim = mlp_ratio, qk_norm, projector_dim
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size**2
 
@@ -353,6 +354,17 @@ class DiffusionTransformer(nn.Module):
         if features_only:
             return DenoiserOutput(prediction=None, hidden=hidden)
         return DenoiserOutput(prediction=self.unpatchify(self.final_layer(h, c)), hidden=hidden)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The config fields that describe this network (what :mod:`repae_sit.releases` checks; repae's exports
+        store it as ``repae.architecture`` metadata)."""
+        arch = {"depth": self.depth, "hidden_size": self.hidden_size, "num_heads": self.num_heads,
+                "patch_size": self.patch_size, "mlp_ratio": self.mlp_ratio, "input_size": self.input_size,
+                "in_channels": self.in_channels, "num_classes": self.num_classes, "encoder_dims": self.encoder_dims,
+                "projector_dim": self.projector_dim, "qk_norm": self.qk_norm, "learn_sigma": self.learn_sigma}
+        time_convention = getattr(self, "time_convention", None)
+        return {**arch, "time_convention": time_convention} if time_convention is not None else arch
 
     def block_modules(self) -> list[nn.Module]:
         """:class:`repae.HasBlocks`: the transformer blocks (compiled one by one, checkpointed for memory)."""

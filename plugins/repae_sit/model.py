@@ -11,6 +11,7 @@ The latent BatchNorm of REPA-E is *not* part of this module (see :mod:`repae_sit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from repae import BuildContext, DenoiserOutput, ExportContext, UserError, write_
 from repae_sit import SiTConfig, TransformerConfig
 from repae_sit.checkpoint import load_configured_weights, to_official
 from repae_sit.layers import DiffusionTransformer
+from repae_sit.releases import ARCHITECTURE_METADATA
 
 __all__ = ["SiT", "build_denoiser", "build_sit"]
 
@@ -82,7 +84,8 @@ def export_official(model: DiffusionTransformer, fmt: str, folder: Path, context
     norm = dict(context.normalizer_state or {})
     batchnorm = "running_mean" in norm and "running_var" in norm
     name = f"{context.stem}.safetensors"
-    write_safetensors(folder / name, to_official(model, norm if batchnorm else None), metadata=context.metadata)
+    metadata = {**(context.metadata or {}), ARCHITECTURE_METADATA: json.dumps(model.architecture)}
+    write_safetensors(folder / name, to_official(model, norm if batchnorm else None), metadata=metadata)
     what = f"{type(model).__name__} ({context.stem}), official layout" + (
         ", latent BatchNorm buffers as bn.*" if batchnorm else "")
     return {name: what}
