@@ -596,3 +596,16 @@ def test_cli_writes_a_class_balanced_contact_sheet(first_samples, quick_run):
         sample = np.asarray(Image.open(first_samples / "images" / f"{index:06d}.png"))
         top, left = 2 + row * 66, image.shape[1] - 8 * 66
         assert np.array_equal(image[top:top + 64, left:left + 64], sample.repeat(2, 0).repeat(2, 1)), row
+
+
+def test_cli_json_is_alone_on_stdout_with_progress_and_notes_on_stderr(quick_run, tmp_path):
+    out = tmp_path / "json"
+    result = CliRunner().invoke(cli(), ["sample", str(quick_run), "-n", "2", "--steps", "1", "--out", str(out),
+                                        "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["out"] == str(out) and summary["status"] == "done" and summary["settings"]["num"] == 2
+    assert summary["npz"] == str(out / "samples.npz") and summary["contact_sheet"] == str(out / "contact_sheet.png")
+    assert read_npz(summary["npz"]).shape == (2, 32, 32, 3) and Image.open(summary["contact_sheet"]).width >= 512
+    assert "sample 2/2 (100%)" in result.stderr  # plain progress lines: stderr is not a terminal here
+    assert "wrote " in result.stderr and f"contact sheet: {out / 'contact_sheet.png'}" in result.stderr

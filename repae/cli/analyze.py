@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from repae.cli._choices import DEVICE_OPTION
-from repae.cli._common import load_host, plain_table, stdout, user_errors
+from repae.cli._common import load_host, plain_table, print_json, stdout, user_errors
 from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 
 RUN_ARG = typer.Argument(
@@ -47,6 +47,9 @@ def analyze(
         None, "--inception-weights", help="Inception weights for the rFID (default: as `repae eval` finds them, "
         "never downloaded here); without them rfid is null."
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print analysis.json's content as JSON instead of the table (alone on standard output)."
+    ),
     trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Latent diagnostics of a run: spatial variance, total variation, CKNNA, PSNR (rFID), PCA picture."""
@@ -58,6 +61,9 @@ def analyze(
                                     k=k, depth=depth, seed=seed, ema=ema)
         result = analyze_run(run_path, settings, out=out, batch_size=batch_size, device=device,
                              inception_weights=inception_weights, registry=load_host().registry)
+        if as_json:
+            print_json(result)
+            return
         table = plain_table(title=f"analysis of step {result['step']} ({result['num_images']} images)")
         table.add_column("metric")
         table.add_column("value", justify="right")

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Literal, Optional, Tuple
 
 import typer
 
 from repae.cli._choices import DEVICE_OPTION, check_component, choice, component_names
-from repae.cli._common import load_host, stdout, user_errors
+from repae.cli._common import load_host, print_json, stderr, stdout, user_errors
 from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 from repae.generate import LABEL_MODES
 
@@ -51,6 +53,10 @@ def sample(
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw denoiser (and normaliser) weights, not the EMA."),
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (rank 0)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the output folder, its files and sampling.json's content as one JSON object "
+        "(alone on standard output; notes and progress go to stderr)."
+    ),
     trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Generate samples from a run: PNGs plus DIR/samples.npz (ADM format); torchrun shards them; reruns resume."""
@@ -66,10 +72,21 @@ def sample(
             guidance_interval=(float(guidance_interval[0]), float(guidance_interval[1]))
             if guidance_interval is not None else None,
         )
-        console = stdout()
+        console = stderr() if as_json else stdout()
         console.soft_wrap = True  # paths stay whole (copy-pasteable)
-        sample_run(run_path, settings, out=out, batch_size=batch_size, device=device, progress=progress,
-                   registry=host.registry, echo=lambda text: console.print(text, markup=False))
+        folder = sample_run(run_path, settings, out=out, batch_size=batch_size, device=device, progress=progress,
+                            registry=host.registry, echo=lambda text: console.print(text, markup=False))
+        if as_json and os.environ.get("RANK", "0") == "0":  # under torchrun process 0 speaks for all
+            print_json(_summary(folder))
+
+
+def _summary(folder: Path) -> dict:
+    """``repae sample --json``: what ``sampling.json`` records, with its file names as paths, and the folder."""
+    from repae.sampling import SETTINGS_FILE
+
+    record = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
+    paths = {key: str(folder / record[key]) for key in ("npz", "images", "contact_sheet") if key in record}
+    return {"out": str(folder), "sampling_json": str(folder / SETTINGS_FILE), **record, **paths}
 
 
 def _channels(value: str | None) -> int | Literal["all"] | None:
