@@ -382,3 +382,45 @@ def test_full_size_on_meta(registry, name, size, count, model_name):
     mine = {k: tuple(v.shape) for k, v in enc.backbone.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert mine == theirs
+
+
+# -- weights and configuration agree (issue 11): num_heads changes no shape ------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "section", "field", "expected"), [
+    ("dinov2", {"size": "vit-b14", "num_heads": 6}, "num_heads", "num_heads 6 (the weights: 12)"),
+    ("dinov2", {"size": "vit-b14", "weights": "hf://timm/vit_large_patch14_dinov2.lvd142m"}, "embed_dim",
+     "embed_dim 768 (the weights: 1024)"),
+    ("dinov2", {"size": "vit-g14-reg", "mlp": "gelu"}, "mlp", "mlp gelu (the weights: swiglu)"),
+    ("clip", {"size": "vit-l14", "num_heads": 8}, "num_heads", "num_heads 8 (the weights: 16)"),
+    ("ijepa", {"size": "vit-h14", "num_heads": 20}, "num_heads", "num_heads 20 (the weights: 16)"),
+])
+def test_release_weights_are_checked_by_the_config(registry, name, section, field, expected):
+    """``weights: null`` loads the size's release (or ``weights`` names one): every architecture field must be the
+    release's, reported at the key path with the preset to use."""
+    _, issues = registry.get("encoder", name).parse(section)
+    assert [i.path for i in issues] == [field], issues
+    assert expected in issues[0].message and "size: " in issues[0].message
+
+
+def test_configs_of_releases_and_of_random_weights_pass(registry):
+    for name, section in (("dinov2", {"size": "vit-b14"}), ("dinov2", {"size": "tiny", "num_heads": 1}),
+                          ("dinov2", {"size": "vit-b14", "num_heads": 6, "weights": "random"}),
+                          ("clip", {"size": "vit-l14", "token_stride": 8}), ("ijepa", {"size": "vit-h14-in22k"})):
+        _, issues = registry.get("encoder", name).parse(section)
+        assert not issues, (name, section, issues)
+
+
+def test_release_layout_with_other_num_heads_is_refused(registry, tmp_path):
+    """A local file in the DINOv2 ViT-S/14 layout (random weights) into a config with 3 heads: refused when loaded
+    (before the tensors are taken) and on meta from the safetensors header, naming the field, both values and the
+    preset; the release's own config loads it."""
+    source = build(registry, "dinov2", size="vit-s14", weights="random")
+    state = {k: v.contiguous() for k, v in source.backbone.state_dict().items()}
+    file = tmp_path / "dinov2-s.safetensors"
+    save_file(state, str(file))
+    for device in ("cpu", "meta"):
+        with pytest.raises(UserError, match=r"(?s)num_heads 3 \(the weights: 6\).*no parameter shape.*vit-s14"):
+            build(registry, "dinov2", device=device, size="vit-s14", num_heads=3, weights=str(file))
+    loaded = build(registry, "dinov2", size="vit-s14", weights=str(file))
+    assert torch.equal(loaded.backbone.blocks[0].attn.qkv.weight, source.backbone.blocks[0].attn.qkv.weight)

@@ -113,6 +113,21 @@ class EncoderConfig:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        family = self.family()
+        if family is not None:  # the release the weights are (null: the size's): every architecture field
+            from repae_encoders.releases import architecture_problem, release_of_source
+
+            release = release_of_source(family, self.size, self.weights)
+            if release is not None:
+                size, preset, source = release
+                problem = architecture_problem(vars(self), preset, size=size,
+                                               what=f"the {family} {size} release ({source})")
+                if problem is not None:
+                    raise FieldError(*problem)
+
+    def family(self) -> str | None:
+        """The registry name whose releases (``OFFICIAL_WEIGHTS``) the weights are checked against."""
+        return None
 
 
 @dataclass(kw_only=True)
@@ -128,6 +143,9 @@ class DINOv2Config(EncoderConfig):
         if self.registers < 0:
             raise FieldError("registers", f"must be >= 0, got {self.registers}")
 
+    def family(self) -> str | None:
+        return "dinov2"
+
 
 @dataclass(kw_only=True)
 class CLIPConfig(EncoderConfig):
@@ -140,6 +158,9 @@ class CLIPConfig(EncoderConfig):
     output_dim: int = option(768, doc="width of the (unused) image projection")
     image_size: int = option(224, doc="image size of the position embedding")
 
+    def family(self) -> str | None:
+        return "clip"
+
 
 @dataclass(kw_only=True)
 class IJEPAConfig(EncoderConfig):
@@ -151,6 +172,9 @@ class IJEPAConfig(EncoderConfig):
     depth: int = option(32, doc="transformer blocks")
     num_heads: int = option(16, doc="attention heads")
     image_size: int = option(224, doc="image size of the position embedding")
+
+    def family(self) -> str | None:
+        return "ijepa"
 
 
 @hookimpl

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae import BuildContext, WeightsInfo, load_into, load_weights
+from repae import BuildContext, UserError, WeightsInfo, load_into, load_weights
 from repae_encoders import OFFICIAL_WEIGHTS, EncoderConfig
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FrozenEncoder", "TimmViTEncoder", "build_encoder", "strip_prefix"]
@@ -139,13 +139,17 @@ class FrozenEncoder(nn.Module):
         convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
         what: str = "encoder weights",
         assign: bool = False,
+        check: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
     ) -> None:
         """Resolve ``source``, read it safely, adapt its layout with ``convert`` and load it strictly into
-        ``self.backbone``; records it in :attr:`loaded_weights`."""
+        ``self.backbone``; records it in :attr:`loaded_weights`. ``check`` gets the adapted keys and shapes before
+        anything is loaded (and may raise)."""
         state, info = load_weights(source, key=key, default_filename=default_filename)
         state = strip_prefix(state, "module.")
         if convert is not None:
             state = convert(state)
+        if check is not None:
+            check({k: tuple(v.shape) for k, v in state.items()})
         load_into(self._backbone(), state, strict=True, what=f"{what} from {info.path}", assign=assign)
         self.loaded_weights = {"weights": info}
 
@@ -221,14 +225,59 @@ def build_encoder(
     if source is None or not context.load_weights:
         built = encoder_cls(**arch)
         built.freeze()
+        if source is not None and config.weights is not None:
+            _check_header(built, arch, family, config.weights)
         return built
     with torch.device("meta"):
         encoder = encoder_cls(**arch)
     what = f"{family} {config.size} weights"
-    encoder.load_weights(source, key=key, convert=convert, what=what, assign=True)
+
+    def check(shapes: dict[str, tuple[int, ...]]) -> None:
+        _check_release(encoder, arch, family, source, shapes)
+
+    encoder.load_weights(source, key=key, convert=convert, what=what, assign=True, check=check)
     encoder.register_constants()
     leftovers = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
     if leftovers:  # a subclass created tensors that are not in its state dict
         raise RuntimeError(f"{what}: tensors left on meta after loading: {leftovers[:5]}")
     encoder.to(context.device).freeze()
     return encoder
+
+
+def _check_release(encoder: FrozenEncoder, arch: Mapping[str, Any], family: str, source: str,
+                   shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Refuse a file with a release's key layout (``shapes`` equal the encoder's) loaded into a config whose
+    ``num_heads`` (which changes no shape) differs from the release's (:mod:`repae_encoders.releases`)."""
+    from repae_encoders.releases import SHAPE_FREE_FIELDS, architecture_problem, release_of_layout
+
+    release = release_of_layout(family, arch)
+    own = {k: tuple(v.shape) for k, v in encoder._backbone().state_dict().items()}
+    if release is None or shapes is None or dict(shapes) != own:
+        return  # no release has this layout, or the file has another one (strict loading names the keys)
+    size, preset = release
+    problem = architecture_problem(arch, preset, size=size, fields=SHAPE_FREE_FIELDS,
+                                   what=f"{source!r}, whose key layout is that of the {family} {size} release")
+    if problem is not None:
+        raise UserError(f"{family}: {problem[1]}")
+
+
+def _check_header(encoder: FrozenEncoder, arch: Mapping[str, Any], family: str, source: str) -> None:
+    """On ``meta`` (``repae recipe validate``): :func:`_check_release` for a local safetensors file in the
+    encoder's own layout, from its header alone (other sources are checked when loaded)."""
+    from repae import resolve_weights
+
+    if source.startswith(("hf://", "http://", "https://")) or source == RANDOM:
+        return
+    try:
+        path = resolve_weights(source)
+        if path.suffix != ".safetensors":
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - a missing or unreadable file is reported by the recipe check or when loaded
+        return
+    if shapes and all(k.startswith("module.") for k in shapes):
+        shapes = {k[len("module."):]: v for k, v in shapes.items()}
+    _check_release(encoder, arch, family, source, shapes)
