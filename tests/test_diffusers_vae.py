@@ -101,6 +101,10 @@ def test_presets_build_on_meta_with_the_released_sizes(registry):
     qwen = _create(registry, size="qwen-image", device="meta")
     assert (qwen.latent_channels, qwen.downsample, qwen.model_class) == (16, 8, "AutoencoderKLQwenImage")
     assert qwen.latent_stats.mean.shape == (16,) and qwen.latent_stats.scaling_factor == 1.0
+    # the resamplers' temporal convolutions do not act on one frame: frozen, whatever the trainer toggles
+    frozen = {n for n, p in qwen.requires_grad_(True).named_parameters() if not p.requires_grad}
+    assert frozen == {f"vae.{n}" for n in qwen.single_frame_inert} and len(frozen) == 8
+    assert all(".time_conv." in n for n in frozen) and not flux.single_frame_inert
     assert isinstance(flux, repae.Tokenizer) and isinstance(qwen, repae.Tokenizer)
     for capability in (repae.HasLatentStatistics, repae.RecordsWeights, repae.Exportable, repae.HasBlocks):
         assert repae.supports(flux, capability) and repae.supports(qwen, capability), capability
@@ -261,6 +265,8 @@ def test_repae_steps_then_export_reloads_in_diffusers(registry, tmp_path, tokeni
     trained = run.tokenizer.eval()
     moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, initial[k])]
     assert len(moved) > len(initial) // 2, "the tokenizer trains end to end"
+    inert = {f"vae.{n}" for n in trained.single_frame_inert}
+    assert bool(inert) == (model_class == "AutoencoderKLQwenImage") and not inert & set(moved)
 
     manifest = export_run(out, tmp_path / "export", "diffusers", registry=registry)
     assert set(manifest["files"]) == {"config.json", "diffusion_pytorch_model.safetensors"}

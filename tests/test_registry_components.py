@@ -24,6 +24,8 @@ RESOLUTION = 32
 
 def build(entry, preset: str, device: str = "cpu", built=None, **overrides):
     """``entry`` with ``preset`` as a recipe section ``{name: ..., size: preset, **overrides}`` builds it."""
+    if entry.name == "diffusers-vae":  # needs the optional extra repae[diffusers]
+        pytest.importorskip("diffusers")
     return repae.create(entry.kind, entry.qualified_name, device=device, built=built, registry=REGISTRY,
                         **{PRESET_FIELD: preset, **overrides})
 

@@ -79,12 +79,21 @@ QWEN_IMAGE = {
                     1.6382, 1.1253, 2.8251, 1.916],
 }
 
+# Tests and quick experiments: the FLUX layout (16 channels, no quant convs, its shift and scale) and the Qwen-Image
+# one, narrowed to widths 8-16 and downsampling by 4 (random weights; no release).
+TINY = {**FLUX, "block_out_channels": [8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3, "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 32}
+TINY_QWEN_IMAGE = {**QWEN_IMAGE, "base_dim": 8, "dim_mult": [1, 2, 2], "num_res_blocks": 1,
+                   "temperal_downsample": [False, True]}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "flux": {"model_class": "AutoencoderKL", "architecture": FLUX},
     "sd3.5": {"model_class": "AutoencoderKL", "architecture": SD35},
     "sd": {"model_class": "AutoencoderKL", "architecture": SD},
     "sdxl": {"model_class": "AutoencoderKL", "architecture": SDXL},
     "qwen-image": {"model_class": "AutoencoderKLQwenImage", "architecture": QWEN_IMAGE},
+    "tiny": {"model_class": "AutoencoderKL", "architecture": TINY},
+    "tiny-qwen-image": {"model_class": "AutoencoderKLQwenImage", "architecture": TINY_QWEN_IMAGE},
 }
 
 _WEIGHTS_DOC = (
@@ -97,7 +106,8 @@ _WEIGHTS_DOC = (
 class DiffusersVAEConfig:
     """A diffusers ``AutoencoderKL`` / ``AutoencoderKLQwenImage`` and where its weights are (default: FLUX-VAE)."""
 
-    size: str = option("flux", doc="preset (a released VAE's config): flux, sd3.5, sd, sdxl or qwen-image")
+    size: str = option("flux", doc="preset (a released VAE's config): flux, sd3.5, sd, sdxl, qwen-image; "
+                     "tiny, tiny-qwen-image (tests)")
     model_class: ModelClass = option("AutoencoderKL", doc="the diffusers class: AutoencoderKL or AutoencoderKLQwenImage")
     architecture: dict[str, ArchitectureValue] = option(
         default_factory=lambda: dict(FLUX),

@@ -118,6 +118,10 @@ class DiffusersVAE(nn.Module):
         self.latent_channels = int(config["z_dim"] if self.video else config["latent_channels"])
         self.downsample = (2 ** len(config["temperal_downsample"]) if self.video
                            else 2 ** (len(config["block_out_channels"]) - 1))
+        self.single_frame_inert = frozenset(n for n, _ in self.vae.named_parameters() if ".time_conv." in n)
+        """Parameters that do not act on a single frame (the Qwen-Image resamplers' temporal convolutions): kept
+        frozen, so that no optimizer or DDP bucket waits for a gradient they never get; exported unchanged."""
+        self.requires_grad_(True)
         self.architecture_source = source
         """Where the config came from (the preset, or the weights' config.json)."""
         self.loaded_weights: dict[str, WeightsInfo] = {}
@@ -190,6 +194,15 @@ class DiffusersVAE(nn.Module):
         save_diffusers_folder(self, folder, context.statistics, metadata=context.metadata)
         return {CONFIG_FILE: f"diffusers {self.model_class} config with the latent statistics",
                 WEIGHTS_FILE: f"the tokenizer, diffusers {self.model_class} layout"}
+
+    def requires_grad_(self, requires_grad: bool = True) -> DiffusersVAE:
+        """``nn.Module.requires_grad_``, leaving :attr:`single_frame_inert` frozen (the trainer toggles every part's
+        ``requires_grad`` phase by phase)."""
+        super().requires_grad_(requires_grad)
+        for name, param in self.vae.named_parameters():
+            if name in self.single_frame_inert:
+                param.requires_grad_(False)
+        return self
 
     def to(self, *args: Any, **kwargs: Any) -> DiffusersVAE:
         """``nn.Module.to``; ``memory_format=torch.channels_last`` (the trainer's ``channels_last``) converts the 4-D
