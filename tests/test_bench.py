@@ -61,7 +61,7 @@ def test_flops_counted_on_meta_equal_the_real_steps():
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--peak-tflops", "-1"], "--peak-tflops must be > 0"),
-    (["--device", "gpu"], "--device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+    (["--device", "gpu"], "Invalid value for '--device': 'gpu'. Did you mean 'cuda'? Choose from"),
 ])
 def test_bench_argument_errors(args, message):
     result = cli("bench", str(QUICKSTART), *args, code=2)

@@ -246,7 +246,7 @@ def test_bad_choices_are_usage_errors_before_torch_is_imported(tmp_path):
          ["error or skip"]),
         (["prepare-data", str(tmp_path / "images"), "--out", str(tmp_path / "o"), "--dataset", "image-foldr"],
          ["Did you mean 'image-folder'?"]),
-        (["run", "r.yaml", "--device", "gpu"], ["auto, cpu, cuda or cuda:N"]),
+        (["run", "r.yaml", "--device", "gpu"], ["Did you mean 'cuda'?", "auto, cpu, cuda or cuda:N"]),
         (["show", "sit", "--kind", "denoisers"], ["Did you mean 'denoiser'?"]),
     ]
     code = (

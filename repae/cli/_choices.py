@@ -22,7 +22,7 @@ Completion callbacks stay light: no torch, nothing printed, never an exception (
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import typer
@@ -37,7 +37,8 @@ def _listing(values: Sequence[str]) -> str:
 
 
 def choice(values: Sequence[str], *, patterns: Iterable[tuple[str, str]] = (), completions: Sequence[str] = (),
-           lowercase: bool = True, metavar: str | None = None, explain: str = "") -> dict[str, Any]:
+           lowercase: bool = True, metavar: str | None = None, explain: str = "",
+           suggest: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``typer.Option`` / ``typer.Argument`` of type ``str`` (or ``Optional[str]``) whose value
     is one of ``values`` or matches one of ``patterns`` (``(display, regex)``, e.g. ``("cuda:N", r"cuda:\\d+")``).
 
@@ -45,7 +46,8 @@ def choice(values: Sequence[str], *, patterns: Iterable[tuple[str, str]] = (), c
     its help: the metavar also names it in messages); any other value is a usage error (exit code 2) naming the
     valid ones and the closest; the shell completes ``values`` plus ``completions``. With ``lowercase`` the value is
     matched and returned in lower case (``--device CPU`` is ``cpu``). ``explain`` ends the error message (what a
-    pattern means).
+    pattern means); ``suggest`` maps words people write to the value they mean (``gpu`` -> ``cuda``), which the
+    message proposes instead of the closest spelling.
     """
     values = tuple(values)
     compiled = [(display, re.compile(regex)) for display, regex in patterns]
@@ -60,7 +62,8 @@ def choice(values: Sequence[str], *, patterns: Iterable[tuple[str, str]] = (), c
         text = value.strip().lower() if lowercase else value
         if text in values or any(regex.fullmatch(text) for _, regex in compiled):
             return text
-        raise typer.BadParameter(f"{value!r}.{did_you_mean(text, candidates)} Choose from {_listing(shown)}"
+        hint = f" Did you mean {suggest[text]!r}?" if suggest and text in suggest else did_you_mean(text, candidates)
+        raise typer.BadParameter(f"{value!r}.{hint} Choose from {_listing(shown)}"
                                  + (f" ({explain})." if explain else "."))
 
     def complete(incomplete: str) -> list[str]:
@@ -69,7 +72,8 @@ def choice(values: Sequence[str], *, patterns: Iterable[tuple[str, str]] = (), c
     return {"metavar": metavar or "[" + "|".join(shown) + "]", "callback": check, "autocompletion": complete}
 
 
-DEVICE = choice(("auto", "cpu", "cuda"), patterns=[("cuda:N", r"cuda:\d+")], completions=("cuda:0",))
+DEVICE = choice(("auto", "cpu", "cuda"), patterns=[("cuda:N", r"cuda:\d+")], completions=("cuda:0",),
+                suggest={"gpu": "cuda", "cuda0": "cuda:0", "nvidia": "cuda"})
 """``--device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
 DEVICE_OPTION: Any = typer.Option(
     "auto", "--device", help="auto: CUDA when available, else the CPU; cuda under torchrun: each process's GPU.",
