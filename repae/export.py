@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repae.errors import CapabilityError, UserError
+from repae.errors import CapabilityError, UserError, did_you_mean
 from repae.interfaces import (
     AffineNormalizer,
     Exportable,
@@ -98,8 +98,9 @@ def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = Fal
                else "none")
             for slot in _EXPORTABLE_SLOTS if run.components.get(slot) is not None
         )
-        raise CapabilityError(f"no component of {run.run_dir} exports the format {fmt!r} ({declared}). Formats of "
-                              f"this run: {', '.join(formats)} (`{GENERIC_FORMAT}`: every model's state dict)")
+        raise CapabilityError(f"no component of {run.run_dir} exports the format {fmt!r} ({declared})."
+                              f"{did_you_mean(fmt, formats)} Formats of this run: {', '.join(formats)} "
+                              f"(`{GENERIC_FORMAT}`: every model's state dict)")
     _check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     models = run.models

@@ -291,3 +291,11 @@ def test_analyze_json_is_alone_on_stdout(runner, quick_run, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data == json.loads((out / "analysis.json").read_text()) and data["num_images"] == 4
+
+
+def test_export_format_misspelled_names_the_closest_of_the_runs_formats(runner, quick_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    result = invoke(runner, "export", quick_run, "--format", "difusers", "--out", tmp_path / "x")
+    text = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Did you mean 'diffusers'?" in text and "Formats of this run:" in text, text
+    assert not (tmp_path / "x").exists()
