@@ -57,8 +57,6 @@ def choice(values: Sequence[str], *, patterns: Iterable[tuple[str, str]] = (), c
     def check(ctx: Any, param: Any, value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, (list, tuple)):  # a repeatable option or a variadic argument
-            return type(value)(check(ctx, param, v) for v in value)
         text = value.strip().lower() if lowercase else value
         if text in values or any(regex.fullmatch(text) for _, regex in compiled):
             return text
