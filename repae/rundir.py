@@ -78,6 +78,30 @@ class RunDirPlan:
     changed: list[str] = field(default_factory=list)
 
 
+def recipe_change(run_dir: Path, text: str) -> tuple[list[str], list[str]] | None:
+    """How ``text`` (a resolved recipe) differs from the recipe of the run in ``run_dir``: ``(changed, blocking)``,
+    the differing key paths with the ones that block continuing (not :func:`continuable`) first, and those blocking
+    ones alone; ``None`` when the folder holds no run or the same recipe. The one rule of ``repae run`` and
+    ``repae sweep``."""
+    existing = Path(run_dir) / RECIPE_FILE
+    if not existing.is_file():
+        return None
+    old_text = existing.read_text(encoding="utf-8", errors="replace")
+    if old_text == text:
+        return None
+    try:
+        changed = diff_keys(yaml.safe_load(old_text) or {}, yaml.safe_load(text) or {})
+    except yaml.YAMLError:
+        changed = ["(unreadable recipe.yaml)"]
+    blocking = [key for key in changed if not continuable(key)]  # named first: those need a decision
+    return blocking + [key for key in changed if continuable(key)], blocking
+
+
+def describe_keys(keys: list[str], limit: int = 10) -> str:
+    """``"a, b, c and 4 more"``: key paths for a message."""
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> RunDirPlan:
     """Check, without writing anything, that ``run_dir`` can hold a run of ``resolved``.
 
@@ -99,22 +123,15 @@ def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = F
             raise UserError(f"--out {run_dir} holds files that are not a repae run's ({shown}); repae writes only "
                             f"into a new folder, an empty one, or a run directory it made. Pass another --out.")
     plan = RunDirPlan(run_dir, text)
-    if existing.is_file():
-        old_text = existing.read_text(encoding="utf-8", errors="replace")
-        if old_text != text:
-            try:
-                changed = diff_keys(yaml.safe_load(old_text) or {}, yaml.safe_load(text) or {})
-            except yaml.YAMLError:
-                changed = ["(unreadable recipe.yaml)"]
-            blocking = [key for key in changed if not continuable(key)]  # named first: those need a decision
-            listed = blocking + [key for key in changed if continuable(key)]
-            shown = ", ".join(listed[:10]) + (f" and {len(listed) - 10} more" if len(listed) > 10 else "")
-            if not allow_recipe_change and blocking:
-                raise UserError(
-                    f"{run_dir} already holds a run of a different recipe (differing keys: {shown}). Pass another "
-                    f"--out directory, or --allow-recipe-change to continue it with the new recipe."
-                )
-            plan.previous, plan.changed = old_text, changed
+    change = recipe_change(run_dir, text)
+    if change is not None:
+        changed, blocking = change
+        if not allow_recipe_change and blocking:
+            raise UserError(
+                f"{run_dir} already holds a run of a different recipe (differing keys: {describe_keys(changed)}). "
+                f"Pass another --out directory, or --allow-recipe-change to continue it with the new recipe."
+            )
+        plan.previous, plan.changed = existing.read_text(encoding="utf-8", errors="replace"), changed
     return plan
 
 

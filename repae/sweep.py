@@ -271,11 +271,9 @@ def plan_sweep(recipe: str | Path, args: Sequence[str], registry: Any, out: str 
     points is reported once, naming them), as are run directories that already hold a different recipe (unless
     ``allow_recipe_change``). Argument errors and a missing recipe file raise :class:`RecipeError` at once.
     """
-    import yaml
-
     from repae.compose import compose_recipe
-    from repae.recipe import diff_keys, read_recipe
-    from repae.rundir import RECIPE_FILE
+    from repae.recipe import read_recipe
+    from repae.rundir import describe_keys, recipe_change
 
     recipe = Path(recipe)
     if not recipe.is_file():
@@ -304,16 +302,11 @@ def plan_sweep(recipe: str | Path, args: Sequence[str], registry: Any, out: str 
             problems.extend(exc.problems)
         if point.resolved is not None:
             point.step, point.steps = point_progress(point)
-            saved = point.run_dir / RECIPE_FILE
-            if (not allow_recipe_change and saved.is_file()
-                    and saved.read_text(encoding="utf-8") != point.resolved.to_yaml()):
-                try:
-                    changed = ", ".join(diff_keys(yaml.safe_load(saved.read_text(encoding="utf-8")) or {},
-                                                  point.resolved.to_dict()))
-                except yaml.YAMLError:
-                    changed = "(unreadable recipe.yaml)"
+            # The rule of `repae run`: keys that do not change what is trained (steps, cadence, trackers) may differ.
+            change = recipe_change(point.run_dir, point.resolved.to_yaml())
+            if change is not None and change[1] and not allow_recipe_change:
                 problems.append(Problem(str(point.run_dir), "", f"already holds a run of a different recipe "
-                                        f"(differing keys: {changed})",
+                                        f"(differing keys: {describe_keys(change[0])})",
                                         "pass another --out, or --allow-recipe-change to continue it"))
         for problem in problems:
             found.setdefault(str(problem), []).append(name)
