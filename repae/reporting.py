@@ -6,11 +6,15 @@
             bar.advance(len(batch))
 
 The bar goes to stderr (standard output stays for results), shows done/total, the rate in ``unit``/s, the elapsed
-and remaining time, and a free text (``bar.advance(n, text="loss=0.31")``). Disabled (``enabled=False``), it costs
-nothing and prints nothing. When stderr is not a terminal (``nohup``, SLURM log files, a pipe), it prints plain lines
-instead: one at every update that sets a text (training: every ``log_every`` steps), otherwise at most one every
-30 seconds, and a last one when the task ends having done something (also for a ``transient`` bar: a log keeps what
-was done and how fast), each ``description done/total (percent) rate elapsed ETA text``, never cut to a width.
+and remaining time, and a free text (``bar.advance(n, text="12.4 img/s  loss=0.31")``). In a terminal it is one line
+that fits the terminal's width (:func:`render_line`): when the line is too long, the free text's terms (separated by
+two spaces) go first, from the last one to the second (training: the loss terms), then the bar, the elapsed time and
+the rate (when the free text has a first term to show instead: training's img/s), then the description is shortened;
+done/total, the ETA and the free text's first term stay. Disabled (``enabled=False``), it costs nothing and prints
+nothing. When stderr is not a terminal (``nohup``, SLURM log files, a pipe), it prints plain lines instead: one at
+every update that sets a text (training: every ``log_every`` steps), otherwise at most one every 30 seconds, and a
+last one when the task ends having done something (also for a ``transient`` bar: a log keeps what was done and how
+fast), each ``description done/total (percent) rate elapsed ETA text`` (what matters first), never cut to a width.
 
 Commands print their results on standard output (``--json``: nothing else there), so progress is shown with
 ``--json`` too: it never mixes with the result.
@@ -24,20 +28,29 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ProgressBar", "progress"]
+__all__ = ["ProgressBar", "progress", "render_line"]
+
+TERM_SEPARATOR = "  "
+"""What separates the terms of a progress text (``"12.4 img/s  loss=0.31"``)."""
+
+_BAR_MIN, _BAR_MAX = 6, 40
 
 
 class ProgressBar:
     """Handle of a running :func:`progress` bar."""
 
-    def __init__(self, bar: Any, task: Any, unit: str, completed: int, *, plain: tuple[str, int | None] | None = None,
-                 elapsed: float = 0.0) -> None:
-        self._bar, self._task, self.unit = bar, task, unit
+    def __init__(self, live: Any, unit: str, completed: int, *, description: str = "", total: int | None = None,
+                 plain: bool = False, elapsed: float = 0.0) -> None:
+        self._live, self.unit = live, unit
+        self.description, self.total = description, total
         self.completed = completed
+        self.text = ""
         self._started = time.perf_counter()
         self._elapsed_before = elapsed
         self._first = completed
-        self._plain = plain  # (description, total) when printing plain lines
+        self._rate: float | None = None
+        self._rate_at = self._started
+        self._plain = plain
         self._last_line = self._started
         self._printed = completed
 
@@ -48,18 +61,30 @@ class ProgressBar:
     def update(self, completed: int, *, text: str | None = None) -> None:
         """Set the number of items done (and the free text)."""
         self.completed = completed
-        if self._plain is not None:
+        if self._plain:
             self._plain_line(completed, text)
             return
-        if self._bar is None:
+        if self._live is None:
             return
-        seconds = max(time.perf_counter() - self._started, 1e-9)
-        rate = (completed - self._first) / seconds
-        fields: dict[str, Any] = {"rate": f"{rate:.2f} {self.unit}/s" if completed > self._first else ""}
+        now = time.perf_counter()
+        if completed > self._first:
+            self._rate, self._rate_at = (completed - self._first) / max(now - self._started, 1e-9), now
         if text is not None:
-            fields["text"] = text
-        self._bar.update(self._task, completed=completed, **fields)
+            self.text = text
+        self._live.refresh()
 
+    def line(self, width: int) -> Any:
+        """The terminal's line now, fitted to ``width`` columns (:func:`render_line`)."""
+        now = time.perf_counter()
+        eta = None
+        if self.total and self._rate:
+            eta = max((self.total - self.completed) / self._rate - (now - self._rate_at), 0.0)
+        return render_line(width, description=self.description, completed=self.completed, total=self.total,
+                           rate=self._rate, unit=self.unit, elapsed=now - self._started + self._elapsed_before,
+                           eta=eta, text=self.text)
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        yield self.line(options.max_width)
 
     def _plain_line(self, completed: int, text: str | None, *, final: bool = False) -> None:
         now = time.perf_counter()
@@ -68,8 +93,7 @@ class ProgressBar:
         if final and completed == self._printed:
             return
         self._last_line, self._printed = now, completed
-        assert self._plain is not None
-        description, total = self._plain
+        description, total = self.description, self.total
         seconds = max(now - self._started, 1e-9)
         rate = (completed - self._first) / seconds
         parts = [f"{description} {completed}" + (f"/{total} ({100 * completed / total:.0f}%)" if total else "")]
@@ -93,6 +117,86 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def render_line(width: int, *, description: str, completed: int, total: int | None, rate: float | None = None,
+                unit: str = "it", elapsed: float = 0.0, eta: float | None = None, text: str = "") -> Any:
+    """A progress line as a rich ``Text`` of at most ``width`` cells:
+    ``description bar done/total rate elapsed ETA term1  term2 ...``.
+
+    When it does not fit, parts go in this order: the terms of ``text`` (split at two spaces) from the last to the
+    second, the bar, the elapsed time, the rate (only when ``text`` has a first term, which then shows the speed),
+    then the description is shortened (with an ellipsis); done/total, the ETA and ``text``'s first term go last (the
+    line is then cut).
+    """
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    terms = [t.strip() for t in text.split(TERM_SEPARATOR) if t.strip()] if text else []
+    count = f"{completed}/{total}" if total else str(completed)
+    speed = f"{rate:.3g} {unit}/s" if rate else ""
+    clock = _clock(elapsed)
+    if total:
+        remaining = _clock(eta) if eta is not None else ("0:00:00" if completed >= total else "-:--:--")
+        remaining = f"ETA {remaining}"
+    else:
+        remaining = ""
+    keep = {"bar": bool(total), "elapsed": True, "rate": bool(speed)}
+    shown = len(terms)
+
+    def parts(bar_width: int, name: str) -> list[tuple[str, str]]:
+        out = [(name, "bold")]
+        if keep["bar"]:
+            out.append(("\0bar", str(bar_width)))
+        out.append((count, "green"))
+        if keep["rate"]:
+            out.append((speed, ""))
+        if keep["elapsed"]:
+            out.append((clock, "yellow"))
+        if remaining:
+            out.append((remaining, "cyan"))
+        if shown:
+            out.append((TERM_SEPARATOR.join(terms[:shown]), ""))
+        return [(s, style) for s, style in out if s]
+
+    def length(items: list[tuple[str, str]]) -> int:
+        return sum(int(style) if s == "\0bar" else cell_len(s) for s, style in items) + len(items) - 1
+
+    name = description
+    # what goes, in order: terms from the last to the second, the bar, elapsed, rate (when a first term shows speed)
+    steps: list[str] = ["term"] * max(len(terms) - 1, 0) + ["bar", "elapsed"] + (["rate"] if terms else [])
+    while length(parts(_BAR_MIN, name)) > width and steps:
+        step = steps.pop(0)
+        if step == "term":
+            shown -= 1
+        else:
+            keep[step] = False
+    overflow = length(parts(_BAR_MIN, name)) - width
+    if overflow > 0 and len(name) > 1:  # shorten the description, keeping at least one character and the ellipsis
+        cut = max(len(name) - overflow - 1, 1)
+        name = name[:cut] + "…"
+    bar_width = min(max(width - length(parts(0, name)), _BAR_MIN), _BAR_MAX) if keep["bar"] else 0
+    line = Text(no_wrap=True, overflow="ellipsis", end="")
+    for i, (s, style) in enumerate(parts(bar_width, name)):
+        if i:
+            line.append(" ")
+        if s == "\0bar":
+            line.append_text(_bar(bar_width, completed, total or 1))
+        else:
+            line.append(s, style=style or None)
+    line.truncate(width, overflow="ellipsis")
+    return line
+
+
+def _bar(width: int, completed: int, total: int) -> Any:
+    from rich.text import Text
+
+    done = min(max(completed / total, 0.0), 1.0)
+    filled = int(round(width * done))
+    bar = Text()
+    bar.append("━" * filled, style="bar.finished" if done >= 1 else "bar.complete")
+    bar.append("━" * (width - filled), style="bar.back")
+    return bar
+
+
 @contextlib.contextmanager
 def progress(
     description: str,
@@ -107,29 +211,19 @@ def progress(
     """A progress bar over ``total`` items (``None``: unknown) on stderr, starting at ``completed`` (after ``elapsed``
     seconds of earlier work, which plain lines count in); ``transient`` removes a terminal's bar when done."""
     if not enabled:
-        yield ProgressBar(None, None, unit, completed)
+        yield ProgressBar(None, unit, completed)
         return
     if not sys.stderr.isatty():
-        handle = ProgressBar(None, None, unit, completed, plain=(description, total), elapsed=elapsed)
+        handle = ProgressBar(None, unit, completed, description=description, total=total, plain=True,
+                             elapsed=elapsed)
         yield handle
         if handle.completed != completed:
             handle._plain_line(handle.completed, None, final=True)
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.live import Live
 
-    bar = Progress(
-        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[text]}"),
-        console=Console(stderr=True), transient=transient,
-    )
-    task = bar.add_task(description, total=total, completed=completed, rate="", text="")
-    with bar:
-        yield ProgressBar(bar, task, unit, completed)
+    handle = ProgressBar(None, unit, completed, description=description, total=total, elapsed=elapsed)
+    with Live(handle, console=Console(stderr=True), transient=transient, refresh_per_second=4) as live:
+        handle._live = live
+        yield handle
