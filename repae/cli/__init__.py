@@ -64,5 +64,16 @@ app.command("compare")(compare.compare)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``repae`` and ``python -m repae``): the CPU thread choice of
+    :mod:`repae._threads` (before torch loads), then the command."""
+    from repae._threads import configure_cpu_threads
+    from repae.errors import UserError
+
+    try:
+        configure_cpu_threads()
+    except UserError as exc:
+        from repae.cli._common import print_user_error
+
+        print_user_error(exc)
+        raise SystemExit(2) from None
     app()
