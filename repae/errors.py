@@ -26,6 +26,7 @@ __all__ = [
     "closest",
     "describe_exception",
     "first_line",
+    "sort_problems",
     "unwrap_worker_error",
 ]
 
@@ -97,11 +98,30 @@ class Problem:
         return f"{text} ({self.hint})" if self.hint else text
 
 
+_LOCATION = re.compile(r"(?P<file>.*?):(?P<line>\d+)(?=$|[,;) ])")
+
+
+def _problem_key(problem: Problem) -> tuple[int, str, int, str]:
+    if problem.where.startswith("command line"):
+        return (1, "", 0, "")  # overrides after the files, in the order they were typed (a stable sort)
+    match = _LOCATION.match(problem.where)
+    if match is None:
+        return (0, problem.where, 0, problem.path)  # the whole file (no line): before its lines
+    return (0, match.group("file"), int(match.group("line")), problem.path)
+
+
+def sort_problems(problems: Iterable[Problem]) -> list[Problem]:
+    """Problems in reading order: by file, then line (numerically; a problem of the whole file first), then key path;
+    problems of command-line overrides last, in the order the overrides were typed."""
+    return sorted(problems, key=_problem_key)
+
+
 class RecipeError(UserError):
-    """A recipe (or its overrides) is invalid. Holds *every* problem found, not just the first."""
+    """A recipe (or its overrides) is invalid. Holds *every* problem found, not just the first, sorted by file and
+    line (:func:`sort_problems`)."""
 
     def __init__(self, problems: Sequence[Problem], title: str = "invalid recipe") -> None:
-        self.problems = list(problems)
+        self.problems = sort_problems(problems)
         self.title = title
         lines = [f"{title}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))

@@ -299,3 +299,91 @@ def test_export_format_misspelled_names_the_closest_of_the_runs_formats(runner, 
     text = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "Did you mean 'diffusers'?" in text and "Formats of this run:" in text, text
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Readable at 80 columns (issue 12, item 5)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _at(runner, columns, *args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns)})
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_list_is_one_line_per_component_with_the_full_summary_in_show_and_json(runner, monkeypatch, columns):
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    entries = json.loads(invoke(runner, "list", "--json").stdout)
+    result = _at(runner, columns, "list")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.rstrip("\n").splitlines()
+    assert len(lines) == len(entries) + 2, result.stdout  # header, rule, one line per component (was 103 for 30)
+    assert max(len(line) for line in lines) <= columns
+    for entry, line in zip(entries, lines[2:]):
+        assert line.split()[:2] == [entry["kind"], entry["name"]] and line.endswith(entry["plugin"] and "0.1.0")
+        shown = line.split(None, 2)[2].rsplit("  ", 1)[0].strip()
+        if shown.endswith("…"):  # cut, never wrapped: the beginning of the summary
+            assert entry["summary"].startswith(shown[:-1].rstrip()), (shown, entry["summary"])
+        else:
+            assert shown == entry["summary"]
+    cut = next(e for e, line in zip(entries, lines[2:]) if line.split(None, 2)[2].rsplit("  ", 1)[0].endswith("…"))
+    full = _at(runner, columns, "show", cut["name"], "--kind", cut["kind"])
+    assert cut["summary"] in " ".join(full.stdout.split())  # the whole text is in show
+
+
+def test_plugins_and_show_tables_fit_80_columns_without_breaking_names(runner, monkeypatch):
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    plugins = _at(runner, 80, "plugins")
+    assert plugins.exit_code == 0, plugins.output
+    assert max(len(line) for line in plugins.stdout.splitlines()) <= 80
+    words = plugins.stdout.replace(",", " ").replace(";", " ").split()
+    for plugin in json.loads(invoke(runner, "plugins", "--json").stdout)["plugins"]:
+        assert plugin["name"] in words
+        for component in plugin["components"]:  # "kind:name", shown as "kind: name, name": never cut in two
+            assert component.split(":", 1)[1] in words, component
+    show = _at(runner, 80, "show", "sit")
+    assert show.exit_code == 0 and max(len(line) for line in show.stdout.splitlines()) <= 80
+    text = " ".join(show.stdout.split())
+    for field in json.loads(invoke(runner, "show", "sit", "--json").stdout)[0]["config"]:
+        assert field["name"] in show.stdout.split() and " ".join(field["doc"].split()) in text, field["name"]
+
+
+def test_recipe_problems_are_listed_in_file_and_line_order(runner, toys, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(textwrap.dedent("""\
+        description: problems out of slot order
+        losses: {diffusion: {name: toy-loss, nope: 1}}
+        denoiser: {name: toy-dit, depth: many}
+        dataset: {name: toy-data, root: /data, bogus: 2}
+        encoders: [{name: toy-enc, extra: 3}]
+        tokenizer: {name: toy-vea}
+        """))
+    result = invoke(runner, "recipe", "validate", recipe, "zzz=1")
+    assert result.exit_code == 2, result.output
+    problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    lines = [int(line.split(f"{recipe}:", 1)[1].split(":")[0]) for line in problems if str(recipe) in line]
+    assert lines == sorted(lines) and len(lines) >= 5, result.stderr  # was slot order: 4, 6, 5, 3, 2
+    assert problems[-1].startswith("  - command line `zzz=1`")  # overrides after the file
+
+
+def test_dry_run_table_has_a_total_row_and_one_line_per_component_at_80_columns(runner, toy_recipe):
+    result = _at(runner, 80, "run", toy_recipe, "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("components (built on meta"))
+    header = lines[start + 1].split()
+    assert header == ["slot", "component", "plugin", "parameters", "trained"]
+    rows = lines[start + 3: start + 3 + 5]
+    assert [row.split()[0] for row in rows] == ["dataset", "tokenizer", "encoders.0", "denoiser", "losses.diffusion"]
+    total = next(line for line in lines[start:] if line.startswith("total"))
+    assert all(len(line) <= 80 for line in lines[start: lines.index(total) + 1])
+
+    def count(text):
+        if text == "-":
+            return 0.0
+        scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1])
+        return float(text[:-1]) * scale if scale else float(text)
+
+    for column in (-2, -1):  # parameters, trained: the total is the sum of the rows (shown to 3 significant digits)
+        rows_sum = sum(count(row.split()[column]) for row in rows)
+        assert rows_sum > 0 and abs(count(total.split()[column]) - rows_sum) <= 0.01e6 * len(rows), total

@@ -82,7 +82,12 @@ def print_json(data: Any) -> None:
 
 def plain_table(**kwargs: Any):
     """A rich table whose string cells are plain text: plugin-provided strings may contain '[...]', which must not be
-    read as console markup."""
+    read as console markup.
+
+    Tables fit 80 columns: columns holding names and numbers are added with ``no_wrap=True`` (never cut while others
+    can give way), free text either wraps (``show``'s docs) or is cut to one line with :func:`one_line` (``list``'s
+    summaries; the full text is in ``repae show`` and ``--json``)."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
@@ -90,7 +95,17 @@ def plain_table(**kwargs: Any):
         def add_row(self, *values: Any, **kw: Any) -> None:
             super().add_row(*(Text(v) if isinstance(v, str) else v for v in values), **kw)
 
+    for key, value in (("box", box.SIMPLE_HEAD), ("show_edge", False), ("pad_edge", False), ("collapse_padding", True)):
+        kwargs.setdefault(key, value)  # no rules but the header's: 80 columns hold more text
     return PlainTable(**kwargs)
+
+
+def one_line(value: str):
+    """A table cell cut to one line with an ellipsis when its column is narrower than the text (the column still
+    gives way to the others: it must not be added with ``no_wrap``)."""
+    from rich.text import Text
+
+    return Text(" ".join(value.split()), no_wrap=True, overflow="ellipsis")
 
 
 def pick_device(device: str) -> str:

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from repae.cli._choices import choice, component_names
-from repae.cli._common import load_host, plain_table, print_json, stdout, user_errors
+from repae.cli._common import load_host, one_line, plain_table, print_json, stdout, user_errors
 from repae.config import describe_config
 from repae.registry import KINDS, PRESET_FIELD
 
@@ -43,11 +43,11 @@ def list_components(
             )
             return
         table = plain_table(show_lines=False, header_style="bold")
-        for column in ("kind", "name", "summary", "plugin"):
-            table.add_column(column, overflow="fold")
+        for column in ("kind", "name", "summary", "plugin"):  # one line per component: summaries are cut to fit
+            table.add_column(column, overflow="fold", no_wrap=column != "summary", min_width=12 * (column == "summary"))
         for e in entries:
             name = e.qualified_name if host.registry.is_shadowed(e) else e.name
-            table.add_row(e.kind, name, e.summary, e.plugin.label)
+            table.add_row(e.kind, name, one_line(e.summary), e.plugin.label)
         console = stdout()
         if entries:
             console.print(table)
@@ -75,13 +75,7 @@ def show_component(
             console.print(f"[bold]{entry.kind} {escape(entry.name)}[/] - {escape(entry.summary)}")
             console.print(escape(f"plugin: {entry.plugin.label} ({entry.plugin.name}); qualified name: "
                                  f"{entry.qualified_name}; config: {entry.config.__name__}"))
-            table = plain_table(header_style="bold")
-            for column in ("field", "type", "default", "doc"):
-                table.add_column(column, overflow="fold")
-            for f in describe_config(entry.config):
-                default = "(required)" if f.required else repr(f.default)
-                table.add_row(f.name, f.type, default, f.doc)
-            console.print(table)
+            console.print(_fields_table(entry, console.width))
             if entry.presets:
                 presets = plain_table(title=f"presets (select with `{PRESET_FIELD}:`)", header_style="bold")
                 presets.add_column(PRESET_FIELD)
@@ -91,6 +85,32 @@ def show_component(
                     label = f"{preset} (default)" if preset == default else preset
                     presets.add_row(label, ", ".join(f"{k}={v!r}" for k, v in values.items()))
                 console.print(presets)
+
+
+WIDE = 120
+"""Consoles at least this wide show a config's fields as four columns (field, type, default, doc); narrower ones as
+two, the doc under the type and default, so that the docs keep most of the width (80 columns: 56)."""
+
+
+def _fields_table(entry, width: int):
+    from rich.text import Text
+
+    table = plain_table(header_style="bold")
+    fields = describe_config(entry.config)
+    if width >= WIDE:
+        table.add_column("field", no_wrap=True)
+        table.add_column("type", overflow="fold", max_width=28)
+        table.add_column("default", overflow="fold", max_width=24)
+        table.add_column("doc")
+        for f in fields:
+            table.add_row(f.name, f.type, "(required)" if f.required else repr(f.default), f.doc)
+        return table
+    table.add_column("field", no_wrap=True)
+    table.add_column("type = default; doc", overflow="fold")
+    for f in fields:
+        default = "(required)" if f.required else repr(f.default)
+        table.add_row(f.name, Text.assemble(f.type, " = ", default, "\n", (f.doc, "dim")))
+    return table
 
 
 def _entry_json(entry) -> dict:

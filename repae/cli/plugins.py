@@ -40,27 +40,35 @@ def _plugin_json(plugin) -> dict:
 def _print_tables(host, plugins) -> None:
     console = stdout()
     table = plain_table(title="plugins", header_style="bold")
-    for column in ("plugin", "distribution", "hooks", "components"):
-        table.add_column(column, overflow="fold")
+    for column in ("plugin", "distribution", "hooks", "components"):  # names whole (a hook a line); lists wrap
+        table.add_column(column, overflow="fold", no_wrap=column != "components")
     for p in plugins:
         table.add_row(
             p.info.name,
             p.info.label if p.info.distribution else "(in-process)",
-            ", ".join(p.hooks),
-            ", ".join(f"{kind}:{name}" for kind, name in p.components) or "-",
+            "\n".join(p.hooks),
+            _components_by_kind(p.components) or "-",
         )
     console.print(table)
     if host.clashes:
         clashes = plain_table(title="name clashes (the first plugin keeps the plain name)", header_style="bold")
         for column in ("kind", "name", "plain name means", "also reachable as"):
-            clashes.add_column(column, overflow="fold")
+            clashes.add_column(column, overflow="fold", no_wrap=column == "kind")
         for c in host.clashes:
             clashes.add_row(c.kind, c.name, c.winner.qualified_name, ", ".join(e.qualified_name for e in c.others))
         console.print(clashes)
     if host.failures:
         failed = plain_table(title="failed to load", header_style="bold red")
         for column in ("plugin", "distribution", "stage", "error"):
-            failed.add_column(column, overflow="fold")
+            failed.add_column(column, overflow="fold", no_wrap=column in ("plugin", "stage"))
         for f in host.failures:
             failed.add_row(f.name, " ".join(filter(None, (f.distribution, f.version))) or "-", f.stage, f.error)
         console.print(failed)
+
+
+def _components_by_kind(components) -> str:
+    """``"dataset: synthetic, image-folder; loss: kl"``: each kind once, so the column stays narrow."""
+    grouped: dict[str, list[str]] = {}
+    for kind, name in components:
+        grouped.setdefault(kind, []).append(name)
+    return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in grouped.items())

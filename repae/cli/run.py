@@ -58,10 +58,12 @@ def run(
 
 def _print_dry_run(console, composition) -> None:
     console.out(composition.recipe.to_yaml(), end="", highlight=False)
+    from rich import box
+
     table = plain_table(title=f"components (built on meta and checked in {composition.seconds:.2f} s)",
-                        header_style="bold", show_footer=True)
+                        header_style="bold", show_footer=True, box=box.SIMPLE)  # SIMPLE: a rule above the total
     totals = [0, 0]
-    columns = ("slot", "component", "plugin", "parameters", "trainable")
+    columns = ("slot", "component", "plugin", "parameters", "trained")
     trainer = composition.trainer
     rows = []
     for b in composition.built:
@@ -70,15 +72,16 @@ def _print_dry_run(console, composition) -> None:
         totals[1] += trainable or 0
         rows.append((b.label, f"{b.entry.kind} {b.entry.name}", b.entry.plugin.label,
                      _format_count(b.num_parameters), _format_count(trainable)))
-    footer = {"slot": "total", "parameters": _format_count(totals[0]), "trainable": _format_count(totals[1])}
-    for column in columns:
-        table.add_column(column, footer=footer.get(column, ""),
-                         justify="right" if column in ("parameters", "trainable") else "left")
+    footer = {"slot": "total", "parameters": _format_count(totals[0]), "trained": _format_count(totals[1])}
+    for column in columns:  # one line per component at 80 columns: slots and names whole, a long plugin label wraps
+        table.add_column(column, footer=footer.get(column, ""), no_wrap=column != "plugin",
+                         justify="right" if column in ("parameters", "trained") else "left")
     for row in rows:
         table.add_row(*row)
     console.print(table)
     if composition.derived:
-        console.out("derived from other components: " + ", ".join(composition.derived), highlight=False)
+        console.print("derived from other components: " + ", ".join(composition.derived), markup=False,
+                      highlight=False)  # wrapped between values at the console's width
     if composition.plan is not None:
         console.out(composition.plan.describe(), highlight=False)
     console.print("[dim]dry run: nothing was written or trained[/]")
