@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,6 +277,7 @@ def analyze_batch(
     batch_size: int = 32,
     grid_images: int = 8,
     device: str = "cpu",
+    advance: Callable[[int], None] | None = None,
 ) -> BatchAnalysis:
     """Measure a run's latent space on ``images`` (uint8 ``[N, 3, H, W]``, CPU) with ``labels`` (``[N]``).
 
@@ -287,6 +288,8 @@ def analyze_batch(
     - CKNNA (k = ``k``): the denoiser's hidden tokens at ``depth``, at time ``t`` with noise drawn from ``seed``,
       mean-pooled per image, against each encoder's tokens mean-pooled per image. Skipped (``None``) without a
       denoiser, encoders or depth, or with fewer than 3 images.
+
+    ``advance(n)`` is called after each batch of ``n`` images (a progress bar's).
     """
     import torch
     import torch.nn.functional as F
@@ -315,6 +318,8 @@ def analyze_batch(
                                             t=t, depth=depth).cpu())
             for label, encoder in (encoders or {}).items():
                 encoded[label].append(encoder(raw).float().mean(dim=1).cpu())
+            if advance is not None:
+                advance(raw.shape[0])
     z = torch.cat(latents)
     recon = torch.cat(reconstructions)
     metrics: dict[str, Any] = {
@@ -450,9 +455,10 @@ def analyze_run(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     device = resolve_device(device)
     slots = ("tokenizer", "encoders", "latent_norm", "denoiser", "losses", "dataset")
-    with progress_bar("analyze: open the run", None, enabled=progress, transient=True):
+    with progress_bar("analyze: open the run", 1, unit="run", enabled=progress, transient=True) as bar:
         run = open_run(run_path, device=device, use_ema=settings.ema, slots=slots, registry=registry,
                        meta_slots=("losses", "dataset") if settings.images is not None else ("losses",))
+        bar.advance(1)
     if run.tokenizer is None:
         raise UserError(f"{run.run_dir}: the recipe has no tokenizer; `repae analyze` measures a tokenizer's latents")
     pixels, labels, source, label_source = _load_images(run, settings)
@@ -460,13 +466,16 @@ def analyze_run(
     transport = run.transport()
     encoders = {spec.label: run.components[spec.label] for spec in run.recipe.get("encoders")
                 if run.components.get(spec.label) is not None}
-    with progress_bar(f"analyze {pixels.shape[0]} images", None, enabled=progress, transient=True):
+    with progress_bar("analyze: latents, reconstructions, features", pixels.shape[0], unit="img", enabled=progress,
+                      transient=True) as bar:
         analysis = analyze_batch(
             tokenizer=run.tokenizer, images=pixels, labels=labels, denoiser=run.denoiser, normalizer=run.normalizer,
             transport=transport, encoders=encoders, depth=depth, t=settings.t, k=settings.k, seed=settings.seed,
-            batch_size=batch_size, device=device,
+            batch_size=batch_size, device=device, advance=bar.advance,
         )
-        rfid, rfid_reason = _rfid(pixels, analysis.reconstructions, device, inception_weights)
+    with progress_bar("analyze: rFID (Inception features)", 2 * pixels.shape[0], unit="img", enabled=progress,
+                      transient=True) as bar:
+        rfid, rfid_reason = _rfid(pixels, analysis.reconstructions, device, inception_weights, advance=bar.advance)
     metrics = analysis.metrics
     folder = Path(out) if out is not None else run.run_dir / "analysis" / run.checkpoint.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -523,7 +532,8 @@ def _cknna_reason(run: OpenedRun, encoders: dict[str, Any], depth: int | None, t
     return f"CKNNA needs at least 3 images, got {pixels.shape[0]}"
 
 
-def _rfid(pixels: Any, reconstructions: Any, device: str, weights: str | None) -> tuple[float | None, str | None]:
+def _rfid(pixels: Any, reconstructions: Any, device: str, weights: str | None,
+          advance: Callable[[int], None] | None = None) -> tuple[float | None, str | None]:
     """rFID (Inception pool features, Frechet distance; :mod:`repae.evaluate`) of the reconstructions against the
     inputs when the Inception weights are on this machine (never downloaded here); else ``(None, reason)``. Never
     raises: a missing rFID must not fail the analysis."""
@@ -552,8 +562,8 @@ def _rfid(pixels: Any, reconstructions: Any, device: str, weights: str | None) -
             for start in range(0, images.shape[0], 50):
                 yield images[start : start + 50].permute(0, 2, 3, 1).contiguous().numpy()
 
-        real = extract_features(batches(pixels), extractor)["pool"]
-        fake = extract_features(batches(reconstructions), extractor)["pool"]
+        real = extract_features(batches(pixels), extractor, progress=advance)["pool"]
+        fake = extract_features(batches(reconstructions), extractor, progress=advance)["pool"]
         return frechet_distance(*feature_statistics(real), *feature_statistics(fake)), None
     except Exception as exc:  # noqa: BLE001 - rFID is optional: record why it is missing
         return None, first_line(exc) if isinstance(exc, UserError) else describe_exception(exc)

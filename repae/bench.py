@@ -116,10 +116,12 @@ def _peak_rss_mb() -> float:
 
 
 def bench_trainer(trainer: Any, *, steps: int, warmup: int, flops: float | None = None,
-                  peak_tflops: float | None = None) -> BenchResult:
+                  peak_tflops: float | None = None, progress: bool = True) -> BenchResult:
     """Run ``warmup + steps`` training steps of a set-up-able ``trainer`` (:class:`repae.PhasedTrainer` or a
     subclass) from step 0 and time them (see the module docstring). The trainer's models are updated as in
-    training; nothing is written to disk."""
+    training; nothing is written to disk. ``progress``: a bar over the steps on stderr (drawn between steps, outside
+    the timed spans)."""
+    from repae.reporting import progress as progress_bar
     from repae.train.data import StepOrder
 
     if steps < 1 or warmup < 0:
@@ -143,39 +145,41 @@ def bench_trainer(trainer: Any, *, steps: int, warmup: int, flops: float | None 
     times: dict[str, list[float]] = {}
     totals: list[float] = []
     graphs_before = 0
-    for step in range(warmup + steps):
-        if step == warmup:
-            graphs_before = _graphs_compiled()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-        sync()
-        begin = time.perf_counter()
-        mark = [begin]
-
-        def lap(phase: str, step: int = step) -> None:
+    with progress_bar("bench", warmup + steps, unit="step", enabled=progress, transient=True) as bar:
+        for step in range(warmup + steps):
+            if step == warmup:
+                graphs_before = _graphs_compiled()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
             sync()
-            now = time.perf_counter()
-            if step >= warmup:
-                times.setdefault(phase, []).append(now - mark[0])
-            mark[0] = now
+            begin = time.perf_counter()
+            mark = [begin]
 
-        micro = []
-        for m in range(config.grad_accum):
-            x, labels = next(loader)
-            micro.append(trainer.make_inputs(step, m, x, labels, order))
-        lap("data")
-        if encoders:  # as the step computes them: without autograd, under the step's autocast
-            autocast = trainer.autocast() or contextlib.nullcontext
-            with torch.no_grad(), autocast():
-                for inputs in micro:
-                    inputs.targets = [encoder(inputs.images).float() for encoder in encoders]
-            lap("encoders")
-        trainer.compute_gradients(micro, step, on_phase_end=lap)
-        trainer.apply_gradients()
-        trainer.step = step + 1
-        lap("optimizer + EMA")
-        if step >= warmup:
-            totals.append(mark[0] - begin)
+            def lap(phase: str, step: int = step) -> None:
+                sync()
+                now = time.perf_counter()
+                if step >= warmup:
+                    times.setdefault(phase, []).append(now - mark[0])
+                mark[0] = now
+
+            micro = []
+            for m in range(config.grad_accum):
+                x, labels = next(loader)
+                micro.append(trainer.make_inputs(step, m, x, labels, order))
+            lap("data")
+            if encoders:  # as the step computes them: without autograd, under the step's autocast
+                autocast = trainer.autocast() or contextlib.nullcontext
+                with torch.no_grad(), autocast():
+                    for inputs in micro:
+                        inputs.targets = [encoder(inputs.images).float() for encoder in encoders]
+                lap("encoders")
+            trainer.compute_gradients(micro, step, on_phase_end=lap)
+            trainer.apply_gradients()
+            trainer.step = step + 1
+            lap("optimizer + EMA")
+            if step >= warmup:
+                totals.append(mark[0] - begin)
+            bar.advance(1, text="warm-up done, timing" if step + 1 == warmup else None)
     step_s = statistics.median(totals)
     precision = trainer.precision
     peak = peak_tflops if peak_tflops is not None else device_peak_tflops(device, precision, config.tf32)

@@ -70,8 +70,7 @@ class ProgressBar:
         if completed > self._first:
             self._rate, self._rate_at = (completed - self._first) / max(now - self._started, 1e-9), now
         if text is not None:
-            self.text = text
-        self._live.refresh()
+            self.text = text  # drawn at the next refresh (4 per second)
 
     def line(self, width: int) -> Any:
         """The terminal's line now, fitted to ``width`` columns (:func:`render_line`)."""

@@ -387,3 +387,61 @@ def test_dry_run_table_has_a_total_row_and_one_line_per_component_at_80_columns(
     for column in (-2, -1):  # parameters, trained: the total is the sum of the rows (shown to 3 significant digits)
         rows_sum = sum(count(row.split()[column]) for row in rows)
         assert rows_sum > 0 and abs(count(total.split()[column]) - rows_sum) <= 0.01e6 * len(rows), total
+
+
+def _progress_lines(stderr: str, description: str) -> list[str]:
+    """The plain progress lines (stderr not a terminal) of one bar: ``description done/total (percent) ...``."""
+    return [line for line in stderr.splitlines() if line.startswith(description + " ")]
+
+
+def test_long_commands_show_progress_with_a_total(runner, quick_run, tmp_path, monkeypatch):
+    """analyze (35 s silent before: bars without a total that never advanced), bench, cache-latents and eval print
+    progress with a total on stderr; standard output keeps the result alone (--json)."""
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    analyzed = invoke(runner, "analyze", quick_run, "-n", 6, "--out", tmp_path / "analysis", "--device", "cpu",
+                      "--json", "--batch-size", 4)
+    assert analyzed.exit_code == 0, analyzed.output
+    json.loads(analyzed.stdout)
+    assert _progress_lines(analyzed.stderr, "analyze: open the run")[-1].startswith("analyze: open the run 1/1 (100%)")
+    features = _progress_lines(analyzed.stderr, "analyze: latents, reconstructions, features")
+    assert features and features[-1].split()[4:6] == ["6/6", "(100%)"], analyzed.stderr
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "dataset: {name: synthetic, num_classes: 4, resolution: 16, num_images: 24}\n"
+        "tokenizer: {name: sd-vae, size: tiny}\n"
+        "denoiser: {name: sit, size: tiny, num_classes: 4}\n"
+        "losses: {diffusion: {name: flow-matching, updates: [denoiser]}}\n"
+        "trainer: {name: default, batch_size: 8, num_workers: 0}\n")
+    bench = invoke(runner, "bench", recipe, "--steps", 2, "--warmup", 1, "--device", "cpu", "--json", "--no-flops")
+    assert bench.exit_code == 0, bench.output
+    json.loads(bench.stdout)
+    lines = _progress_lines(bench.stderr, "bench")
+    assert lines[0].startswith("bench 1/3 (33%)") and lines[0].endswith("warm-up done, timing"), bench.stderr
+    assert lines[-1].startswith("bench 3/3 (100%)"), bench.stderr
+
+    cached = invoke(runner, "cache-latents", recipe, "--out", tmp_path / "cache", "--device", "cpu",
+                    "--batch-size", 8)
+    assert cached.exit_code == 0, cached.output
+    assert _progress_lines(cached.stderr, "cache latents")[-1].startswith("cache latents 24/24 (100%)")
+
+
+def test_eval_shows_progress_of_features_and_metrics(runner, tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from repae.evaluate.features import random_inception_state_dict
+
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(random_inception_state_dict(seed=0), weights)
+    rng = np.random.default_rng(0)
+    for name in ("samples", "ref"):
+        np.savez(tmp_path / f"{name}.npz", arr_0=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
+    result = invoke(runner, "eval", tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", "--metrics", "fid",
+                    "--inception-weights", weights, "--json")
+    assert result.exit_code == 0, result.output
+    assert "fid" in json.loads(result.stdout)["metrics"]
+    assert _progress_lines(result.stderr, "Inception features: samples")[-1].startswith(
+        "Inception features: samples 12/12 (100%)"), result.stderr
+    assert _progress_lines(result.stderr, "metrics (fid)")[-1].startswith("metrics (fid) 1/1 (100%)"), result.stderr

@@ -147,5 +147,7 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     from repae.reporting import progress
 
     # on stderr, also with --json (standard output holds the report alone); plain lines when stderr is not a terminal
-    with progress(f"Inception features: {description}", total, unit="img", transient=True) as bar:
+    metrics = description.startswith("metrics")  # the pipeline's last stage: the metrics computed, one by one
+    with progress(description if metrics else f"Inception features: {description}", total,
+                  unit="metric" if metrics else "img", transient=True) as bar:
         yield bar.advance

@@ -113,8 +113,10 @@ def evaluate(
     stored = [m.feature for m in active if m.feature in ref.stats and not m.reference_features(ref.stats)]
     report.reference_stats = [key for name in dict.fromkeys(stored) for key in STAT_KEYS[name]]
 
-    for metric in active:
-        report.metrics.update(metric.compute(sample_features, reference_data))
+    with progress(f"metrics ({', '.join(m.name for m in active)})", len(active)) as advance:
+        for metric in active:
+            report.metrics.update(metric.compute(sample_features, reference_data))
+            advance(1)
 
     if save_reference is not None:
         saved = {name: ref.stats.get(name) or feature_statistics(reference_data.features[name]) for name in STAT_KEYS}
