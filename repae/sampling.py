@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -203,13 +204,18 @@ def sample_run(
         all_labels = make_labels(settings.num, num_classes, mode=settings.labels, seed=settings.seed)
         label = "sample" if topology.world_size == 1 else f"sample (rank 0 of {topology.world_size})"
         started = time.perf_counter()
+        if topology.is_main and todo:  # before a long job: how many, then (after the first batch) how long
+            _note(_announce(settings.num, len(mine) - len(todo), len(todo), size, batch_size, topology.world_size))
         with progress_bar(label, len(mine), completed=len(mine) - len(todo), unit="img",
                           enabled=progress and topology.is_main and bool(todo)) as bar:
-            for batch, images in generate(run, all_labels, indices=todo, seed=settings.seed, sampler=chosen,
-                                          batch_size=batch_size, device=topology.device):
+            for n, (batch, images) in enumerate(generate(run, all_labels, indices=todo, seed=settings.seed,
+                                                         sampler=chosen, batch_size=batch_size,
+                                                         device=topology.device)):
                 for i, image in zip(batch, images):
                     write_png(image, png(i))
                 bar.advance(len(batch))
+                if n == 0 and topology.is_main and len(batch) < len(todo):
+                    _note(_estimate(len(batch), time.perf_counter() - started, len(todo) - len(batch)))
         seconds = time.perf_counter() - started
         made = int(distributed.all_reduce_sum(torch.tensor([len(todo)], device=topology.device)).item())
         distributed.barrier()
@@ -226,6 +232,36 @@ def sample_run(
         return folder
     finally:
         distributed.shutdown()
+
+
+def _note(text: str) -> None:
+    """A note on stderr (standard output holds the results; a terminal's progress bar stays below it)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _announce(num: int, made: int, todo: int, size: tuple[int, int], batch_size: int, world: int) -> str:
+    share = f" ({todo:,} on this process of {world})" if world > 1 else ""
+    already = f", {made:,} already made" if made else ""
+    return (f"{num:,} samples of {size[0]}x{size[1]} px{already}{share}, in batches of {batch_size}: the time "
+            "left is estimated after the first batch")
+
+
+def _estimate(first: int, seconds: float, left: int) -> str:
+    """The time the ``left`` samples will take at the first batch's pace (``first`` samples in ``seconds``; it
+    includes warm-up, so the estimate errs long)."""
+    return (f"first batch: {first} samples in {_duration(seconds)}; the remaining {left:,} need about "
+            f"{_duration(seconds / first * left)} at this pace")
+
+
+def _duration(seconds: float) -> str:
+    """``"21 h 04 min"``, ``"3 min 20 s"``, ``"12.3 s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(round(seconds)) // 60
+    if minutes < 60:
+        return f"{minutes} min {int(round(seconds)) % 60:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 # -- files -----------------------------------------------------------------------------------------------------------

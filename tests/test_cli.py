@@ -445,3 +445,22 @@ def test_eval_shows_progress_of_features_and_metrics(runner, tmp_path, monkeypat
     assert _progress_lines(result.stderr, "Inception features: samples")[-1].startswith(
         "Inception features: samples 12/12 (100%)"), result.stderr
     assert _progress_lines(result.stderr, "metrics (fid)")[-1].startswith("metrics (fid) 1/1 (100%)"), result.stderr
+
+
+def test_sample_says_how_many_and_estimates_the_time_before_a_long_job(runner, quick_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    result = invoke(runner, "sample", quick_run, "-n", 6, "--batch-size", 2, "--steps", 2, "--out", tmp_path / "s",
+                    "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    json.loads(result.stdout)  # notes on stderr only
+    notes = result.stderr.splitlines()
+    announce = next(line for line in notes if line.startswith("6 samples of "))
+    estimate = next(line for line in notes if line.startswith("first batch: 2 samples in "))
+    assert "batches of 2" in announce and "the remaining 4 need about " in estimate
+    assert notes.index(announce) < notes.index(estimate) < next(
+        i for i, line in enumerate(notes) if line.startswith("sample 6/6"))  # before the job goes on
+    again = invoke(runner, "sample", quick_run, "-n", 6, "--batch-size", 2, "--steps", 2, "--out", tmp_path / "s",
+                   "--device", "cpu")
+    assert again.exit_code == 0 and "first batch" not in again.output  # nothing left to make: no estimate
+    helped = " ".join(invoke(runner, "sample", "--help").stdout.replace("│", " ").split())
+    assert "The default, 50,000, is the 50K of the paper's evaluation (FID-50K)" in helped

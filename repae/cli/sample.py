@@ -23,7 +23,9 @@ def sample(
     ),
     num: int = typer.Option(
         50_000, "--num", "-n", "--num-samples",
-        help="Number of samples (50,000 for FID-50K). Under torchrun write -n or --num-samples (torchrun takes --num).",
+        help="Number of samples. The default, 50,000, is the 50K of the paper's evaluation (FID-50K): a long job (hours; "
+        "about a day on a CPU for an XL model); the count and, after the first batch, an estimate of the time are printed on stderr "
+        "(-n 64 for a look). Under torchrun write -n or --num-samples (torchrun takes --num).",
     ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the sampler's config)."),
     sampler: Optional[str] = typer.Option(
