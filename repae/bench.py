@@ -201,8 +201,13 @@ def bench_trainer(trainer: Any, *, steps: int, warmup: int, flops: float | None 
     return result
 
 
-def format_result(result: BenchResult, title: str) -> str:
-    """The plain-text report ``repae bench`` prints."""
+def format_result(result: BenchResult, title: str, width: int | None = None) -> str:
+    """The plain-text report ``repae bench`` prints, its lines wrapped between words to ``width`` columns (default:
+    the terminal's, ``COLUMNS``, else 80) with the continuation indented."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((80, 24)).columns
     lines = [title,
              f"  device {result.device}, precision {result.precision}, batch {result.batch_size}"
              + (f" ({result.grad_accum} micro-batches)" if result.grad_accum > 1 else "")
@@ -220,7 +225,12 @@ def format_result(result: BenchResult, title: str) -> str:
     total = sum(result.phases.values()) or 1.0
     for name, seconds in result.phases.items():
         lines.append(f"    {name:<20}{seconds * 1e3:10.1f}   {100 * seconds / total:4.0f}%")
-    return "\n".join(lines)
+    wrapped = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()) + 4)
+        wrapped.extend(textwrap.wrap(line, max(width, 40), subsequent_indent=indent, break_long_words=False,
+                                     break_on_hyphens=False, drop_whitespace=True) or [line])
+    return "\n".join(wrapped)
 
 
 

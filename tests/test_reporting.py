@@ -108,3 +108,22 @@ def test_disabled_progress_prints_nothing(monkeypatch):
     with progress("train", 300, enabled=False) as bar:
         bar.update(25, text=TEXT)
     assert log.getvalue() == ""
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_bench_report_fits_the_width(width):
+    from repae.bench import BenchResult, format_result
+
+    result = BenchResult(device="NVIDIA H200 NVL", precision="bf16", batch_size=256, grad_accum=4, steps=50, warmup=10,
+                         step_s=0.8123, step_s_min=0.8, step_s_max=0.9, img_per_s=315.2, peak_mem_mb=70123.0,
+                         peak_mem_kind="cuda max allocated",
+                         phases={"data": 0.01, "encoders": 0.05, "tokenizer": 0.3, "optimizer + EMA": 0.02},
+                         flops=4.2e15, tflops_per_s=5170.0, peak_tflops=989.0, mfu=0.52, graphs_compiled_timed=0)
+    title = ("repae bench recipes/repae_sdvae_dinov2.yaml trainer.batch_size=256 trainer.grad_accum=4 "
+             "--synthetic-data  (random weights, synthetic data)")
+    text = format_result(result, title, width=width)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width, text
+    assert " ".join(text.split()) == " ".join(format_result(result, title, width=10_000).split())  # only wrapped
+    assert lines[0].startswith("repae bench recipes/repae_sdvae_dinov2.yaml")
+    assert all(line.startswith("  ") for line in lines[1:])  # continuations indented under their line
