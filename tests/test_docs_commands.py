@@ -12,7 +12,8 @@ console block only the ``$ `` lines), or a ``$ `` line of any other fenced block
   options parsed by the live CLI (click's ``make_context``: an unknown command or option, a missing argument or a bad
   choice fails); a component an option names exists (``--sampler``, ``--metrics`` and ``--set``, ``--dataset``;
   ``--format`` is one that a component of a recipe used in the docs declares, or ``safetensors``); a recipe argument
-  exists and the recipe with the overrides given composes on ``meta`` (a sweep: ``--dry-run`` of the same command).
+  exists and the recipe with the overrides given composes on ``meta`` (a sweep: its arguments parse and every
+  point composes).
   ``torchrun`` options are parsed by torchrun's own parser; ``python SCRIPT.py`` needs the script and each
   ``--option`` it is given among the script's own; ``pip install`` needs the paths and the extras named (in their
   ``pyproject.toml``), and any other package named must be one of repae's dependencies; ``pytest -m EXPR`` needs the
@@ -34,7 +35,9 @@ with what was done with it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import itertools
 import os
 import re
 import shlex
@@ -254,14 +257,20 @@ def _optional(words: list[str]) -> list[str]:
     return out
 
 
-def _parse(args: list[str]) -> tuple[str, Any, str | None]:
-    """``(command path, click context or None, why parsing failed)`` for ``repae ARGS``: the command resolved through
-    the live CLI's groups and its arguments parsed (callbacks included, so choices are checked)."""
+@functools.lru_cache(maxsize=None)
+def _root_command() -> Any:
+    """The live CLI as click's command tree (built once: building it is most of the cost of parsing)."""
     import typer
 
     from repae.cli import app
 
-    command: Any = typer.main.get_command(app)
+    return typer.main.get_command(app)
+
+
+def _parse(args: list[str]) -> tuple[str, Any, str | None]:
+    """``(command path, click context or None, why parsing failed)`` for ``repae ARGS``: the command resolved through
+    the live CLI's groups and its arguments parsed (callbacks included, so choices are checked)."""
+    command: Any = _root_command()
     path, rest, parent = "repae", list(args), None
     while hasattr(command, "list_commands") and rest and not rest[0].startswith("-"):
         ctx = command.context_class(command, info_name=path.rsplit(" ", 1)[-1], parent=parent)
@@ -319,20 +328,39 @@ def check_repae(cmd: Command, args: list[str], ctx: Context, *, under: str = "")
                 cmd.note = "placeholder recipe: parsed only"
                 return None
             return f"recipe {recipe} does not exist"
-    runnable = not under and (path in RUN_ALWAYS or (path in RUN_WHEN_DRY and dry))
-    if runnable or path == "repae sweep":
-        run = args if runnable else [*args, "--dry-run"]
-        key = tuple(run)
+    if not under and (path in RUN_ALWAYS or (path in RUN_WHEN_DRY and dry)):
+        key = tuple(args)
         if key not in ctx.done:
-            ctx.done[key] = _invoke(run)
-        cmd.outcome = "ran" if runnable else "validated"
-        if not runnable:
-            cmd.note = "as --dry-run"
+            ctx.done[key] = _invoke(args)
+        cmd.outcome = "ran"
         return ctx.done[key]
+    if path == "repae sweep":
+        return _check_sweep(cmd, str(params["recipe"]), [str(a) for a in params.get("args") or []], ctx)
     if path in RECIPE_COMMANDS:
         overrides = [str(o) for o in params.get("overrides") or []]
         why = ctx.compose(str(params["recipe"]), overrides)
         return f"the recipe with {overrides or 'no overrides'} does not compose: {why}" if why else None
+    return None
+
+
+def _check_sweep(cmd: Command, recipe: str, args: list[str], ctx: Context) -> str | None:
+    """A sweep's arguments parse (repae.sweep.parse_sweep_args) and every point's recipe composes on ``meta``."""
+    from repae.sweep import parse_sweep_args
+
+    try:
+        parsed = parse_sweep_args(args)
+    except Exception as exc:  # noqa: BLE001
+        return f"the sweep arguments are refused: {exc}"
+    axes = {a.position: a for a in parsed.axes}
+    points = list(itertools.product(*(range(len(a.texts)) for a in parsed.axes)))
+    for choice in points:
+        pick = dict(zip(axes, choice))
+        overrides = [f"{axes[p].key}={axes[p].texts[pick[p]]}" if p in axes else arg
+                     for p, arg in enumerate(parsed.args)]
+        why = ctx.compose(recipe, overrides)
+        if why:
+            return f"the sweep's point {overrides} does not compose: {why}"
+    cmd.note = f"{len(points)} point(s) composed"
     return None
 
 
@@ -581,6 +609,69 @@ def test_the_sweep_arguments_in_docs_sweeps_are_valid():
     assert not problems, "docs/sweeps.md's sweep arguments that repae refuses:\n" + "\n".join(problems)
 
 
+def inline_commands(text: str) -> list[tuple[int, str]]:
+    """``(line, span)`` of the inline code spans of a Markdown text (fenced blocks left out) that write a ``repae`` or
+    ``pip install`` command."""
+    out = []
+    inside = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if FENCE.match(line):
+            inside = not inside
+            continue
+        if not inside:
+            out += [(number, span) for span in re.findall(r"`((?:repae|pip install) [^`]+)`", line)]
+    return out
+
+
+def check_inline(span: str) -> str | None:
+    """An inline ``repae ...`` span names a live command and only options of it (usage syntax allowed: metavariables,
+    ``[...]``, ``a|b``, ``--a/--b``, ``...``); an inline ``pip install`` names existing extras."""
+    words = shlex.split(span.replace("\\|", " "), posix=True) if "'" in span else span.replace("\\|", " ").split()
+    if words[:2] == ["pip", "install"]:
+        return check_pip(words[1:])
+    command: Any = _root_command()
+    path, rest = "repae", words[1:]
+    while hasattr(command, "list_commands") and rest and re.fullmatch(r"[a-z][\w-]*", rest[0]):
+        sub = command.get_command(command.context_class(command, info_name=path), rest[0])
+        if sub is None:
+            return f"`{path}` has no command {rest[0]!r}"
+        command, path, rest = sub, f"{path} {rest[0]}", rest[1:]
+    options = {o for p in command.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+               if getattr(p, "param_type_name", "") == "option"} | {"-h", "--help"}
+    for word in rest:
+        for token in re.split(r"[|/]", word.strip("[]()…,.;:")):
+            name = token.strip("[]()").split("=", 1)[0]
+            if re.fullmatch(r"--?[a-zA-Z][\w-]*", name) and name not in options:
+                return f"`{path}` has no option {name}"
+    return None
+
+
+def test_inline_commands_in_the_docs_name_live_commands_and_options():
+    """The commands written inline in the prose and tables (`repae export --format F`, `repae sample
+    --steps/--cfg/--guidance-interval`, `pip install 'repae[wandb]'`) name commands, options and extras that exist:
+    a renamed option shows up here too."""
+    problems, count = [], 0
+    for doc in DOCS:
+        for number, span in inline_commands((ROOT / doc).read_text(encoding="utf-8")):
+            count += 1
+            why = check_inline(span)
+            if why:
+                problems.append(f"{doc}:{number}: `{span}`\n    {why}")
+    assert count >= 150, f"only {count} inline commands found"
+    assert not problems, f"{len(problems)} inline command(s) in the docs name what does not exist:\n" + "\n".join(
+        problems)
+
+
+def test_the_inline_check_catches_mistakes():
+    assert check_inline("repae sample RUN --steps/--cfg/--guidance-interval [--json]") is None
+    assert check_inline("repae bench RECIPE [--weights\\|--random-weights] [--peak-tflops T]") is None
+    assert check_inline("pip install 'repae[wandb]'") is None
+    for span, why in [("repae sample RUN --steps/--cfgg", "no option --cfgg"), ("repae exprot RUN", "no command"),
+                      ("repae recipe valid X", "no command 'valid'"), ("pip install 'repae[wandbb]'", "no extra"),
+                      ("repae run RECIPE [--dryrun]", "no option --dryrun")]:
+        assert why in (check_inline(span) or ""), span
+
+
 MISTAKES = {
     "the normaliser misspelt in a sweep": (
         "repae sweep recipes/quickstart.yaml 'latent_norm={name: batch-norm},{name: batchnorm}' --out runs/s",
@@ -660,7 +751,7 @@ repae list
 if __name__ == "__main__":  # every command and what is done with it: python tests/test_docs_commands.py
     import tempfile
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from conftest import FakeDistributions
 
     os.chdir(ROOT)
