@@ -163,6 +163,23 @@ def test_the_weights_config_must_match_the_architecture(registry, tmp_path):
         _create(registry, size="sd3.5", architecture=KL_BLOCKS, weights=str(full))
 
 
+def test_a_local_folder_is_checked_on_meta_without_reading_its_tensors(registry, tmp_path):
+    """`repae recipe validate` / `--dry-run` (meta) read a local folder's config.json: a folder that does not fit the
+    recipe is the same error as when loading, and the dry run has the folder's shapes and statistics."""
+    sd_style = {**FLUX_SMALL, "latent_channels": 4, "use_quant_conv": True, "use_post_quant_conv": True,
+                "scaling_factor": 0.18215, "shift_factor": None}
+    _save(_reference("AutoencoderKL", sd_style), tmp_path / "vae")
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not read on meta")
+    with pytest.raises(repae.UserError) as info:
+        _create(registry, size="tiny", weights=str(tmp_path / "vae"), device="meta")
+    assert "architecture.latent_channels: file 4 vs recipe 16" in str(info.value)
+    on_meta = _create(registry, size="tiny", architecture={"latent_channels": 4, "use_quant_conv": True,
+                                                            "use_post_quant_conv": True},
+                      weights=str(tmp_path / "vae"), device="meta")
+    assert on_meta.latent_channels == 4 and on_meta.latent_stats.scaling_factor == 0.18215
+    assert on_meta.latent_stats.shift_factor is None  # the folder's statistics, not the preset's (FLUX's)
+
+
 def test_a_missing_folder_names_the_file(registry, tmp_path):
     with pytest.raises(repae.UserError, match="weights file not found"):
         _create(registry, weights=str(tmp_path / "nowhere"), subfolder="vae")

@@ -409,12 +409,31 @@ def _state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _build_unloaded(config: DiffusersVAEConfig, architecture: dict[str, Any], *, check_folder: bool) -> DiffusersVAE:
+    """The VAE built without reading weights: from the preset and the recipe's architecture. With ``check_folder``
+    (on ``meta``: ``repae recipe validate``, ``--dry-run``) the ``config.json`` of a local weights folder is read (a
+    small file, no tensors) and checked as loading will check it, so that a folder that does not fit the recipe is
+    reported before the run, and the dry run has the shapes the run will have; hub sources and a folder without
+    ``config.json`` are checked when the weights are loaded. A run's checkpoint (``repae sample``, ``export``) holds
+    the weights itself: then the folder is not read."""
+    source = f"preset {config.size!r}"
+    if check_folder and config.weights and not config.weights.startswith(("hf://", "http://", "https://")):
+        config_path = Path(_sources(config.weights, config.subfolder)[0])
+        if config_path.is_file():
+            file_config, _ = read_vae_folder(config.weights, config.subfolder)
+            where = config.weights + (f" (subfolder {config.subfolder})" if config.subfolder else "")
+            architecture = check_against_file(config, architecture, file_config, where)
+            source = where
+    return DiffusersVAE(config.model_class, architecture, source=source)
+
+
 def build_diffusers_vae(config: DiffusersVAEConfig, context: BuildContext) -> DiffusersVAE:
-    """Build the VAE a config describes; read its ``config.json`` and weights unless on ``meta``."""
+    """Build the VAE a config describes; read its ``config.json`` and weights unless on ``meta`` (where only a local
+    folder's ``config.json`` is read and checked)."""
     import_diffusers()  # the one clear message when the extra is missing
     architecture = merged_architecture(config)
     if not (config.weights and context.load_weights):
-        return DiffusersVAE(config.model_class, architecture, source=f"preset {config.size!r}")
+        return _build_unloaded(config, architecture, check_folder=context.device == "meta")
     from repae import load_into, load_weights
 
     file_config, config_info = read_vae_folder(config.weights, config.subfolder)
