@@ -337,7 +337,7 @@ def test_identical_sets_give_zero_fid_through_the_cli(cli, weights, image_sets, 
     other = cli(image_sets / "other.npz", "--ref", saved, "--inception-weights", weights, "--metrics", "fid,sfid")
     assert other.exit_code == 0, other.output
     assert "stored statistics used: mu, sigma, mu_s, sigma_s" in other.stdout
-    fid = float(other.stdout.split("FID")[1].split()[1])
+    fid = float(next(line.split()[1] for line in other.stdout.splitlines() if line.split()[:1] == ["FID"]))
     assert fid > 5.0, other.stdout  # smooth blobs vs uniform noise (15.5 with these random weights)
 
 
@@ -353,7 +353,8 @@ def test_json_is_alone_on_stdout_and_progress_goes_to_stderr(cli, weights, tmp_p
     assert json.loads(result.stdout)["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # the same 4 images
     lines = result.stderr.splitlines()
     assert [line.split()[:4] for line in lines] == [["Inception", "features:", "samples", "4/4"],
-                                                    ["Inception", "features:", "reference", "4/4"]], result.stderr
+                                                    ["Inception", "features:", "reference", "4/4"],
+                                                    ["metrics", "(fid)", "1/1", "(100%)"]], result.stderr
 
 
 def test_cli_user_errors(cli, weights, image_sets, tmp_path, monkeypatch):
