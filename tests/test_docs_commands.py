@@ -20,8 +20,12 @@ console block only the ``$ `` lines), or a ``$ `` line of any other fenced block
   markers declared;
 - **skipped**, only where the docs say so with a reason (downloads, data or files the reader has): an HTML comment
   on the line before the block, ``<!-- docs-test: skip (needs network: downloads the weights) -->``, skips the block;
-  a trailing comment ``# docs-test: skip (REASON)`` (alone or after other words) skips one line. Any other command (a program this test does not know)
-  fails until it is marked. docs/cli.md describes the marker.
+  a trailing comment ``# docs-test: skip (REASON)`` (alone or after other words) skips one line. Any other command
+  (a program this test does not know) fails until it is marked. docs/cli.md describes the marker.
+
+Commands written inline in the prose and tables (``repae export --format F``, ``pip install 'repae[wandb]'``) are
+checked more loosely, as usage text: the command and every option they name exist, the extras too. docs/sweeps.md's
+table of sweep arguments is checked against the headline recipe.
 
 A recipe that does not exist is accepted only as a placeholder for the reader's own (``my_recipe.yaml``,
 ``recipes/my_*.yaml``, ``RECIPE``): the command is then only parsed. docs/plugins.md's commands run with the page's
@@ -48,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import EXAMPLE_PLUGIN, ROOT
 
 DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")),
@@ -257,7 +260,7 @@ def _optional(words: list[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _root_command() -> Any:
     """The live CLI as click's command tree (built once: building it is most of the cost of parsing)."""
     import typer
@@ -276,7 +279,8 @@ def _parse(args: list[str]) -> tuple[str, Any, str | None]:
         ctx = command.context_class(command, info_name=path.rsplit(" ", 1)[-1], parent=parent)
         sub = command.get_command(ctx, rest[0])
         if sub is None:
-            return path, None, f"`{path}` has no command {rest[0]!r} (commands: {', '.join(command.list_commands(ctx))})"
+            known = ", ".join(command.list_commands(ctx))
+            return path, None, f"`{path}` has no command {rest[0]!r} (commands: {known})"
         command, parent, path, rest = sub, ctx, f"{path} {rest[0]}", rest[1:]
     if hasattr(command, "list_commands") and not rest:
         return path, None, f"`{path}` needs a command"
@@ -418,7 +422,7 @@ def check_pytest(words: list[str]) -> str | None:
     if "pytest" not in {_name(r) for r in config["project"]["optional-dependencies"].get("test", [])}:
         return "pytest is not in the test extra of pyproject.toml"
     markers = {m.split(":")[0].strip() for m in config["tool"]["pytest"]["ini_options"].get("markers", [])}
-    for flag, expr in zip(words, words[1:]):
+    for flag, expr in itertools.pairwise(words):
         if flag == "-m":
             unknown = set(re.findall(r"[\w-]+", expr)) - {"and", "or", "not"} - markers
             if unknown:
@@ -592,9 +596,9 @@ def test_the_sweep_arguments_in_docs_sweeps_are_valid():
     from repae.sweep import parse_sweep_args
 
     text = (ROOT / "docs" / "sweeps.md").read_text(encoding="utf-8")
-    table = re.search(r"^\| argument \| values \|\n\|[-|]+\|\n((?:\|.*\n)+)", text, re.M)
+    table = re.search(r"^\| argument \| values \|\n\|[-|]+\|\n((?:\|.*\n)+)", text, re.MULTILINE)
     assert table, "docs/sweeps.md has a table `| argument | values |` of sweep arguments"
-    arguments = re.findall(r"^\| `([^`]+)` \|", table.group(1), re.M)
+    arguments = re.findall(r"^\| `([^`]+)` \|", table.group(1), re.MULTILINE)
     assert len(arguments) >= 4
     registry = load_plugins().registry
     problems = []
