@@ -21,7 +21,7 @@ from repae.errors import UserError
 from repae.fileio import atomic_write, holds, json_text
 from repae.recipe import diff_keys
 
-__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_run_dir", "prepare_run_dir", "remove_stale_temporaries",
+__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_run_dir", "undo_recipe_change", "prepare_run_dir", "remove_stale_temporaries",
            "run_lock", "versions", "write_run_dir"]
 
 RECIPE_FILE = "recipe.yaml"
@@ -76,6 +76,8 @@ class RunDirPlan:
     text: str
     previous: str | None = None
     changed: list[str] = field(default_factory=list)
+    kept: Path | None = None
+    """Where :func:`write_run_dir` kept the previous recipe (``recipe.previous-N.yaml``), if it did."""
 
 
 def recipe_change(run_dir: Path, text: str) -> tuple[list[str], list[str]] | None:
@@ -135,6 +137,21 @@ def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = F
     return plan
 
 
+def undo_recipe_change(plan: RunDirPlan) -> bool:
+    """Put the previous recipe back after a continuation that failed before writing a checkpoint (an optimizer state
+    that does not fit the new recipe, a missing weights file): the folder then holds what it held before, and the
+    old command works again. Returns whether there was something to undo."""
+    if plan.previous is None or plan.kept is None:
+        return False
+    try:
+        atomic_write(plan.run_dir / RECIPE_FILE, plan.previous)
+        plan.kept.unlink(missing_ok=True)
+    except OSError:
+        return False  # the run's own error is the one to report
+    plan.kept = None
+    return True
+
+
 def write_run_dir(plan: RunDirPlan, resolved: Any) -> Path:
     """Write what :func:`check_run_dir` planned: the recipe (keeping a changed one as ``recipe.previous-N.yaml``) and
     the versions."""
@@ -145,7 +162,8 @@ def write_run_dir(plan: RunDirPlan, resolved: Any) -> Path:
             n = 1
             while (run_dir / f"recipe.previous-{n}.yaml").exists():
                 n += 1
-            atomic_write(run_dir / f"recipe.previous-{n}.yaml", plan.previous)
+            plan.kept = run_dir / f"recipe.previous-{n}.yaml"
+            atomic_write(plan.kept, plan.previous)
         for path, text in ((run_dir / RECIPE_FILE, plan.text),
                            (run_dir / VERSIONS_FILE, json_text(versions(resolved.plugins)))):
             if not holds(path, text):

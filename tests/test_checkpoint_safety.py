@@ -316,3 +316,22 @@ def test_weights_json_records_source_revision_and_sha256(tmp_path, monkeypatch):
     assert entry["source"] == "hf://org/enc/model.safetensors" and entry["revision"] == commit
     assert entry["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
     assert entry["bytes"] == target.stat().st_size
+
+
+def test_a_failed_continuation_leaves_the_run_directory_as_it_was(tmp_path):
+    """Continuing with --allow-recipe-change and a recipe whose optimizer state cannot fit (pos_embed fixed ->
+    learned adds a parameter) fails before any step; the folder keeps its recipe (no recipe.previous-N.yaml piling up
+    per attempt) and the original command still continues the run."""
+    run_dir = tmp_path / "run"
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    fixed = [o for o in QUICK_RUN_OVERRIDES if not o.startswith("trainer.steps")] + ["denoiser.pos_embed=fixed"]
+    cli("run", recipe, *fixed, "trainer.steps=2", "--out", run_dir, "--device", "cpu")
+    before = (run_dir / "recipe.yaml").read_text()
+    for _ in range(2):
+        result = cli("run", recipe, *fixed[:-1], "denoiser.pos_embed=learned", "trainer.steps=2", "--out", run_dir,
+                     "--device", "cpu", "--allow-recipe-change", code=2)
+        assert "optimizer" in result.output.lower(), result.output
+    assert (run_dir / "recipe.yaml").read_text() == before
+    assert not list(run_dir.glob("recipe.previous-*.yaml"))
+    cli("run", recipe, *fixed, "trainer.steps=4", "--out", run_dir, "--device", "cpu")
+    assert json.loads((run_dir / "checkpoints" / "step-0000004" / "state.json").read_text())["step"] == 4

@@ -23,7 +23,8 @@ def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_re
     checked whole first (:func:`repae.compose.compose_recipe`): its ``recipe`` holds the derived fields, which the run
     directory records."""
     from repae.build import build_recipe
-    from repae.rundir import check_run_dir, run_lock, write_run_dir
+    from repae.rundir import check_run_dir, run_lock, undo_recipe_change, write_run_dir
+    from repae.train.checkpoint import latest_checkpoint
     from repae.train import distributed
 
     distributed.resolve_device(device)  # fail before any work when the device does not exist
@@ -42,6 +43,7 @@ def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_re
         spec = resolved.get("trainer")[0]
         require(trainer, Trainer, what=f"trainer '{spec.name}' (plugin {spec.entry.plugin.label})",
                 needed_for="repae run")
+        plan = None
         with run_lock(run_dir) if is_main else contextlib.nullcontext():
             if is_main:
                 plan = check_run_dir(resolved, run_dir, allow_recipe_change=allow_recipe_change)
@@ -53,7 +55,16 @@ def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_re
                     _say(f"{run_dir}: continuing with a changed recipe ({', '.join(plan.changed[:10])}); the old "
                          "one is kept as recipe.previous-N.yaml")
             distributed.barrier()
-            trainer.run(run_dir, progress=progress)
+            before = latest_checkpoint(run_dir) if is_main else None
+            try:
+                trainer.run(run_dir, progress=progress)
+            except BaseException:
+                # A continuation with a changed recipe that failed before its first checkpoint (its optimizer state
+                # does not fit, say) leaves the folder as it was: the previous recipe goes back.
+                if plan is not None and plan.previous is not None and latest_checkpoint(run_dir) == before \
+                        and undo_recipe_change(plan):
+                    _say(f"{run_dir}: nothing was trained with the changed recipe; its previous recipe.yaml is back")
+                raise
     finally:
         distributed.shutdown()
     return run_dir
