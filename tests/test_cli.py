@@ -376,7 +376,7 @@ def test_dry_run_table_has_a_total_row_and_one_line_per_component_at_80_columns(
     rows = lines[start + 3: start + 3 + 5]
     assert [row.split()[0] for row in rows] == ["dataset", "tokenizer", "encoders.0", "denoiser", "losses.diffusion"]
     total = next(line for line in lines[start:] if line.startswith("total"))
-    assert all(len(line) <= 80 for line in lines[start: lines.index(total) + 1])
+    assert all(len(line) <= 80 for line in lines[start:]), result.stdout  # table, derived values, step plan
 
     def count(text):
         if text == "-":
@@ -464,3 +464,35 @@ def test_sample_says_how_many_and_estimates_the_time_before_a_long_job(runner, q
     assert again.exit_code == 0 and "first batch" not in again.output  # nothing left to make: no estimate
     helped = " ".join(invoke(runner, "sample", "--help").stdout.replace("│", " ").split())
     assert "The default, 50,000, is the 50K of the paper's evaluation (FID-50K)" in helped
+
+
+def test_problems_sort_by_file_then_line_as_numbers_then_key_path():
+    from repae.errors import Problem, RecipeError
+
+    given = [Problem("b.yaml:3", "x", "m"), Problem("command line `b=1`", "b", "m"), Problem("a.yaml:10", "z", "m"),
+             Problem("a.yaml:9, changed by command line `a.k=2`", "a.k", "m"), Problem("a.yaml", "", "empty"),
+             Problem("command line `a=1`", "a", "m"), Problem("a.yaml:10", "y", "m"),
+             Problem(r"C:\r\a.yaml:2", "w", "m")]
+    order = [(p.where.split(",")[0], p.path) for p in RecipeError(given).problems]
+    assert order == [("C:\\r\\a.yaml:2", "w"), ("a.yaml", ""), ("a.yaml:9", "a.k"), ("a.yaml:10", "y"),
+                     ("a.yaml:10", "z"), ("b.yaml:3", "x"),
+                     ("command line `b=1`", "b"), ("command line `a=1`", "a")]  # overrides: in the order found
+    assert str(RecipeError(given)).splitlines()[1] == r"  - C:\r\a.yaml:2: w: m"
+
+
+def test_quickstart_dry_run_fits_80_columns_with_the_same_words(runner, monkeypatch):
+    monkeypatch.setenv("REPAE_PLUGINS", "repae")
+    narrow, wide = (_at(runner, columns, "run", ROOT / "recipes" / "quickstart.yaml", "--dry-run")
+                    for columns in (80, 300))
+    assert narrow.exit_code == 0 and wide.exit_code == 0, narrow.output
+
+    def after_table(text):
+        lines = text.splitlines()
+        return lines[next(i for i, line in enumerate(lines) if line.lstrip().startswith("components (built")) + 1:]
+
+    assert max(len(line) for line in after_table(narrow.stdout)) <= 80, narrow.stdout
+    assert max(len(line) for line in after_table(wide.stdout)) > 80  # the step plan does need wrapping
+    assert "step plan" in narrow.stdout and " ".join("\n".join(after_table(narrow.stdout)).split()) == " ".join(
+        "\n".join(after_table(wide.stdout)).split())  # wrapped, nothing cut
+    total = next(line for line in narrow.stdout.splitlines() if line.startswith("total"))
+    assert total.split()[1:] == next(line for line in wide.stdout.splitlines() if line.startswith("total")).split()[1:]

@@ -108,6 +108,24 @@ def one_line(value: str):
     return Text(" ".join(value.split()), no_wrap=True, overflow="ellipsis")
 
 
+def wrap_lines(text: str, width: int) -> str:
+    """``text`` with each line longer than ``width`` wrapped between words; a continuation starts under the value of
+    a ``label:   value`` line, else 4 columns in from its line (the dry run's step plan at 80 columns)."""
+    import re
+    import textwrap
+
+    out = []
+    for line in text.splitlines():
+        if len(line) <= width:
+            out.append(line)
+            continue
+        label = re.match(r"^(\s*[^:\s][^:]{0,30}:\s+)\S", line)
+        indent = len(label.group(1)) if label else len(line) - len(line.lstrip()) + 4
+        out.extend(textwrap.wrap(line, max(width, indent + 20), subsequent_indent=" " * min(indent, width // 2),
+                                 break_long_words=False, break_on_hyphens=False) or [line])
+    return "\n".join(out)
+
+
 def pick_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; CUDA asked for on a machine without it is a clear error."""
     from repae.train.distributed import resolve_device

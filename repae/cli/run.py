@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from repae.cli._choices import DEVICE_OPTION
-from repae.cli._common import load_host, plain_table, stdout, user_errors
+from repae.cli._common import load_host, plain_table, stdout, user_errors, wrap_lines
 from repae.cli._pickle import TRUST_PICKLE_OPTION, pickle_trust
 from repae.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 from repae.errors import UserError
@@ -83,7 +83,7 @@ def _print_dry_run(console, composition) -> None:
         console.print("derived from other components: " + ", ".join(composition.derived), markup=False,
                       highlight=False)  # wrapped between values at the console's width
     if composition.plan is not None:
-        console.out(composition.plan.describe(), highlight=False)
+        console.out(wrap_lines(composition.plan.describe(), console.width), highlight=False)
     console.print("[dim]dry run: nothing was written or trained[/]")
 
 
