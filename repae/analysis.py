@@ -43,7 +43,7 @@ __all__ = [
     "analyze_run",
     "cknna",
     "denoiser_features",
-    "image_grid",
+    "labelled_rows",
     "latent_pca_rgb",
     "psnr",
     "spatial_variance",
@@ -196,23 +196,18 @@ def psnr(reference: Tensor, estimate: Tensor, *, data_range: float = 255.0) -> f
     return (10.0 * (data_range**2 / error).log10()).mean().item()
 
 
-def image_grid(rows: Sequence[Tensor], *, padding: int = 2, pad_value: int = 255) -> Tensor:
-    """Lay out rows of uint8 images ``[n_i, 3, H, W]`` (same ``H``, ``W``) as one uint8 ``[3, H', W']`` picture,
-    one given row per picture row, ``padding`` pixels of ``pad_value`` between and around them."""
+def labelled_rows(rows: Sequence[Tensor], labels: Sequence[str]) -> Tensor:
+    """Rows of uint8 images ``[n_i, 3, H, W]`` (same ``H``, ``W``) as one uint8 ``[3, H', W']`` picture, each row
+    labelled on the left: :func:`repae.sampling.image_grid` (the contact sheet's layout: small tiles scaled up by a
+    whole factor, nearest neighbour, to at least :data:`repae.sampling.GRID_MIN_WIDTH` pixels of tiles)."""
+    import numpy as np
     import torch
 
-    height, width = rows[0].shape[-2:]
-    columns = max(row.shape[0] for row in rows)
-    grid = torch.full(
-        (3, padding + len(rows) * (height + padding), padding + columns * (width + padding)),
-        pad_value,
-        dtype=torch.uint8,
-    )
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            top, left = padding + r * (height + padding), padding + c * (width + padding)
-            grid[:, top : top + height, left : left + width] = image
-    return grid
+    from repae.sampling import image_grid
+
+    picture = image_grid([list(row.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()) for row in rows],
+                         labels=list(labels))
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,8 +334,8 @@ def analyze_batch(
     pca = F.interpolate(pca, size=tuple(shown.shape[-2:]), mode="nearest")
     pca = (pca * 255.0).round().to(torch.uint8)
     pictures = {
-        "latent_pca": image_grid([shown, pca]),
-        "reconstructions": image_grid([shown, recon[: shown.shape[0]]]),
+        "latent_pca": labelled_rows([shown, pca], ["input", "latent PCA"]),
+        "reconstructions": labelled_rows([shown, recon[: shown.shape[0]]], ["input", "reconstruction"]),
     }
     return BatchAnalysis(metrics, pictures, recon)
 

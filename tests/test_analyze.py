@@ -19,7 +19,7 @@ from repae.analysis import (
     analyze_run,
     cknna,
     denoiser_features,
-    image_grid,
+    labelled_rows,
     latent_pca_rgb,
     psnr,
     spatial_variance,
@@ -145,12 +145,29 @@ def test_latent_pca_with_two_channels_leaves_blue_empty():
     assert rgb.shape == (2, 3, 3, 3) and torch.all(rgb[:, 2] == 0)
 
 
-def test_psnr_and_grid():
+def test_psnr():
     x = torch.full((2, 3, 4, 4), 100.0)
     assert psnr(x, x) == pytest.approx(100.0)
     assert psnr(x, x + 1) == pytest.approx(20 * math.log10(255.0))
-    grid = image_grid([torch.zeros(3, 3, 4, 5, dtype=torch.uint8), torch.zeros(2, 3, 4, 5, dtype=torch.uint8)])
-    assert grid.shape == (3, 2 + 2 * 6, 2 + 3 * 7) and grid.dtype == torch.uint8
+
+
+def test_analysis_pictures_are_scaled_up_sharply_and_labelled():
+    """Rows of small images become a picture >= 512 px wide: each pixel a k x k block (nearest), a label per row."""
+    rng = torch.Generator().manual_seed(0)
+    top = torch.randint(0, 256, (3, 3, 4, 5), generator=rng, dtype=torch.uint8)
+    bottom = torch.randint(0, 256, (2, 3, 4, 5), generator=rng, dtype=torch.uint8)
+    grid = labelled_rows([top, bottom], ["input", "reconstruction"])
+    k = -(-512 // (3 * 5))  # the smallest whole factor making 3 columns of 5 px at least 512 px wide
+    assert grid.dtype == torch.uint8 and grid.shape[0] == 3
+    assert grid.shape[1] == 2 + 2 * (4 * k + 2) and grid.shape[2] >= 512 + 3 * 2
+    right = grid.shape[2]
+    for r, row in enumerate((top, bottom)):
+        for c, image in enumerate(row):
+            y, x = 2 + r * (4 * k + 2), right - (3 - c) * (5 * k + 2)
+            block = grid[:, y:y + 4 * k, x:x + 5 * k]
+            assert torch.equal(block, image.repeat_interleave(k, 1).repeat_interleave(k, 2)), (r, c)
+        label = grid[:, 2 + r * (4 * k + 2):2 + r * (4 * k + 2) + 4 * k, :right - 3 * (5 * k + 2)]
+        assert label.shape[2] > 20 and (label < 128).any()  # the row's label, in black on white
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
@@ -208,7 +225,8 @@ def test_analyze_a_run(quick_run, tmp_path):
     assert data["total_variation"] == pytest.approx(total_variation(z), rel=1e-5)
     for name in ("latent_pca", "reconstructions"):
         with Image.open(tmp_path / f"{name}.png") as picture:
-            assert picture.size == (2 + 8 * 34, 2 + 2 * 34)  # 8 images of 32 px per row, two rows
+            # 8 images of 32 px per row scaled up twice (8 x 64 = 512 px), two labelled rows
+            assert picture.width >= 512 + 8 * 2 and picture.height == 2 + 2 * (64 + 2)
 
 
 def _image_folder(tmp_path, count=4):

@@ -103,6 +103,44 @@ def test_synthetic_classes_are_distinct_and_learnable():
     assert (predicted == y[test]).float().mean() > 0.9
 
 
+def test_synthetic_defaults_render_the_images_they_always_did():
+    """The per-image options (shapes, offset, scale, rotation, noise) default to the values the images were drawn
+    with before they existed: the same bytes (sha256 of items 0..63 of 10 classes at 32 px, seed 0)."""
+    import hashlib
+
+    ds = SyntheticDataset(num_classes=10, resolution=32, num_images=64, seed=0)
+    digest = hashlib.sha256(b"".join(ds[i][0].numpy().tobytes() for i in range(64))).hexdigest()
+    assert digest == "13564a468b9483466bc137c734457983e4646e14886f02157aca00c3f3129323"
+
+
+def test_synthetic_variation_options(registry):
+    ds = build(registry, "synthetic", num_classes=3, resolution=32, num_images=30, shapes=["square", "disc"],
+               offset=0.0, scale=[0.5, 0.5], rotation=0.0, noise=0.0)
+    assert [s.shape for s in ds.styles] == ["square", "disc", "square"]  # classes cycle through the given shapes
+    assert ds.styles[2].angle != ds.styles[0].angle  # a class repeating a shape gets another orientation
+    x = torch.stack([ds[i][0] for i in range(30)]).float()
+    y = torch.tensor([ds.label(i) for i in range(30)])
+    fg = (x.amax(1) > 0.62 * 255).float()  # the bright foreground (value 0.95 against 0.3 for the background)
+    rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    for mask in fg:  # offset 0: every shape centred
+        area = mask.sum()
+        assert abs((mask * rows).sum() / area - 15.5) < 0.6 and abs((mask * cols).sum() / area - 15.5) < 0.6
+    # scale fixed: every image of a class has about the same foreground area; discs (radius 0.5) are smaller
+    # than squares (half-side 0.85 x 0.5)
+    areas = fg.sum((1, 2))
+    for c in range(3):
+        assert areas[y == c].max() - areas[y == c].min() <= 0.12 * areas[y == c].mean()  # edges and brightness
+    assert areas[y == 1].mean() < areas[y == 0].mean()
+    # no pixel noise: a flat interior (the noisy default varies from pixel to pixel)
+    noisy = SyntheticDataset(num_classes=3, resolution=32, num_images=3)[1][0].float()
+    assert x[1][:, 14:18, 14:18].flatten(1).std(1).max() < 1.0 < noisy[:, 14:18, 14:18].flatten(1).std(1).min()
+    for fields, message in (({"shapes": ["blob"]}, "shapes"), ({"shapes": []}, "shapes"), ({"offset": 1.5}, "offset"),
+                            ({"scale": [0.6, 0.5]}, "scale"), ({"rotation": -1.0}, "rotation"),
+                            ({"noise": 2.0}, "noise")):
+        _, issues = registry.get("dataset", "synthetic").parse(fields)
+        assert [i.path for i in issues] == [message], fields
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # ADM centre crop and image-folder
 # ---------------------------------------------------------------------------------------------------------------------
@@ -524,7 +562,8 @@ def test_cache_latents_command(cli, tmp_path):
     assert (len(ds), ds.num_classes, ds.latent_shape) == (20, 4, (4, 4, 4))
     assert ds.cache.index["latent_shape"] == [8, 4, 4]
     assert ds.cache.index["dataset"] == {"name": "synthetic", "num_classes": 4, "resolution": 16, "num_images": 20,
-                                   "seed": 0}
+                                   "seed": 0, "shapes": list(SHAPES), "offset": 0.35, "scale": [0.35, 0.6],
+                                   "rotation": 0.15, "noise": 0.03}
     assert ds.tokenizer_info["name"] == "sd-vae" and ds.tokenizer_info["config"]["size"] == "tiny"
     assert ds.tokenizer_info["weights"] == {}  # random weights: nothing loaded, nothing recorded
 

@@ -21,7 +21,11 @@ from typing import Literal
 
 from repae import FieldError, hookimpl, option
 
-__all__ = ["ImageFolderConfig", "ImageShardsConfig", "LatentCacheConfig", "SyntheticConfig"]
+__all__ = ["SYNTHETIC_SHAPES", "ImageFolderConfig", "ImageShardsConfig", "LatentCacheConfig", "SyntheticConfig"]
+
+SYNTHETIC_SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "stripes", "half-disc")
+"""The shapes of the ``synthetic`` dataset (:data:`repae_data.synthetic.SHAPES`), in the order classes cycle through
+them by default."""
 
 
 @dataclass(kw_only=True)
@@ -32,6 +36,15 @@ class SyntheticConfig:
     resolution: int = option(32, doc="image side in pixels")
     num_images: int = option(1024, doc="number of images (labels cycle through the classes: balanced)")
     seed: int = option(0, doc="seed of the per-image randomness (placement, scale, noise); 0 in every recipe")
+    shapes: list[str] = option(
+        default_factory=lambda: list(SYNTHETIC_SHAPES),
+        doc="shapes the classes cycle through, in order (any of disc, square, triangle, ring, cross, diamond, "
+        "stripes, half-disc); fewer or simpler shapes make the classes easier to learn",
+    )
+    offset: float = option(0.35, doc="largest shift of a shape's centre from the image centre (image half-width = 1)")
+    scale: tuple[float, float] = option((0.35, 0.6), doc="range of a shape's size (image half-width = 1)")
+    rotation: float = option(0.15, doc="standard deviation of a shape's rotation about its class's angle (radians)")
+    noise: float = option(0.03, doc="standard deviation of the per-pixel noise (intensities in [0, 1])")
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -42,6 +55,18 @@ class SyntheticConfig:
             raise FieldError("num_images", f"must be >= 1, got {self.num_images}")
         if self.seed < 0:
             raise FieldError("seed", f"must be >= 0, got {self.seed}")
+        unknown = [s for s in self.shapes if s not in SYNTHETIC_SHAPES]
+        if not self.shapes or unknown:
+            raise FieldError("shapes", f"must be one or more of {', '.join(SYNTHETIC_SHAPES)}, got "
+                             f"{unknown or self.shapes}")
+        if not 0.0 <= self.offset <= 1.0:
+            raise FieldError("offset", f"must be in [0, 1], got {self.offset}")
+        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise FieldError("scale", f"must be [low, high] with 0 < low <= high <= 1, got {list(self.scale)}")
+        if not 0.0 <= self.rotation:
+            raise FieldError("rotation", f"must be >= 0, got {self.rotation}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise FieldError("noise", f"must be in [0, 1], got {self.noise}")
 
 
 @dataclass(kw_only=True)

@@ -3,19 +3,22 @@
 No files and no downloads: image ``i`` is drawn from a generator seeded with ``(seed, i)``, so any process gets the
 same image for the same index. Its label is ``i % num_classes`` (balanced classes). A class fixes what a small model
 can learn in a minute: a foreground hue (classes spread evenly around the colour wheel), a darker complementary
-background, one of eight shapes and a base orientation. An image varies the placement, size, a small rotation, a
-background gradient, the brightness and pixel noise.
+background, one of eight shapes (or of the config's ``shapes``) and a base orientation. An image varies the placement
+(``offset``), size (``scale``), a small rotation (``rotation``), a background gradient, the brightness and pixel noise
+(``noise``); the quickstart narrows these to make its classes learnable in a minute.
 """
 
 from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from repae_data import SYNTHETIC_SHAPES
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
@@ -26,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SHAPES", "ClassStyle", "SyntheticDataset", "build_synthetic", "class_style", "render"]
 
-SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "stripes", "half-disc")
-"""The shapes, in the order classes cycle through them."""
+SHAPES: tuple[str, ...] = SYNTHETIC_SHAPES
+"""The shapes, in the order classes cycle through them by default."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,13 @@ class ClassStyle:
         return f"{self.shape} #{r:02x}{g:02x}{b:02x} at {math.degrees(self.angle):.0f} deg"
 
 
-def class_style(label: int, num_classes: int) -> ClassStyle:
-    """The style of class ``label`` among ``num_classes``."""
+def class_style(label: int, num_classes: int, shapes: Sequence[str] = SHAPES) -> ClassStyle:
+    """The style of class ``label`` among ``num_classes``, its shape cycling through ``shapes``."""
     hue = label / num_classes
     foreground = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
     background = colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.5, 0.3)
-    shape = SHAPES[label % len(SHAPES)]
-    angle = (label // len(SHAPES)) * 0.7 % math.pi  # classes sharing a shape differ in orientation (and hue)
+    shape = shapes[label % len(shapes)]
+    angle = (label // len(shapes)) * 0.7 % math.pi  # classes sharing a shape differ in orientation (and hue)
     return ClassStyle(foreground, background, shape, angle)
 
 
@@ -80,13 +83,16 @@ def _shape_sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(style: ClassStyle, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """One image of a class as uint8 ``[H, W, 3]``, its variations drawn from ``rng``."""
+def render(style: ClassStyle, resolution: int, rng: np.random.Generator, *, offset: float = 0.35,
+           scale_range: tuple[float, float] = (0.35, 0.6), rotation: float = 0.15, noise: float = 0.03) -> np.ndarray:
+    """One image of a class as uint8 ``[H, W, 3]``, its variations drawn from ``rng``: centre within ``offset`` of the
+    image centre, size in ``scale_range``, rotation of standard deviation ``rotation`` (radians), pixel noise of
+    standard deviation ``noise`` (coordinates: the image spans [-1, 1])."""
     coords = (np.arange(resolution) + 0.5) / resolution * 2.0 - 1.0  # pixel centres in [-1, 1]
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    cx, cy = rng.uniform(-0.35, 0.35, size=2)
-    scale = rng.uniform(0.35, 0.6)
-    angle = style.angle + rng.normal(0.0, 0.15)
+    cx, cy = rng.uniform(-offset, offset, size=2)
+    scale = rng.uniform(*scale_range)
+    angle = style.angle + rng.normal(0.0, rotation)
     cos, sin = math.cos(angle), math.sin(angle)
     dx, dy = xx - cx, yy - cy
     u = (dx * cos + dy * sin) / scale
@@ -98,24 +104,33 @@ def render(style: ClassStyle, resolution: int, rng: np.random.Generator) -> np.n
     gradient = 1.0 + 0.2 * (xx * math.cos(direction) + yy * math.sin(direction))[..., None]
     background = np.asarray(style.background) * gradient
     image = background * (1.0 - mask) + np.asarray(style.foreground) * mask
-    image = image * rng.uniform(0.9, 1.1) + rng.normal(0.0, 0.03, size=image.shape)
+    image = image * rng.uniform(0.9, 1.1) + rng.normal(0.0, noise, size=image.shape)
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 class SyntheticDataset(Dataset):
     """``num_images`` generated images of ``resolution`` pixels over ``num_classes`` classes; items ``(uint8 [3, H, W],
     label)``. Implements :class:`repae.Dataset` and :class:`repae.ReadsImages` (image files get the ADM centre crop
-    to ``resolution``, as the ``image-folder`` dataset prepares them)."""
+    to ``resolution``, as the ``image-folder`` dataset prepares them). ``shapes``, ``offset``, ``scale``,
+    ``rotation`` and ``noise`` are those of :class:`repae_data.SyntheticConfig` (see :func:`render`)."""
 
     kind = "images"
     latent_shape = None
 
-    def __init__(self, *, num_classes: int = 10, resolution: int = 32, num_images: int = 1024, seed: int = 0) -> None:
+    def __init__(self, *, num_classes: int = 10, resolution: int = 32, num_images: int = 1024, seed: int = 0,
+                 shapes: Sequence[str] = SHAPES, offset: float = 0.35, scale: tuple[float, float] = (0.35, 0.6),
+                 rotation: float = 0.15, noise: float = 0.03) -> None:
+        unknown = [s for s in shapes if s not in SHAPES]
+        if not shapes or unknown:
+            raise ValueError(f"shapes must be one or more of {', '.join(SHAPES)}, got {unknown or list(shapes)}")
         self.num_classes = num_classes
         self.resolution = resolution
         self.num_images = num_images
         self.seed = seed
-        self.styles = [class_style(c, num_classes) for c in range(num_classes)]
+        self.shapes = tuple(shapes)
+        self.offset, self.scale, self.rotation, self.noise = (float(offset), (float(scale[0]), float(scale[1])),
+                                                              float(rotation), float(noise))
+        self.styles = [class_style(c, num_classes, self.shapes) for c in range(num_classes)]
         self.classes = [s.description for s in self.styles]
         """A readable name per class (shape, colour, orientation)."""
 
@@ -141,16 +156,19 @@ class SyntheticDataset(Dataset):
             raise IndexError(f"index {index} out of range for a synthetic dataset of {self.num_images} images")
         label = self.label(index)
         rng = np.random.default_rng([self.seed, index])
-        image = render(self.styles[label], self.resolution, rng)
+        image = render(self.styles[label], self.resolution, rng, offset=self.offset, scale_range=self.scale,
+                       rotation=self.rotation, noise=self.noise)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
 
     def __repr__(self) -> str:
         return (f"SyntheticDataset(num_classes={self.num_classes}, resolution={self.resolution}, num_images={self.num_images}, "
-                f"seed={self.seed})")
+                f"seed={self.seed}, shapes={list(self.shapes)}, offset={self.offset}, scale={list(self.scale)}, "
+                f"rotation={self.rotation}, noise={self.noise})")
 
 
 def build_synthetic(config: SyntheticConfig, context: BuildContext) -> SyntheticDataset:
     """Factory of the ``synthetic`` dataset (nothing to load, the same on every device)."""
     return SyntheticDataset(
-        num_classes=config.num_classes, resolution=config.resolution, num_images=config.num_images, seed=config.seed
+        num_classes=config.num_classes, resolution=config.resolution, num_images=config.num_images, seed=config.seed,
+        shapes=config.shapes, offset=config.offset, scale=config.scale, rotation=config.rotation, noise=config.noise,
     )

@@ -670,7 +670,7 @@ class PhasedTrainer:
         latents = self.sampler(denoiser, noise, labels, generator=step_generator(self.seed, self.step, stream=3))
         norm = self._shadow()["latent_norm"] if "latent_norm" in self._shadow().shadows else None
         images = decode_latents(self.tokenizer, norm, latents).cpu()
-        return save_grid(images, path)
+        return save_grid(images, path, labels=labels.tolist() if (num_classes or 1) > 1 else None)
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def run(self, run_dir: Path, *, progress: bool = True) -> None:

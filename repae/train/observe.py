@@ -148,15 +148,33 @@ class MetricsLog:
         self.trackers.finish(ok=ok)
 
 
-def save_grid(images: torch.Tensor, path: Path, *, nrow: int | None = None) -> Path:
-    """Save uint8 ``[N, 3, H, W]`` images as one PNG grid."""
-    from torchvision.utils import save_image  # type: ignore[import-untyped]
+def save_grid(images: torch.Tensor, path: Path, *, labels: Sequence[int] | None = None,
+              nrow: int | None = None) -> Path:
+    """Save uint8 ``[N, 3, H, W]`` images as one PNG picture (atomically) at least
+    :data:`repae.sampling.GRID_MIN_WIDTH` pixels wide: :func:`repae.sampling.image_grid`, the contact sheet's layout
+    (small tiles scaled up by a whole factor, nearest neighbour, so every pixel stays a sharp square).
+
+    With ``labels`` (the class of each image, more than one class) the picture has one row per class, in class order,
+    each labelled ``class N`` and holding that class's images in index order; otherwise the images fill ``nrow``
+    columns (default: a square)."""
+    from repae.fileio import atomic_path
+    from repae.sampling import image_grid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = images.shape[0]
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    save_image(images.float() / 255.0, str(path), nrow=nrow, padding=2)
+    tiles = list(images.detach().to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy())
+    n = len(tiles)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"save_grid: {len(labels)} labels for {n} images")
+    if labels is not None and len(set(labels)) > 1:
+        classes = sorted({int(label) for label in labels})
+        rows = [[tile for tile, label in zip(tiles, labels) if int(label) == c] for c in classes]
+        picture = image_grid(rows, labels=[f"class {c}" for c in classes])
+    else:
+        columns = nrow or max(1, int(math.ceil(math.sqrt(n))))
+        picture = image_grid([tiles[i:i + columns] for i in range(0, n, columns)], min_columns=columns)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
     return path
 
 
