@@ -320,7 +320,8 @@ def test_list_is_one_line_per_component_with_the_full_summary_in_show_and_json(r
     assert len(lines) == len(entries) + 2, result.stdout  # header, rule, one line per component (was 103 for 30)
     assert max(len(line) for line in lines) <= columns
     for entry, line in zip(entries, lines[2:]):
-        assert line.split()[:2] == [entry["kind"], entry["name"]] and line.endswith(entry["plugin"] and "0.1.0")
+        assert line.split()[:2] == [entry["kind"], entry["name"]]
+        assert line.endswith(f"  {entry['distribution']} {entry['version']}"), line  # the plugin column, whole
         shown = line.split(None, 2)[2].rsplit("  ", 1)[0].strip()
         if shown.endswith("…"):  # cut, never wrapped: the beginning of the summary
             assert entry["summary"].startswith(shown[:-1].rstrip()), (shown, entry["summary"])
