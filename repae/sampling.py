@@ -176,7 +176,11 @@ def sample_run(
 
     topology = distributed.init(device)
     try:
-        run = open_run(run_path, device=str(topology.device), use_ema=settings.ema, slots=SLOTS, registry=registry)
+        with progress_bar("sample: open the run", 1, unit="run", enabled=progress and topology.is_main,
+                          transient=True) as opening:  # loading the checkpoint: seconds to minutes
+            run = open_run(run_path, device=str(topology.device), use_ema=settings.ema, slots=SLOTS,
+                           registry=registry)
+            opening.advance(1)
         name, chosen = build_sampler(run, settings, device=str(topology.device), registry=registry)
         num_classes = int(getattr(run.denoiser, "num_classes", 1) or 1)
         resolved = resolved_settings(run, settings, name, chosen)

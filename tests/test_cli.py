@@ -458,6 +458,7 @@ def test_sample_says_how_many_and_estimates_the_time_before_a_long_job(runner, q
     announce = next(line for line in notes if line.startswith("6 samples of "))
     estimate = next(line for line in notes if line.startswith("first batch: 2 samples in "))
     assert "batches of 2" in announce and "the remaining 4 need about " in estimate
+    assert any(line.startswith("sample: open the run 1/1 (100%)") for line in notes)  # loading the checkpoint
     assert notes.index(announce) < notes.index(estimate) < next(
         i for i, line in enumerate(notes) if line.startswith("sample 6/6"))  # before the job goes on
     again = invoke(runner, "sample", quick_run, "-n", 6, "--batch-size", 2, "--steps", 2, "--out", tmp_path / "s",
