@@ -129,7 +129,7 @@ def render_line(width: int, *, description: str, completed: int, total: int | No
     from rich.cells import cell_len
     from rich.text import Text
 
-    terms = [t.strip() for t in text.split(TERM_SEPARATOR) if t.strip()] if text else []
+    terms = [" ".join(t.split()) for t in text.split(TERM_SEPARATOR) if t.strip()] if text else []  # one line
     count = f"{completed}/{total}" if total else str(completed)
     speed = f"{rate:.3g} {unit}/s" if rate else ""
     clock = _clock(elapsed)
@@ -159,7 +159,7 @@ def render_line(width: int, *, description: str, completed: int, total: int | No
     def length(items: list[tuple[str, str]]) -> int:
         return sum(int(style) if s == "\0bar" else cell_len(s) for s, style in items) + len(items) - 1
 
-    name = description
+    name = " ".join(description.split())
     # what goes, in order: terms from the last to the second, the bar, elapsed, rate (when a first term shows speed)
     steps: list[str] = ["term"] * max(len(terms) - 1, 0) + ["bar", "elapsed"] + (["rate"] if terms else [])
     while length(parts(_BAR_MIN, name)) > width and steps:

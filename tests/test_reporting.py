@@ -62,6 +62,11 @@ def test_progress_line_drops_loss_terms_first_then_shortens():
     assert long.startswith("Incep") and "…" in long  # the description is shortened, not the numbers
 
 
+def test_progress_line_is_one_line_whatever_the_text():
+    line = render_line(80, description="eval\nsamples", completed=1, total=2, text="a=1\nb=2  c=3")
+    assert "\n" not in line.plain and "eval samples" in line.plain and "a=1 b=2  c=3" in line.plain
+
+
 def test_progress_line_unknown_total_and_finished():
     line = render_line(80, description="analyze", completed=3, total=None, rate=1.5, unit="step", elapsed=2.0).plain
     assert "analyze" in line and " 3 " in line and "1.5 step/s" in line and "ETA" not in line
