@@ -4,7 +4,9 @@ Reads pyproject.toml's ``dependencies`` and every extra in ``optional-dependenci
 ``name==X`` (pip's equivalent of ``uv pip install --resolution lowest-direct``: the direct dependencies at their floors,
 everything they pull in at the newest version that fits). A requirement without a version is left free. torch and
 torchvision are not taken from their floors: they are held at the versions given with ``--hold name==version`` (the
-build installed in the main CI venv), because an older torch is a multi-GB download this CI does not make.
+build installed in the main CI venv), because an older torch is a multi-GB download this CI does not make. A held
+package that is not a direct dependency (torchvision: timm and open_clip require it, repae imports none of it) is
+pinned all the same, so that pip takes the build that matches the held torch.
 
 Usage: python .ci/lowest_constraints.py [--hold torch==2.14.1 ...] > constraints.txt
 """
@@ -53,13 +55,10 @@ def main() -> None:
         if not sep or not version:
             sys.exit(f"lowest_constraints: --hold takes NAME==VERSION, not {spec!r}")
         held[normalize(name)] = version
-    for name, floor in sorted(floors(args.pyproject).items()):
-        if name in held:
-            print(f"{name}=={held.pop(name)}")
-        elif floor is not None:
-            print(f"{name}=={floor}")
-    if held:
-        sys.exit(f"lowest_constraints: --hold names packages that are not direct dependencies: {', '.join(held)}")
+    pins = {name: floor for name, floor in floors(args.pyproject).items() if floor is not None}
+    pins.update(held)
+    for name, version in sorted(pins.items()):
+        print(f"{name}=={version}")
 
 
 if __name__ == "__main__":
