@@ -13,8 +13,9 @@ internal and may change). Plugin authors import only from ``repae``; the built-i
   subclasses :class:`Loss` with a :class:`LossConfig` and reads a :class:`StepContext`; a trainer may subclass
   :class:`PhasedTrainer`.
 - What plugins share with the core: weights (:func:`resolve_weights`, :func:`load_state_dict`, :func:`load_into`,
-  ...), :class:`GlobalBatchNorm`, atomic writes, :func:`progress`, latent caches, image shards, image decoding, the ADM metric
-  formulas, errors.
+  ...), weights and configuration agreeing (:class:`Release`, :func:`architecture_mismatch`,
+  :func:`safetensors_shapes`), optional packages (:func:`require_package`), :class:`GlobalBatchNorm`, atomic writes,
+  :func:`progress`, latent caches, image shards, image decoding, the ADM metric formulas, errors.
 
 Importing :mod:`repae` does not import torch: names are loaded on first use.
 """
@@ -66,7 +67,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.evaluate.metrics": ("feature_statistics", "frechet_distance", "frechet_distance_to_features",
                                "inception_score", "precision_recall"),
     "repae.errors": ("CapabilityError", "ComponentBuildError", "PluginError", "Problem", "RecipeError",
-                     "UnknownComponentError", "UserError", "WeightsMismatchError"),
+                     "UnknownComponentError", "UserError", "WeightsMismatchError", "did_you_mean"),
+    "repae.architecture": ("ARCHITECTURE_METADATA", "ArchitectureMismatch", "Release", "architecture_mismatch",
+                           "declared_architecture", "release_of_source", "safetensors_header", "safetensors_shapes",
+                           "same_value"),
+    "repae.packages": ("check_package", "require_package"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -87,6 +92,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from repae.architecture import (
+        ARCHITECTURE_METADATA,
+        ArchitectureMismatch,
+        Release,
+        architecture_mismatch,
+        declared_architecture,
+        release_of_source,
+        safetensors_header,
+        safetensors_shapes,
+        same_value,
+    )
     from repae.batchnorm import GlobalBatchNorm
     from repae.build import BuildContext, create, list_components
     from repae.compose import compose_recipe
@@ -100,6 +116,7 @@ if TYPE_CHECKING:
         UnknownComponentError,
         UserError,
         WeightsMismatchError,
+        did_you_mean,
     )
     from repae.evaluate.inputs import IMAGE_SUFFIXES
     from repae.images import UnreadableImage, decode_image, describe_unreadable, scan_images
@@ -149,6 +166,7 @@ if TYPE_CHECKING:
     from repae.image_shards import ImageShards, write_image_shards
     from repae.latent_cache import LatentCache, write_latent_cache
     from repae.loss import Loss
+    from repae.packages import check_package, require_package
     from repae.plugins import Register, load_plugins
     from repae.recipe import load_recipe
     from repae.registry import KINDS, PRESET_FIELD, ComponentEntry

@@ -12,7 +12,7 @@ from typing import Any
 
 from repae_sit import TransformerConfig, size_presets
 
-from repae import FieldError, hookimpl, option
+from repae import FieldError, Release, hookimpl, option
 
 __all__ = ["DIT_PRESETS", "DiTConfig"]
 
@@ -39,7 +39,7 @@ class DiTConfig(TransformerConfig):
         if self.cfg_channels is not None and self.cfg_channels < 1:
             raise FieldError("cfg_channels", f"must be >= 1 or null, got {self.cfg_channels}")
 
-    def releases(self) -> tuple[Any, ...]:
+    def releases(self) -> tuple[Release, ...]:
         from repae_sit.releases import DIT_RELEASES
 
         return DIT_RELEASES

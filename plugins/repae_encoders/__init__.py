@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repae import FieldError, hookimpl, option
+from repae import FieldError, architecture_mismatch, hookimpl, option
 
 __all__ = [
     "CLIP_PRESETS",
@@ -115,15 +115,15 @@ class EncoderConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         family = self.family()
         if family is not None:  # the release the weights are (null: the size's): every architecture field
-            from repae_encoders.releases import architecture_problem, release_of_source
+            from repae_encoders.releases import SHAPE_FREE_FIELDS, release_of_source
 
             release = release_of_source(family, self.size, self.weights)
             if release is not None:
-                size, preset, source = release
-                problem = architecture_problem(vars(self), preset, size=size,
-                                               what=f"the {family} {size} release ({source})")
+                problem = architecture_mismatch(vars(self), release.architecture, preset=release.preset,
+                                                shape_free=SHAPE_FREE_FIELDS,
+                                                what=f"the {release.name} release ({release.sources[0]})")
                 if problem is not None:
-                    raise FieldError(*problem)
+                    raise FieldError(problem.field, problem.message)
 
     def family(self) -> str | None:
         """The registry name whose releases (``OFFICIAL_WEIGHTS``) the weights are checked against."""

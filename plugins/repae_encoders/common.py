@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae import BuildContext, UserError, WeightsInfo, load_into, load_weights
+from repae import BuildContext, UserError, WeightsInfo, architecture_mismatch, load_into, load_weights
 from repae_encoders import OFFICIAL_WEIGHTS, EncoderConfig
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FrozenEncoder", "TimmViTEncoder", "build_encoder", "strip_prefix"]
@@ -248,36 +248,33 @@ def _check_release(encoder: FrozenEncoder, arch: Mapping[str, Any], family: str,
                    shapes: Mapping[str, tuple[int, ...]] | None) -> None:
     """Refuse a file with a release's key layout (``shapes`` equal the encoder's) loaded into a config whose
     ``num_heads`` (which changes no shape) differs from the release's (:mod:`repae_encoders.releases`)."""
-    from repae_encoders.releases import SHAPE_FREE_FIELDS, architecture_problem, release_of_layout
+    from repae_encoders.releases import SHAPE_FREE_FIELDS, release_of_layout
 
     release = release_of_layout(family, arch)
     own = {k: tuple(v.shape) for k, v in encoder._backbone().state_dict().items()}
     if release is None or shapes is None or dict(shapes) != own:
         return  # no release has this layout, or the file has another one (strict loading names the keys)
-    size, preset = release
-    problem = architecture_problem(arch, preset, size=size, fields=SHAPE_FREE_FIELDS,
-                                   what=f"{source!r}, whose key layout is that of the {family} {size} release")
+    problem = architecture_mismatch(arch, release.architecture, fields=SHAPE_FREE_FIELDS,
+                                    shape_free=SHAPE_FREE_FIELDS, preset=release.preset,
+                                    what=f"{source!r}, whose key layout is that of the {release.name} release")
     if problem is not None:
-        raise UserError(f"{family}: {problem[1]}")
+        raise UserError(f"{family}: {problem}")
 
 
 def _check_header(encoder: FrozenEncoder, arch: Mapping[str, Any], family: str, source: str) -> None:
     """On ``meta`` (``repae recipe validate``): :func:`_check_release` for a local safetensors file in the
     encoder's own layout, from its header alone (other sources are checked when loaded)."""
-    from repae import resolve_weights
+    from repae import resolve_weights, safetensors_shapes
 
     if source.startswith(("hf://", "http://", "https://")) or source == RANDOM:
         return
     try:
         path = resolve_weights(source)
-        if path.suffix != ".safetensors":
-            return
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # noqa: BLE001 - a missing or unreadable file is reported by the recipe check or when loaded
-        return
+    except (UserError, OSError, ValueError):
+        return  # a missing file is reported by the recipe check
+    shapes = safetensors_shapes(path)
+    if shapes is None:
+        return  # not a safetensors file, or an unreadable one (reported when loaded)
     if shapes and all(k.startswith("module.") for k in shapes):
         shapes = {k[len("module."):]: v for k, v in shapes.items()}
     _check_release(encoder, arch, family, source, shapes)

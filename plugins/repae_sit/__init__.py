@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repae import BuildContext, FieldError, hookimpl, option
+from repae import BuildContext, FieldError, Release, architecture_mismatch, hookimpl, option, release_of_source
 
 __all__ = ["SIZES", "SIT_PRESETS", "SiTConfig", "TransformerConfig", "size_presets"]
 
@@ -100,20 +100,23 @@ class TransformerConfig:
                              "latents must tile into patches: change the image resolution or the size's patch)")
         if any(d < 1 for d in self.encoder_dims):
             raise FieldError("encoder_dims", f"must be >= 1 each, got {self.encoder_dims}")
-        from repae_sit.releases import ARCHITECTURE_FIELDS, DERIVED_FIELDS, architecture_of, architecture_problem
-        from repae_sit.releases import release_of_source
+        from repae_sit.releases import ARCHITECTURE_FIELDS, DERIVED_FIELDS, SHAPE_FREE_FIELDS, architecture_of
+        from repae_sit.releases import compared_fields
 
         release = release_of_source(self.weights, self.releases())  # weights naming a release: its architecture
         if release is not None:
-            problem = architecture_problem(architecture_of(self), release.architecture, preset=release.preset,
-                                           fields=[f for f in ARCHITECTURE_FIELDS if f not in DERIVED_FIELDS],
-                                           what=f"the {release.name} release ({self.weights})")
+            arch = architecture_of(self)
+            fields = [f for f in ARCHITECTURE_FIELDS if f not in DERIVED_FIELDS]
+            problem = architecture_mismatch(arch, release.architecture, preset=release.preset,
+                                            fields=compared_fields(arch, release.architecture, fields),
+                                            shape_free=SHAPE_FREE_FIELDS,
+                                            what=f"the {release.name} release ({self.weights})")
             if problem is not None:
-                raise FieldError(*problem)
+                raise FieldError(problem.field, problem.message)
 
-    def releases(self) -> tuple[Any, ...]:
-        """The published checkpoints of this denoiser (:class:`repae_sit.releases.Release`) its weights are checked
-        against (:mod:`repae_sit.releases`)."""
+    def releases(self) -> tuple[Release, ...]:
+        """The published checkpoints of this denoiser (:class:`repae.Release`) its weights are checked against
+        (:mod:`repae_sit.releases`)."""
         return ()
 
     def derive(self, context: BuildContext) -> Mapping[str, Any]:
@@ -136,7 +139,7 @@ class SiTConfig(TransformerConfig):
         "noise-at-1", doc="time the weights were trained with: noise-at-1 (REPA/REPA-E) or data-at-1 (willisma/SiT)"
     )
 
-    def releases(self) -> tuple[Any, ...]:
+    def releases(self) -> tuple[Release, ...]:
         from repae_sit.releases import SIT_RELEASES
 
         return SIT_RELEASES

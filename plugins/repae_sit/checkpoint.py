@@ -118,32 +118,27 @@ def check_release(module: nn.Module, config: Any, path: Path, source: str,
     the architecture the file states (repae's export metadata), else the release whose key layout it has.
     ``shapes``: the file's denoiser keys and shapes (``bn.*`` split off; ``None``: unknown, then only a stated
     architecture is checked). Raises :class:`repae.UserError` naming the fields, both values and the preset."""
-    from repae import UserError
-    from repae_sit.releases import (
-        ARCHITECTURE_FIELDS,
-        ARCHITECTURE_METADATA,
-        SHAPE_FREE_FIELDS,
-        architecture_of,
-        architecture_problem,
-        declared_architecture,
-        release_of_layout,
-    )
+    from repae import ARCHITECTURE_METADATA, UserError, architecture_mismatch, declared_architecture
+    from repae_sit.releases import ARCHITECTURE_FIELDS, SHAPE_FREE_FIELDS, architecture_of, compared_fields
+    from repae_sit.releases import release_of_layout
 
     arch = architecture_of(config)
     declared = declared_architecture(path)
     if declared is not None:
-        problem = architecture_problem(arch, declared, fields=ARCHITECTURE_FIELDS, preset=None,
-                                       what=f"{source!r}, with the architecture its {ARCHITECTURE_METADATA} metadata "
-                                            "states")
+        problem = architecture_mismatch(arch, declared, fields=compared_fields(arch, declared, ARCHITECTURE_FIELDS),
+                                        shape_free=SHAPE_FREE_FIELDS, preset=None,
+                                        what=f"{source!r}, with the architecture its {ARCHITECTURE_METADATA} "
+                                             "metadata states")
     else:
         release = release_of_layout(arch, config.releases())
         if release is None or shapes is None or dict(shapes) != {k: tuple(v.shape) for k, v in
                                                                  module.state_dict().items()}:
             return  # no release has this layout, or the file has another one (strict loading names the keys)
-        problem = architecture_problem(arch, release.architecture, fields=SHAPE_FREE_FIELDS, preset=release.preset,
-                                       what=f"{source!r}, whose key layout is that of the {release.name}")
+        problem = architecture_mismatch(arch, release.architecture, fields=SHAPE_FREE_FIELDS,
+                                        shape_free=SHAPE_FREE_FIELDS, preset=release.preset,
+                                        what=f"{source!r}, whose key layout is that of the {release.name}")
     if problem is not None:
-        raise UserError(f"{type(module).__name__}: {problem[1]}")
+        raise UserError(f"{type(module).__name__}: {problem}")
 
 
 def load_official_weights(
@@ -167,8 +162,7 @@ def load_official_weights(
 def _check_before_loading(module: DiffusionTransformer, config: Any) -> None:
     """On ``meta`` (``repae recipe validate``, ``--dry-run``): :func:`check_release` for a local safetensors file
     from its header alone (hub sources and ``.pt`` files are checked when loaded)."""
-    from repae import UserError, resolve_weights
-    from repae_sit.releases import header_shapes
+    from repae import UserError, resolve_weights, safetensors_shapes
 
     source = config.weights
     if source.startswith(("hf://", "http://", "https://")):
@@ -177,7 +171,7 @@ def _check_before_loading(module: DiffusionTransformer, config: Any) -> None:
         path = resolve_weights(source)
     except (UserError, OSError, ValueError):
         return  # a missing file is reported by the recipe check
-    shapes = header_shapes(path)
+    shapes = safetensors_shapes(path)
     if shapes is not None:
         shapes = {_strip_wrappers(k): v for k, v in shapes.items()}
         shapes = {k: v for k, v in shapes.items() if not k.startswith(LATENT_NORM_PREFIX)}

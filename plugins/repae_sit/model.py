@@ -18,11 +18,10 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
-from repae import BuildContext, DenoiserOutput, ExportContext, UserError, write_safetensors
+from repae import ARCHITECTURE_METADATA, BuildContext, DenoiserOutput, ExportContext, UserError, write_safetensors
 from repae_sit import SiTConfig, TransformerConfig
 from repae_sit.checkpoint import load_configured_weights, to_official
 from repae_sit.layers import DiffusionTransformer
-from repae_sit.releases import ARCHITECTURE_METADATA
 
 __all__ = ["SiT", "build_denoiser", "build_sit"]
 

@@ -17,26 +17,22 @@ config that loads weights is checked against the release those weights are:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from repae import Release
+
 __all__ = [
-    "ARCHITECTURE_METADATA",
+    "ARCHITECTURE_FIELDS",
+    "DERIVED_FIELDS",
     "DIT_RELEASES",
+    "SHAPE_FREE_FIELDS",
     "SIT_RELEASES",
-    "Release",
     "architecture_of",
-    "architecture_problem",
-    "declared_architecture",
+    "compared_fields",
     "release_of_layout",
-    "release_of_source",
 ]
 
-ARCHITECTURE_METADATA = "repae.architecture"
-"""safetensors metadata key under which repae's exports state the architecture (JSON of the config's fields)."""
 ARCHITECTURE_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
                        "num_classes", "encoder_dims", "projector_dim", "qk_norm", "learn_sigma", "time_convention")
 """Every field of a SiT/DiT config that describes the network or what its weights compute."""
@@ -44,19 +40,6 @@ SHAPE_FREE_FIELDS = ("num_heads", "time_convention")
 """The fields that change no parameter shape (strict loading cannot catch them)."""
 DERIVED_FIELDS = ("input_size", "in_channels", "encoder_dims")
 """Fields usually derived from the other components (the config check leaves them to strict loading)."""
-
-
-@dataclass(frozen=True)
-class Release:
-    """A published checkpoint: its name, the preset that builds it, its architecture, and the names it goes by."""
-
-    name: str
-    preset: str
-    architecture: Mapping[str, Any]
-    repositories: tuple[str, ...] = ()
-    """Hugging Face repositories (``org/name``) holding it."""
-    files: tuple[str, ...] = ()
-    """File names it is published under (matched at the end of a path, URL or hub source)."""
 
 
 _XL = {"depth": 28, "hidden_size": 1152, "num_heads": 16, "mlp_ratio": 4.0, "num_classes": 1000, "qk_norm": False,
@@ -91,19 +74,6 @@ def architecture_of(config: Any) -> dict[str, Any]:
     return {f: _value(vars(config), f) for f in ARCHITECTURE_FIELDS if hasattr(config, f)}
 
 
-def release_of_source(source: str | None, releases: Sequence[Release]) -> Release | None:
-    """The release a ``weights`` source names (a listed hub repository or release file name), else ``None``."""
-    if not source:
-        return None
-    text = source.split("@")[0].rstrip("/") if source.startswith("hf://") else source
-    repo = "/".join(text[len("hf://"):].split("/")[:2]).lower() if text.startswith("hf://") else None
-    name = text.replace("\\", "/").rsplit("/", 1)[-1]
-    for release in releases:
-        if (repo and repo in (r.lower() for r in release.repositories)) or name in release.files:
-            return release
-    return None
-
-
 def layout(arch: Mapping[str, Any]) -> tuple[Any, ...]:
     """What fixes the key layout and every shape (equal layouts: interchangeable state dicts). The label table's null
     row is part of it but only through ``class_dropout_prob``, which the releases all have (> 0)."""
@@ -118,49 +88,9 @@ def release_of_layout(arch: Mapping[str, Any], releases: Sequence[Release]) -> R
     return next((r for r in releases if layout(r.architecture) == layout(arch)), None)
 
 
-def architecture_problem(arch: Mapping[str, Any], expected: Mapping[str, Any], *, what: str, fields: Sequence[str],
-                         preset: str | None) -> tuple[str, str] | None:
-    """``(first differing field, message)`` when the config's ``arch`` differs from the weights' ``expected`` in any of
-    ``fields`` (those both have), else ``None``; the message names every differing field with both values, the fix
-    and the preset."""
-    fields = [f for f in fields if f in expected and f in arch]
+def compared_fields(arch: Mapping[str, Any], expected: Mapping[str, Any], fields: Sequence[str]) -> list[str]:
+    """The ``fields`` to compare with :func:`repae.architecture_mismatch`: ``projector_dim`` only when both have
+    projectors (without one its width is no weight)."""
     if not arch.get("encoder_dims") or not expected.get("encoder_dims"):
-        fields = [f for f in fields if f != "projector_dim"]  # no projector: its width is no weight
-    diffs = [f for f in fields if _value(arch, f) != _value(expected, f)]
-    if not diffs:
-        return None
-    listed = ", ".join(f"{f} {_value(arch, f)} (the weights: {_value(expected, f)})" for f in diffs)
-    shape_free = [f for f in diffs if f in SHAPE_FREE_FIELDS]
-    silent = (f"; {' and '.join(shape_free)} {'change' if len(shape_free) > 1 else 'changes'} no parameter shape, so "
-              "these weights would load without an error and compute something else") if shape_free else ""
-    fix = ", ".join(f"{f}: {_value(expected, f)}" for f in diffs)
-    fix = f"use the preset `size: {preset}` (and leave {', '.join(diffs)} unset), or set {fix}" if preset else f"set {fix}"
-    return diffs[0], f"the weights are {what}; the config differs from them in {listed}{silent}. Fix: {fix}"
-
-
-def declared_architecture(path: Path) -> dict[str, Any] | None:
-    """The architecture a safetensors file states in its ``repae.architecture`` metadata (repae's exports), read
-    from the header alone; ``None`` when it states none."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            stated = (f.metadata() or {}).get(ARCHITECTURE_METADATA)
-        return dict(json.loads(stated)) if stated else None
-    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
-        return None
-
-
-def header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
-    """Keys and shapes of a safetensors file from its header (``None`` for other files or an unreadable one)."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
-        return None
+        return [f for f in fields if f != "projector_dim"]
+    return list(fields)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repae import FieldError, hookimpl, option
+from repae import FieldError, architecture_mismatch, hookimpl, option, release_of_source
 
 __all__ = ["KLVAEConfig", "SDVAEConfig", "INVAEConfig", "VAVAEConfig", "F8D4", "F16D32", "TINY"]
 
@@ -61,14 +61,17 @@ class KLVAEConfig:
         if bad:
             raise FieldError("norm_groups", f"{self.norm_groups} does not divide the channel widths {bad} (ch x "
                              "ch_mult): GroupNorm splits the channels into equal groups")
-        from repae_vae.releases import ARCHITECTURE_FIELDS, architecture_problem, release_of_source
+        from repae_vae.releases import ARCHITECTURE_FIELDS, RELEASES, SHAPE_FREE_FIELDS, compared_fields
 
-        release = release_of_source(self.weights)  # weights naming a release: its architecture, field by field
+        release = release_of_source(self.weights, RELEASES)  # weights naming a release: its architecture, each field
         if release is not None:
-            problem = architecture_problem(vars(self), release.architecture, fields=ARCHITECTURE_FIELDS,
-                                           what=f"the {release.name} release ({self.weights})", preset=release.preset)
+            problem = architecture_mismatch(vars(self), release.architecture, preset=release.preset,
+                                            fields=compared_fields(vars(self), release.architecture,
+                                                                   ARCHITECTURE_FIELDS),
+                                            shape_free=SHAPE_FREE_FIELDS,
+                                            what=f"the {release.name} release ({self.weights})")
             if problem is not None:
-                raise FieldError(*problem)
+                raise FieldError(problem.field, problem.message)
 
 
 @dataclass(kw_only=True)

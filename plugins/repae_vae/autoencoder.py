@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae import ExportContext, LatentStatistics, UserError, WeightsInfo
+from repae import ExportContext, LatentStatistics, UserError, WeightsInfo, architecture_mismatch
+from repae import safetensors_shapes, same_value
 from repae_vae.convert import diffusers_to_ldm, is_diffusers_layout
 
 if TYPE_CHECKING:
@@ -448,45 +449,35 @@ def check_release(model: KLAutoencoder, path: Path, source: str, shapes: Mapping
     export metadata), else the release whose key layout it has. ``shapes``: the file's keys and shapes in the LDM
     layout (``None``: unknown, then only a stated architecture is checked). Raises :class:`repae.UserError` naming
     the fields, both values and the preset."""
-    from repae_vae.releases import (
-        ARCHITECTURE_FIELDS,
-        SHAPE_FREE_FIELDS,
-        architecture_problem,
-        declared_architecture,
-        release_of_layout,
-    )
+    from repae_vae.releases import ARCHITECTURE_FIELDS, SHAPE_FREE_FIELDS, compared_fields, declared_architecture
+    from repae_vae.releases import release_of_layout
 
     arch = model.architecture
     declared = declared_architecture(path)
     if declared is not None:
         expected, where = declared
         release = release_of_layout(expected)
-        same = release is not None and all(
-            list(release.architecture[f]) == list(expected[f]) if isinstance(expected.get(f), list)
-            else release.architecture[f] == expected.get(f) for f in ARCHITECTURE_FIELDS)
-        problem = architecture_problem(arch, expected, what=f"{source!r}, with the architecture {where}",
-                                       fields=ARCHITECTURE_FIELDS, preset=release.preset if same and release else None)
+        same = release is not None and all(same_value(release.architecture[f], expected.get(f))
+                                           for f in ARCHITECTURE_FIELDS)
+        problem = architecture_mismatch(arch, expected, fields=compared_fields(arch, expected, ARCHITECTURE_FIELDS),
+                                        shape_free=SHAPE_FREE_FIELDS, preset=release.preset if same and release else None,
+                                        what=f"{source!r}, with the architecture {where}")
     else:
         release = release_of_layout(arch)
         if release is None or shapes is None or dict(shapes) != {k: tuple(v.shape) for k, v in
                                                                  model.state_dict().items()}:
             return  # no release has this layout, or the file has another one (strict loading names the keys)
-        problem = architecture_problem(arch, release.architecture, fields=SHAPE_FREE_FIELDS, preset=release.preset,
-                                       what=f"{source!r}, whose key layout is that of the {release.name} release")
+        problem = architecture_mismatch(arch, release.architecture, fields=SHAPE_FREE_FIELDS,
+                                        shape_free=SHAPE_FREE_FIELDS, preset=release.preset,
+                                        what=f"{source!r}, whose key layout is that of the {release.name} release")
     if problem is not None:
-        raise UserError(f"VAE: {problem[1]}")
+        raise UserError(f"VAE: {problem}")
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """Keys and shapes of an LDM-layout safetensors file, from its header alone (``None`` for other files)."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
+    shapes = safetensors_shapes(path)
+    if shapes is None:
         return None
     for prefix in ("module.", "vae."):
         if shapes and all(k.startswith(prefix) for k in shapes):

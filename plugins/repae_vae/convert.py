@@ -253,9 +253,7 @@ def export_ldm(model: KLAutoencoder, folder: Path, context: ExportContext) -> di
     there are statistics, REPA-E's ``<stem>-latents-stats.safetensors`` (``latents_bias``, ``latents_scale``); a recipe
     loads it back with ``tokenizer: {name: sd-vae, weights: DIR/<stem>.safetensors}`` (the statistics are found next
     to it)."""
-    from repae import write_safetensors
-
-    from repae_vae.releases import ARCHITECTURE_METADATA
+    from repae import ARCHITECTURE_METADATA, write_safetensors
 
     files = {}
     metadata = {**(context.metadata or {}), ARCHITECTURE_METADATA: json.dumps(model.architecture)}
