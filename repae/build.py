@@ -16,9 +16,11 @@ before calling the factory, checks them like recipe values, and records them in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ __all__ = [
     "component_seed",
     "count_parameters",
     "create",
+    "current_build",
     "derive_config",
     "latent_shape",
 ]
@@ -231,6 +234,26 @@ def build_component(
     return _build(entry, config, context, label=label, explicit=explicit)[0]
 
 
+_BUILDING: ContextVar[tuple[str, Any] | None] = ContextVar("repae_building", default=None)
+
+
+def current_build() -> tuple[str, Any] | None:
+    """``(label, config)`` of the component whose factory is running (``("tokenizer", config)``,
+    ``("encoders.0", config)``, ``("losses.gan", config)``; :func:`create` labels by kind), ``None`` outside a
+    factory. Set by the core around every factory call, so that what a factory calls can name the recipe key to
+    change: :func:`repae.weights.resolve_weights` names ``<label>.<option>`` in its messages."""
+    return _BUILDING.get()
+
+
+@contextlib.contextmanager
+def _building(label: str | None, config: Any) -> Iterator[None]:
+    token = _BUILDING.set((label, config) if label is not None else None)
+    try:
+        yield
+    finally:
+        _BUILDING.reset(token)
+
+
 def _build(entry: ComponentEntry, config: Any, context: BuildContext, *, label: str | None,
            explicit: Iterable[str] | None) -> tuple[Any, Any, frozenset[str]]:
     what = f"{entry.kind} '{entry.name}'" + (f" ({label})" if label and label != entry.kind else "")
@@ -243,7 +266,7 @@ def _build(entry: ComponentEntry, config: Any, context: BuildContext, *, label: 
 
         if label is not None:
             torch.manual_seed(component_seed(context.seed, label))
-        with torch.device(context.device):
+        with torch.device(context.device), _building(label, config):
             component = factory(config, context)
     except UserError:
         raise

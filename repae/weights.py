@@ -10,6 +10,16 @@ A *weights source* is the string a component's ``weights`` option holds:
 - ``https://...``: downloaded once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``, where timm keeps the same
   files), for checkpoints that are published only as URLs. ``HF_HUB_OFFLINE=1`` forbids the download here too.
 
+**Offline.** When downloads are not forbidden but the hub (or a URL's host) cannot be reached, that is found once
+per process with one short request (:func:`reachable`) and the rest of the command works as with
+``HF_HUB_OFFLINE=1``: cached files are used, and a missing one is one short message, without huggingface_hub's
+connection errors and retries. Every message about missing weights is one sentence of what is missing, then one
+``fix:`` line, and names the recipe key to change (``tokenizer.weights``, ``encoders.0.weights``,
+``losses.gan.weights``): the core records which component is being built (:func:`repae.build.current_build`), so a
+plugin's factory that calls :func:`resolve_weights` or :func:`load_weights` gets its key named too. The key is
+``<label>.<option>``: ``option`` when the caller passes it (``option="vgg_weights"``), else the config field whose
+value is the source, else ``weights``.
+
 Reading never runs arbitrary pickles: safetensors first; other files only through
 ``torch.load(map_location="cpu", weights_only=True)``, with the harmless classes official checkpoints hold
 (:data:`SAFE_PICKLE_GLOBALS`, such as the ``argparse.Namespace`` of their training arguments) allowed. A file that
@@ -49,10 +59,12 @@ __all__ = [
     "WEIGHTS_FILE",
     "WEIGHT_SUFFIXES",
     "LoadReport",
+    "DownloadError",
     "check_state_dict",
     "describe_file",
     "file_sha256",
     "hub_cache_dir",
+    "hub_endpoint",
     "hub_revision",
     "load_into",
     "load_state_dict",
@@ -60,10 +72,13 @@ __all__ = [
     "read_checkpoint",
     "select_entry",
     "offline",
+    "torch_hub_dir",
     "parse_hf_source",
+    "reachable",
     "resolve_weights",
     "trust_pickle",
     "weights_record",
+    "weights_key",
     "write_weights_record",
 ]
 
@@ -95,6 +110,71 @@ def offline() -> bool:
     """Whether downloads are forbidden (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``), read at call time."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().lower() in _TRUE
+
+
+_REACHABLE: dict[str, bool] = {}
+PROBE_TIMEOUT_S = 3.0
+"""How long :func:`reachable` waits for a host's answer."""
+
+
+def reachable(url: str) -> bool:
+    """Whether the host of ``url`` answers an HTTP request (any status; proxies of the environment honoured), asked
+    once per host and process with a :data:`PROBE_TIMEOUT_S` timeout. An unreachable hub is then treated as
+    ``HF_HUB_OFFLINE=1`` for the rest of the command (no retries, no back-off)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    origin = f"{parts.scheme or 'https'}://{parts.netloc}/"
+    if origin not in _REACHABLE:
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(urllib.request.Request(origin, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+            answered = True
+        except urllib.error.HTTPError:  # the host answered (404, 405, ...): it is reachable
+            answered = True
+        except Exception:  # noqa: BLE001 - DNS, refused, timeout, TLS, proxy: not reachable from here
+            answered = False
+        _REACHABLE[origin] = answered
+    return _REACHABLE[origin]
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face hub's address (``HF_ENDPOINT``, default ``https://huggingface.co``)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def torch_hub_dir() -> Path:
+    """torch's hub folder (``torch.hub.get_dir()``: ``$TORCH_HOME/hub``), without importing torch when it is not
+    loaded yet."""
+    import sys
+
+    if "torch" in sys.modules:
+        import torch.hub
+
+        return Path(torch.hub.get_dir())
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+    return Path(home).expanduser() / "hub"
+
+
+def weights_key(source: str, option: str | None = None) -> str | None:
+    """The recipe key of the weights being resolved (``tokenizer.weights``) while a component is built
+    (:func:`repae.build.current_build`): ``<label>.<option>``, ``option`` defaulting to the config field that holds
+    ``source``, else ``weights`` when the config has that field; ``None`` outside a build."""
+    import dataclasses
+
+    from repae.build import current_build
+
+    building = current_build()
+    if building is None:
+        return None
+    label, config = building
+    if option is None and dataclasses.is_dataclass(config):
+        names = [f.name for f in dataclasses.fields(config)]
+        holding = [n for n in names if isinstance(getattr(config, n, None), str) and getattr(config, n) == source]
+        option = holding[0] if len(holding) == 1 else ("weights" if "weights" in names else None)
+    return f"{label}.{option}" if option else label
 
 
 def hub_cache_dir() -> Path:
@@ -151,24 +231,34 @@ def parse_hf_source(source: str) -> HfSource:
     return HfSource(f"{parts[0]}/{parts[1]}", "/".join(parts[2:]) or None, revision)
 
 
-def resolve_weights(source: str | os.PathLike[str], *, default_filename: str | None = None) -> Path:
+def resolve_weights(source: str | os.PathLike[str], *, default_filename: str | None = None,
+                    option: str | None = None) -> Path:
     """Turn a weights source into the path of a local file.
 
     ``source`` is a local file or folder, ``hf://org/repo[/path/in/repo][@revision]`` or an ``https://`` URL (see the
     module docstring). ``default_filename`` is the file to take inside a folder or a bare ``hf://org/repo``.
-    Raises :class:`~repae.errors.UserError` with the fix when the file is missing or cannot be fetched.
+    ``option`` is the config field the source comes from, for messages (default: the field holding it, else
+    ``weights``; see :func:`weights_key`). Raises :class:`~repae.errors.UserError` with the fix when the file is
+    missing or cannot be fetched.
     """
     text = os.fspath(source).strip()
+    key = weights_key(text, option)
     if not text:
         raise UserError("empty weights source: give a local path, hf://org/repo/file or an https:// URL")
     if text.startswith("hf://"):
-        return _resolve_hf(parse_hf_source(text), default_filename)
+        return _resolve_hf(parse_hf_source(text), default_filename, key)
     if text.startswith(("https://", "http://")):
-        return _resolve_url(text)
-    return _resolve_local(Path(text).expanduser(), default_filename, text)
+        return _resolve_url(text, key)
+    return _resolve_local(Path(text).expanduser(), default_filename, text, key)
 
 
-def _resolve_local(path: Path, default_filename: str | None, given: str) -> Path:
+def _set(key: str | None, example: str) -> str:
+    """The last words of a fix: ``set tokenizer.weights=/path/to/x.pt`` (or the option, outside a recipe)."""
+    return f"set {key}={example}" if key else f"set this weights option to {example}"
+
+
+def _resolve_local(path: Path, default_filename: str | None, given: str, key: str | None = None) -> Path:
+    where = f"{key}: " if key else ""
     if path.is_file():
         return path
     if path.is_dir():
@@ -179,16 +269,17 @@ def _resolve_local(path: Path, default_filename: str | None, given: str) -> Path
             return found[0]
         wanted = f" (looked for {default_filename!r})" if default_filename else ""
         if not found:
-            raise UserError(f"weights folder {path} holds no weights file{wanted}; give the path of the file itself")
+            raise UserError(f"{where}weights folder {path} holds no weights file{wanted}; give the path of the file "
+                            "itself")
         names = ", ".join(p.name for p in found[:10])
-        raise UserError(f"weights folder {path} holds several weights files ({names}){wanted}; name the file")
+        raise UserError(f"{where}weights folder {path} holds several weights files ({names}){wanted}; name the file")
     raise UserError(
-        f"weights file not found: {given!r} (resolved to {path.resolve()}). Give an existing local file or folder, "
-        "or hf://org/repo/file to use the Hugging Face hub cache."
+        f"{where}weights file not found: {given!r} (resolved to {path.resolve()}). Give an existing local file or "
+        "folder, or hf://org/repo/file to use the Hugging Face hub cache."
     )
 
 
-def _resolve_hf(src: HfSource, default_filename: str | None) -> Path:
+def _resolve_hf(src: HfSource, default_filename: str | None, key: str | None = None) -> Path:
     filename = src.filename or default_filename
     if not filename:
         raise UserError(f"weights source {src} names no file: write hf://{src.repo_id}/<file in the repo>")
@@ -199,58 +290,75 @@ def _resolve_hf(src: HfSource, default_filename: str | None) -> Path:
         raise UserError(f"{src} needs the huggingface_hub package: pip install huggingface_hub") from exc
 
     cache = hub_cache_dir()
-    where = f"file {filename!r} of the Hugging Face repository {src.repo_id!r}"
-    if src.revision:
-        where += f" (revision {src.revision!r})"
+    full = HfSource(src.repo_id, filename, src.revision)
+    where = f"{key}: " if key else ""
+    endpoint = hub_endpoint()
+    if offline():
+        reason: str | None = "downloads are off (HF_HUB_OFFLINE=1)"
+    elif not reachable(endpoint):  # once per process: then offline, without huggingface_hub's retries
+        reason = f"{endpoint.split('://', 1)[-1]} cannot be reached"
+    else:
+        reason = None
     try:
         path = hf_hub_download(
-            src.repo_id, filename, revision=src.revision, cache_dir=str(cache), local_files_only=offline()
+            src.repo_id, filename, revision=src.revision, cache_dir=str(cache), local_files_only=reason is not None
         )
     except hf_errors.LocalEntryNotFoundError:
-        reason = "downloads are off (HF_HUB_OFFLINE=1)" if offline() else "the hub could not be reached"
         rev = f" --revision {src.revision}" if src.revision else ""
         raise UserError(
-            f"weights not available: {where} is not in the Hugging Face cache {cache} and {reason}. Fix one of: "
-            f"(1) on a machine with network run `hf download {src.repo_id} {filename}{rev}` and copy its cache "
-            f"folder {cache / ('models--' + src.repo_id.replace('/', '--'))} to this machine (or point HF_HUB_CACHE "
-            f"at a copy); (2) download {filename} yourself and set this weights option to its local path, e.g. "
-            f"weights: /path/to/{Path(filename).name}"
+            f"{where}{full} is not in the Hugging Face cache, and {reason or 'the hub could not be reached'}."
+            f"\n  fix: run `hf download {src.repo_id} {filename}{rev}` where the hub is reachable and copy its cache "
+            f"to {cache}, or {_set(key, '/path/to/' + Path(filename).name)}"
         ) from None
     except hf_errors.RepositoryNotFoundError as exc:
         raise UserError(
-            f"Hugging Face repository {src.repo_id!r} not found or not accessible (private or gated repositories "
-            f"need `hf auth login`): {first_line(exc)}"
+            f"{where}Hugging Face repository {src.repo_id!r} not found or not accessible (private or gated "
+            f"repositories need `hf auth login`): {first_line(exc)}"
         ) from None
     except hf_errors.RevisionNotFoundError:
-        raise UserError(f"revision {src.revision!r} does not exist in Hugging Face repository {src.repo_id!r}") from None
+        raise UserError(f"{where}revision {src.revision!r} does not exist in Hugging Face repository "
+                        f"{src.repo_id!r}") from None
     except hf_errors.EntryNotFoundError:
-        raise UserError(f"{where} does not exist; check the file name in the repository") from None
+        raise UserError(f"{where}{full} does not exist; check the file name in the repository") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
-        raise UserError(f"could not fetch {where}: {first_line(exc)}") from None
+        raise UserError(f"{where}could not fetch {full}: {first_line(exc)}") from None
     return Path(path)
 
 
-def _resolve_url(url: str) -> Path:
-    from urllib.parse import urlparse
+class DownloadError(UserError):
+    """A URL's file could not be fetched; :attr:`reason` says why in a few words (for callers' own messages)."""
 
-    import torch.hub
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _resolve_url(url: str, key: str | None = None) -> Path:
+    from urllib.parse import urlparse
 
     name = Path(urlparse(url).path).name
     if not name:
         raise UserError(f"weights URL {url!r} does not end in a file name")
-    target = Path(torch.hub.get_dir()) / "checkpoints" / name
+    folder = torch_hub_dir() / "checkpoints"
+    target = folder / name
     if target.is_file():
         return target
-    fix = f"download {url} on a machine with network and put it at {target} (or set this weights option to its path)"
+    where = f"{key}: " if key else ""
+    fix = f"\n  fix: download {url} into {folder}/, or {_set(key, '/path/to/' + name)}"
     if offline():
-        raise UserError(f"weights not available: {name} is not in torch's cache and downloads are off "
-                        f"(HF_HUB_OFFLINE=1). Fix: {fix}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(target), progress=True)
-    except Exception as exc:  # noqa: BLE001 - any network failure becomes the same user-facing message
-        raise UserError(f"could not download {url}: {first_line(exc)}. Fix: {fix}") from None
-    return target
+        reason = "downloads are off (HF_HUB_OFFLINE=1)"
+    elif not reachable(url):
+        reason = f"{urlparse(url).netloc} cannot be reached"
+    else:
+        import torch.hub
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=True)
+            return target
+        except Exception as exc:  # noqa: BLE001 - any network failure becomes the same user-facing message
+            reason = f"its download failed ({first_line(exc)})"
+    raise DownloadError(f"{where}{name} is not in torch's cache, and {reason}.{fix}", reason)
 
 
 # -- what the files hold --------------------------------------------------------------------------------------------
@@ -307,13 +415,16 @@ def load_weights(
     key: str | None = None,
     missing_key: str = "error",
     default_filename: str | None = None,
+    option: str | None = None,
 ) -> tuple[dict[str, Tensor], WeightsInfo]:
-    """Resolve a weights ``source`` (:func:`resolve_weights`), read it safely and pick entry ``key``
-    (:func:`select_entry`); return the state dict and the :class:`~repae.interfaces.WeightsInfo` a component records
-    in its ``loaded_weights`` (:class:`~repae.interfaces.RecordsWeights`)."""
+    """Resolve a weights ``source`` (:func:`resolve_weights`; ``option``: the config field it comes from, for
+    messages), read it safely and pick entry ``key`` (:func:`select_entry`); return the state dict and the
+    :class:`~repae.interfaces.WeightsInfo` a component records in its ``loaded_weights``
+    (:class:`~repae.interfaces.RecordsWeights`)."""
     from repae.interfaces import WeightsInfo
 
-    path = resolve_weights(source, default_filename=default_filename)
+    named = {"option": option} if option is not None else {}  # a stand-in resolve_weights (tests) may not take it
+    path = resolve_weights(source, default_filename=default_filename, **named)
     obj, digest = read_checkpoint(path)
     state, entry = select_entry(obj, key, path, missing_key=missing_key)
     return state, WeightsInfo(source=str(source), path=str(path), sha256=digest, entry=entry,

@@ -244,8 +244,8 @@ def test_official_weights_not_cached_message(registry, offline_hub, name, size, 
     with pytest.raises(UserError) as info:
         build(registry, name, size=size)
     msg = str(info.value)
-    assert repr(filename) in msg and repr(repo) in msg and str(offline_hub) in msg
-    assert f"hf download {repo} {filename}" in msg and "local path" in msg
+    assert f"hf://{repo}/{filename}" in msg and str(offline_hub) in msg
+    assert f"hf download {repo} {filename}" in msg and f"set encoder.weights=/path/to/{filename}" in msg
 
 
 def test_ijepa_official_weights_not_cached_message(registry, offline_hub):
@@ -253,7 +253,7 @@ def test_ijepa_official_weights_not_cached_message(registry, offline_hub):
         build(registry, "ijepa", size="vit-h14")
     msg = str(info.value)
     assert "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar" in msg
-    assert str(offline_hub.parent / "torch-home" / "hub" / "checkpoints" / "IN1K-vit.h.14-300e.pth.tar") in msg
+    assert str(offline_hub.parent / "torch-home" / "hub" / "checkpoints") in msg and "encoder.weights" in msg
 
 
 def test_dinov2_meta_release_layout_with_registers(registry, tmp_path):

@@ -156,7 +156,7 @@ def load_lpips_weights(model: LPIPS, heads_source: str | None, vgg_source: str |
     ``vgg`` when the backbone came from its own file). Keys and shapes are checked strictly; errors name the
     offending keys."""
     heads_source = heads_source or _default_heads_source()
-    state, info = load_weights(heads_source)
+    state, info = load_weights(heads_source, option="weights")
     read: dict[str, WeightsInfo] = {"heads": info}
     heads, trunk, unknown = convert_lpips_state_dict(state)
     if unknown:
@@ -169,7 +169,7 @@ def load_lpips_weights(model: LPIPS, heads_source: str | None, vgg_source: str |
                                    "give the lpips release file vgg.pth (or a full LPIPS state dict)")
     if not trunk:
         vgg_source = vgg_source or VGG16_URL
-        vgg_state, read["vgg"] = load_weights(vgg_source)
+        vgg_state, read["vgg"] = load_weights(vgg_source, option="vgg_weights")
         _, trunk, _ = convert_lpips_state_dict({k: v for k, v in vgg_state.items() if k.startswith("features.")})
     load_into(model, {**trunk, **heads}, strict=True,
               what=f"LPIPS weights from {', '.join(info.source for info in read.values())}")

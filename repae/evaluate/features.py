@@ -14,8 +14,9 @@ feature :data:`SPATIAL` and is registered with torch-fidelity as :data:`EXTRACTO
 ``torch_fidelity.calculate_metrics(feature_extractor="repae-inception-v3-adm", feature_layer_fid="mixed_6_conv")``
 works too.
 
-Weights are never fetched behind the user's back here: :func:`find_inception_weights` resolves a local file (flag,
-environment variable, torch's hub cache) and explains where to put it when it is missing. They are read without
+Weights are never fetched behind the user's back here: :func:`find_inception_weights`
+(:mod:`repae.evaluate.inception_weights`, torch-free) resolves a local file (flag, environment variable, torch's hub
+cache) and says where to put it when it is missing. They are read without
 unpickling arbitrary objects (:func:`repae.weights.load_state_dict`), then checked key by key against the network.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,12 +54,13 @@ FEATURE_LAYERS = {"pool": "2048", "spatial": SPATIAL, "logits": "logits_unbiased
 """repae's feature names -> the extractor's feature names."""
 SPATIAL_CHANNELS = 7
 
-WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-"""torch-fidelity's conversion of the 2015 TF Inception graph (the file ``inception-v3-compat`` downloads)."""
-WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILENAME}"
-ALTERNATIVE_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth",)
-"""pytorch-fid's conversion of the same graph; used from the cache when present and when its keys fit."""
-ENV_WEIGHTS = "REPAE_INCEPTION_WEIGHTS"
+from repae.evaluate.inception_weights import (  # noqa: E402 - torch-free, re-exported here
+    ENV_WEIGHTS,
+    WEIGHTS_FILENAME,
+    WEIGHTS_URL,
+    find_inception_weights,
+    missing_weights_message,
+)
 
 
 class ADMInceptionV3(FeatureExtractorInceptionV3):
@@ -81,7 +82,7 @@ class ADMInceptionV3(FeatureExtractorInceptionV3):
         **kwargs,
     ) -> None:
         if feature_extractor_weights_path is None:
-            raise UserError(_missing_weights_message("no Inception weights file was given"))
+            raise UserError(missing_weights_message("no weights file was given"))
         from repae.weights import load_into, load_state_dict
 
         state, sha256 = load_state_dict(feature_extractor_weights_path)
@@ -143,53 +144,6 @@ def _ensure_registered() -> None:
 
 
 _ensure_registered()
-
-
-# -- finding the weights -------------------------------------------------------------------------------------------
-def _cache_dir() -> Path:
-    import torch.hub
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _missing_weights_message(reason: str) -> str:
-    target = _cache_dir() / WEIGHTS_FILENAME
-    return (
-        f"Inception weights not available: {reason}. FID, sFID, IS and precision/recall need {WEIGHTS_FILENAME} "
-        f"(torch-fidelity's port of the 2015 TF Inception graph, ~91 MB). On a machine with network download "
-        f"{WEIGHTS_URL} and either put it at {target} (torch's hub cache; TORCH_HOME moves it), point "
-        f"{ENV_WEIGHTS} at it, or pass --inception-weights /path/to/{WEIGHTS_FILENAME}."
-    )
-
-
-def find_inception_weights(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The Inception weights file to use.
-
-    In order: ``explicit`` (a local path, ``hf://`` or ``https://`` source), the ``REPAE_INCEPTION_WEIGHTS``
-    environment variable, :data:`WEIGHTS_FILENAME` (or pytorch-fid's file of the same graph) in torch's hub cache
-    (where torch-fidelity keeps it), and finally a download of :data:`WEIGHTS_URL` into that cache unless downloads
-    are off (``HF_HUB_OFFLINE=1``). Raises :class:`~repae.errors.UserError` naming the file and where to put it.
-    """
-    from repae.weights import offline, resolve_weights
-
-    for source, origin in ((explicit, "--inception-weights"), (os.environ.get(ENV_WEIGHTS), ENV_WEIGHTS)):
-        if source is not None and str(source).strip():
-            text = os.fspath(source)
-            local = Path(text).expanduser()
-            if "://" not in text and not local.exists():
-                raise UserError(_missing_weights_message(f"{origin} names {text}, which does not exist"))
-            return resolve_weights(text, default_filename=WEIGHTS_FILENAME)
-    cache = _cache_dir()
-    for name in (WEIGHTS_FILENAME, *ALTERNATIVE_FILENAMES):
-        if (cache / name).is_file():
-            return cache / name
-    if offline():
-        raise UserError(_missing_weights_message(f"{WEIGHTS_FILENAME} is not in {cache} and downloads are off "
-                                                 "(HF_HUB_OFFLINE=1)"))
-    try:
-        return resolve_weights(WEIGHTS_URL)
-    except UserError as exc:
-        raise UserError(_missing_weights_message(f"the download failed ({exc})")) from None
 
 
 # -- building and running the network ------------------------------------------------------------------------------
