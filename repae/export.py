@@ -8,6 +8,13 @@ is repae's own and works for every run: ``safetensors``, the state dict of every
 (``<name>.safetensors``, the names of the checkpoint: ``denoiser``, ``ema-denoiser``, ``tokenizer``,
 ``latent_norm``, ...), which is what the components' ``weights:`` options read back.
 
+**Declaring formats without building.** A tokenizer's or denoiser's config class declares the formats its component
+exports as the class attribute ``EXPORT_FORMATS`` (a tuple of names: ``KLVAEConfig.EXPORT_FORMATS = ("diffusers",
+"ldm")``), the same names as the built component's ``export_formats``; ``repae export`` then refuses a format no
+component of the run declares in about a second, from the run's ``recipe.yaml`` and the registry's entries alone
+(:func:`check_export_request`, torch-free). A component whose config declares nothing is asked after building, as
+before.
+
 Every model is checked against the component the run's recipe builds before anything is written (:func:`repae.runs.open_run`
 checks each copy the checkpoint holds, raw and EMA: keys and shapes). Every export writes ``export.json``: what was exported, from which run, checkpoint and step, and the sha256 of each
 file. The latent statistics handed to the components (``ExportContext.statistics``) come from the run's latent
@@ -34,7 +41,8 @@ from repae.interfaces import (
 if TYPE_CHECKING:
     from repae.runs import OpenedRun
 
-__all__ = ["GENERIC_FORMAT", "available_formats", "export_run", "latent_statistics"]
+__all__ = ["GENERIC_FORMAT", "available_formats", "check_export_request", "declared_formats", "export_run",
+           "latent_statistics"]
 
 GENERIC_FORMAT = "safetensors"
 """repae's own format: every model of the checkpoint as its state dict."""
@@ -64,6 +72,48 @@ def available_formats(run: OpenedRun) -> dict[str, list[str]]:
     return out
 
 
+def declared_formats(entry: Any) -> tuple[str, ...] | None:
+    """The export formats a registry entry's config class declares (``EXPORT_FORMATS``), ``None`` when it declares
+    none (then only its built component tells)."""
+    formats = getattr(getattr(entry, "config", None), "EXPORT_FORMATS", None)
+    if formats is None:
+        return None
+    return (formats,) if isinstance(formats, str) else tuple(str(f) for f in formats)
+
+
+def _unknown_format(run_dir: Path, fmt: str, declared: list[tuple[str, tuple[str, ...]]]) -> CapabilityError:
+    formats = list(dict.fromkeys([GENERIC_FORMAT, *(f for _, fs in declared for f in fs)]))
+    listing = "; ".join(f"{what} declares {', '.join(fs) or 'none'}" for what, fs in declared)
+    return CapabilityError(f"no component of {run_dir} exports the format {fmt!r} ({listing})."
+                           f"{did_you_mean(fmt, formats)} Formats of this run: {', '.join(formats)} "
+                           f"(`{GENERIC_FORMAT}`: every model's state dict)")
+
+
+def check_export_request(path: str | Path, out: str | Path, fmt: str, *, force: bool = False,
+                         registry: Any = None) -> None:
+    """What :func:`export_run` would refuse, checked from files and metadata alone (no torch, nothing built): the
+    run or checkpoint folder, its ``recipe.yaml``, ``--out``, and a format that no component of the run declares
+    (when every exportable component's config declares its formats: ``EXPORT_FORMATS``)."""
+    from repae.build import default_registry
+    from repae.recipe import read_recipe
+    from repae.runs import run_recipe_path
+
+    run_dir, _, recipe_path = run_recipe_path(path)
+    if fmt != GENERIC_FORMAT:
+        resolved = read_recipe(recipe_path, [], registry if registry is not None else default_registry())
+        declared: list[tuple[str, tuple[str, ...]]] = []
+        for spec in resolved.components:
+            if spec.slot in _EXPORTABLE_SLOTS and spec.key is None:
+                formats = declared_formats(spec.entry)
+                if formats is None:
+                    break  # this component tells only once built: export_run decides
+                declared.append((f"{spec.slot} '{spec.name}' (plugin {spec.entry.plugin.label})", formats))
+        else:
+            if not any(fmt in formats for _, formats in declared):
+                raise _unknown_format(run_dir, fmt, declared)
+    _check_out(Path(out), force)
+
+
 def _describe(run: OpenedRun, slot: str) -> str:
     spec = next((s for s in run.recipe.components if s.label == slot), None)
     return f"{slot} '{spec.name}' (plugin {spec.entry.plugin.label})" if spec is not None else slot
@@ -88,19 +138,15 @@ def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = Fal
     from repae.weights import file_sha256, load_into
 
     out = Path(out)
+    check_export_request(path, out, fmt, force=force, registry=registry)
     run = open_run(path, device="cpu", use_ema=True, slots=("tokenizer", "latent_norm", "denoiser"),
                    registry=registry, keep_models=True)
     formats = available_formats(run)
     if fmt not in formats:
-        declared = "; ".join(
-            f"{_describe(run, slot)} declares "
-            + (", ".join(run.components[slot].export_formats) if supports(run.components[slot], Exportable)
-               else "none")
-            for slot in _EXPORTABLE_SLOTS if run.components.get(slot) is not None
-        )
-        raise CapabilityError(f"no component of {run.run_dir} exports the format {fmt!r} ({declared})."
-                              f"{did_you_mean(fmt, formats)} Formats of this run: {', '.join(formats)} "
-                              f"(`{GENERIC_FORMAT}`: every model's state dict)")
+        raise _unknown_format(run.run_dir, fmt, [
+            (_describe(run, slot), tuple(run.components[slot].export_formats)
+             if supports(run.components[slot], Exportable) else ())
+            for slot in _EXPORTABLE_SLOTS if run.components.get(slot) is not None])
     _check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     models = run.models

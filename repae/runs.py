@@ -11,19 +11,46 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from repae.errors import UserError
 
-__all__ = ["OpenedRun", "open_run", "resolve_run_path"]
+__all__ = ["OpenedRun", "checkpoint_step", "latest_checkpoint", "open_run", "resolve_run_path", "run_recipe_path"]
+
+
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+"""A checkpoint folder's name (:mod:`repae.train.checkpoint`: ``step-NNNNNNN``)."""
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (``RUN/checkpoints/step-NNNNNNN`` holding ``state.json``),
+    ``None`` when none; as :func:`repae.train.checkpoint.latest_checkpoint`, without importing torch (commands check
+    their arguments with it before anything heavy is loaded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: str | Path) -> int | None:
+    """The step a checkpoint folder's ``state.json`` records (torch-free); ``None`` when it is unreadable."""
+    try:
+        state = json.loads((Path(checkpoint) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
-    """``(run_dir, checkpoint_dir)`` for a run directory (its latest checkpoint) or a checkpoint folder."""
-    from repae.train.checkpoint import latest_checkpoint
-
+    """``(run_dir, checkpoint_dir)`` for a run directory (its latest checkpoint) or a checkpoint folder. Torch-free:
+    ``repae sample``, ``analyze`` and ``export`` check their argument with it first."""
     path = Path(path)
     if (path / "state.json").is_file() and path.parent.name == "checkpoints":
         return path.parent.parent, path
@@ -41,6 +68,18 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
     if found is None:
         raise UserError(f"{path} holds no checkpoint (checkpoints/step-*/state.json); has its training saved one?")
     return path, found
+
+
+def run_recipe_path(path: str | Path) -> tuple[Path, Path, Path]:
+    """``(run_dir, checkpoint_dir, recipe.yaml)`` of a run or checkpoint folder (:func:`resolve_run_path`), refusing
+    a run without its ``recipe.yaml``. Torch-free."""
+    from repae.rundir import RECIPE_FILE
+
+    run_dir, checkpoint_dir = resolve_run_path(path)
+    recipe_path = run_dir / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise UserError(f"{run_dir} has no {RECIPE_FILE}; it was not written by `repae run`")
+    return run_dir, checkpoint_dir, recipe_path
 
 
 @dataclass
@@ -127,14 +166,10 @@ def open_run(
 
     from repae.build import RecipeBuild, default_registry
     from repae.recipe import read_recipe
-    from repae.rundir import RECIPE_FILE
     from repae.train.checkpoint import load_checkpoint
     from repae.weights import check_state_dict, load_into
 
-    run_dir, checkpoint_dir = resolve_run_path(path)
-    recipe_path = run_dir / RECIPE_FILE
-    if not recipe_path.is_file():
-        raise UserError(f"{run_dir} has no {RECIPE_FILE}; it was not written by `repae run`")
+    run_dir, checkpoint_dir, recipe_path = run_recipe_path(path)
     resolved = read_recipe(recipe_path, [], registry if registry is not None else default_registry())
     checkpoint = load_checkpoint(checkpoint_dir, optimizers=False)
     models = checkpoint.models

@@ -106,6 +106,9 @@ _WEIGHTS_DOC = (
 class DiffusersVAEConfig:
     """A diffusers ``AutoencoderKL`` / ``AutoencoderKLQwenImage`` and where its weights are (default: FLUX-VAE)."""
 
+    EXPORT_FORMATS = ("diffusers",)
+    """`repae export`'s formats (the built component's ``export_formats``), declared to be checked before building."""
+
     size: str = option("flux", doc="preset (a released VAE's config): flux, sd3.5, sd, sdxl, qwen-image; "
                      "tiny, tiny-qwen-image (tests)")
     model_class: ModelClass = option("AutoencoderKL", doc="the diffusers class: AutoencoderKL or AutoencoderKLQwenImage")

@@ -57,6 +57,9 @@ class TransformerConfig:
     ``encoder_dims`` from the encoders (one projector per encoder, its output width the encoder's ``embed_dim``).
     """
 
+    EXPORT_FORMATS = ("official",)
+    """`repae export`'s formats (the built model's ``export_formats``), declared to be checked before building."""
+
     size: str = option("XL/2", doc="preset: S/B/L/XL x patch 1/2/4/8 (e.g. XL/2), or tiny for tests")
     depth: int = option(28, doc="number of transformer blocks")
     hidden_size: int = option(1152, doc="token width")

@@ -26,6 +26,9 @@ _STATS_DOC = (
 class KLVAEConfig:
     """Architecture and weights of an LDM-style KL autoencoder (defaults: the SD-VAE f8d4)."""
 
+    EXPORT_FORMATS = ("diffusers", "ldm")
+    """`repae export`'s formats (the built component's ``export_formats``), declared to be checked before building."""
+
     size: str = option("f8d4", doc="preset: f8d4 (SD-VAE), f16d32 (IN-VAE, VA-VAE) or tiny (tests, quickstart)")
     latent_channels: int = option(4, doc="latent channels (LDM embed_dim = z_channels)")
     ch: int = option(128, doc="base channel width")

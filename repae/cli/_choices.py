@@ -14,7 +14,8 @@ Two kinds of choices:
   module, and the command checks the value first thing with :func:`check_component` (did you mean, the names
   available). ``--help`` names the built-in ones and the ``repae list KIND`` that lists them all: a help text (and
   docs/cli-reference.md, generated from it) must not depend on which plugins are installed. ``repae export
-  --format``'s formats are declared by the built components of a run, so they are checked against the run.
+  --format``'s formats are those the run's components declare: checked against the run's recipe.yaml and the
+  components' configs (``EXPORT_FORMATS``, :mod:`repae.export`) before anything is built.
 
 Completion callbacks stay light: no torch, nothing printed, never an exception (a failure completes nothing).
 """

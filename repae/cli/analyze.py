@@ -59,6 +59,14 @@ def analyze(
     with user_errors(), pickle_trust(trust_pickle):
         settings = AnalysisSettings(num_images=num_images, images=str(images) if images is not None else None, t=t,
                                     k=k, depth=depth, seed=seed, ema=ema)
+        from repae.cli._preflight import check_positive
+        from repae.errors import UserError
+        from repae.runs import run_recipe_path
+
+        check_positive(batch_size=batch_size)
+        run_recipe_path(run_path)  # the run, its checkpoint and recipe.yaml, before torch is imported
+        if images is not None and not images.is_dir():
+            raise UserError(f"--images {images}: not a folder; pass a folder holding image files")
         result = analyze_run(run_path, settings, out=out, batch_size=batch_size, device=device,
                              inception_weights=inception_weights, registry=load_host().registry)
         if as_json:

@@ -36,17 +36,18 @@ def bench(
             raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
         if peak_tflops is not None and peak_tflops <= 0:
             raise UserError(f"--peak-tflops must be > 0, got {peak_tflops}")
-        from repae.bench import bench_trainer, count_step_flops, format_result
-        from repae.build import build_recipe
-        from repae.compose import compose_recipe
         from repae.recipe import read_recipe
 
         host = load_host()
         extra = list(overrides or [])
-        resolved = read_recipe(recipe, extra, host.registry)
+        resolved = read_recipe(recipe, extra, host.registry)  # recipe and override errors before torch is imported
         if not resolved.get("trainer"):
             raise UserError(f"{recipe} names no trainer; repae bench times a training step (add `trainer: "
                             "{name: default}`)")
+        from repae.bench import bench_trainer, count_step_flops, format_result
+        from repae.build import build_recipe
+        from repae.compose import compose_recipe
+
         composition = compose_recipe(resolved)
         if synthetic_data:
             resolved = read_recipe(recipe, [*extra, _synthetic_dataset(composition)], host.registry)

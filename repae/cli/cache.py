@@ -31,13 +31,14 @@ def cache_latents(
     Rerunning the same command after an interruption continues where it stopped; an existing different cache is
     never overwritten.
     """
-    from repae.build import build_recipe
-    from repae.config import config_to_dict
-    from repae.latent_cache import describe_tokenizer, read_index, write_latent_cache
     from repae.recipe import read_recipe
 
     console = stdout()
     with user_errors():
+        if batch_size < 1 or workers < 0:
+            raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; --out names a folder to create. Choose another --out.")
         host = load_host()
         resolved = read_recipe(recipe, overrides or [], host.registry)
         specs = {slot: resolved.get(slot) for slot in ("dataset", "tokenizer")}
@@ -45,11 +46,13 @@ def cache_latents(
         if missing:
             raise UserError(f"{recipe} names no {' and no '.join(missing)}; caching latents needs both "
                             f"(e.g. `dataset: {{name: image-folder, root: data/imagenet/train}}` and a tokenizer)")
-        if batch_size < 1 or workers < 0:
-            raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
         dataset_spec, tokenizer_spec = specs["dataset"][0], specs["tokenizer"][0]
         if device == "meta":
             raise UserError("--device meta cannot encode images; use cpu or cuda")
+        from repae.build import build_recipe
+        from repae.config import config_to_dict
+        from repae.latent_cache import describe_tokenizer, read_index, write_latent_cache
+
         device = pick_device(device)
         built = {b.slot: b.component for b in build_recipe(resolved, device=device, slots=("dataset", "tokenizer"))}
         dataset, tokenizer = built["dataset"], built["tokenizer"]

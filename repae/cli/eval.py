@@ -61,6 +61,7 @@ def evaluate(
 
     with user_errors():
         chosen = _choose_metrics(metrics, settings or [])  # names and --set checked before torch is imported
+        _check_arguments(samples, ref, batch_size, inception_weights)
         device = pick_device(device)
         built = _build_metrics(chosen, device)
         report = run_evaluation(
@@ -132,6 +133,17 @@ def _choose_metrics(names: str | None, settings: List[str]) -> list[tuple[Any, A
                 f"{i.path}: {i.message}" + (f" ({i.hint})" if i.hint else "") for i in issues))
         parsed.append((entry, config))
     return parsed
+
+
+def _check_arguments(samples: Path, ref: Path, batch_size: int, inception_weights: str | None) -> None:
+    """The paths and numbers, from the file system alone (torch-free)."""
+    from repae.cli._preflight import check_positive
+    from repae.evaluate.inception_weights import check_inception_weights
+    from repae.evaluate.inputs import check_inputs
+
+    check_positive(batch_size=batch_size)
+    check_inputs(samples, ref)
+    check_inception_weights(inception_weights)
 
 
 def _build_metrics(chosen: list[tuple[Any, Any]], device: str) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -39,7 +40,6 @@ def run(
     trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Run a recipe. With --dry-run: check it and build every component on `meta` (even XL models in seconds)."""
-    from repae.compose import compose_recipe
     from repae.recipe import read_recipe
 
     console = stdout()
@@ -49,11 +49,23 @@ def run(
         if not dry_run and not resolved.get("trainer"):
             names = ", ".join(host.registry.names("trainer")) or "none installed"
             raise UserError(f"{recipe} names no trainer. Add `trainer: {{name: default}}` (available: {names}).")
+        run_dir = out or Path("runs") / recipe.stem
+        if not dry_run:  # from files alone, before torch: a folder that cannot take the run, a finished run
+            from repae.cli._preflight import check_run_out, finished_run
+
+            check_run_out(run_dir)
+            finished = finished_run(resolved, run_dir)
+            if finished is not None:
+                if os.environ.get("RANK", "0") == "0":
+                    console.print(finished, markup=False)
+                return
+        from repae.compose import compose_recipe
+
         composition = compose_recipe(resolved)
         if dry_run:
             _print_dry_run(console, composition)
             return
-        _train(composition.recipe, out or Path("runs") / recipe.stem, device, allow_recipe_change)
+        _train(composition.recipe, run_dir, device, allow_recipe_change, source=resolved)
 
 
 def _print_dry_run(console, composition) -> None:
@@ -87,13 +99,15 @@ def _print_dry_run(console, composition) -> None:
     console.print("[dim]dry run: nothing was written or trained[/]")
 
 
-def _train(resolved, run_dir: Path, device: str, allow_recipe_change: bool) -> None:
-    import os
-
+def _train(resolved, run_dir: Path, device: str, allow_recipe_change: bool, source=None) -> None:
     from repae.train.launch import train_recipe
 
     train_recipe(resolved, run_dir, device=device, allow_recipe_change=allow_recipe_change)
     if os.environ.get("RANK", "0") == "0":
+        if source is not None:  # lets the same command, run again, see that the run is finished (torch-free)
+            from repae.cli._preflight import record_run_input
+
+            record_run_input(source, resolved, run_dir)
         stdout().print(f"done: {run_dir}", markup=False)
 
 

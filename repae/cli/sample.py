@@ -74,6 +74,11 @@ def sample(
             guidance_interval=(float(guidance_interval[0]), float(guidance_interval[1]))
             if guidance_interval is not None else None,
         )
+        from repae.cli._preflight import check_positive
+        from repae.runs import run_recipe_path
+
+        check_positive(batch_size=batch_size)
+        run_recipe_path(run_path)  # the run, its checkpoint and recipe.yaml, before torch is imported
         console = stderr() if as_json else stdout()
         console.soft_wrap = True  # paths stay whole (copy-pasteable)
         folder = sample_run(run_path, settings, out=out, batch_size=batch_size, device=device, progress=progress,

@@ -40,6 +40,7 @@ __all__ = [
     "ImageSource",
     "NpzImages",
     "Reference",
+    "check_inputs",
     "open_reference",
     "open_samples",
     "write_reference_npz",
@@ -164,15 +165,39 @@ class FolderImages(ImageSource):
         return f"{self.path} ({len(self)} image files)"
 
 
-def open_samples(path: str | os.PathLike[str]) -> ImageSource:
-    """The generated images at ``path``: an ``.npz`` with ``arr_0``, a folder of images or a ``repae sample`` folder."""
-    path = Path(path)
+def check_inputs(samples: str | os.PathLike[str], reference: str | os.PathLike[str]) -> None:
+    """What :func:`open_samples` and :func:`open_reference` refuse of the paths themselves (missing, or a file that is
+    not an ``.npz``), checked without reading them: ``repae eval`` calls it before torch is imported."""
+    _check_samples_path(Path(samples))
+    _check_reference_path(Path(reference))
+
+
+def _check_samples_path(path: Path) -> None:
     if path.is_file():
         if path.suffix != ".npz":
             raise UserError(f"{path}: samples must be an .npz (ADM layout, arr_0) or a folder of images")
-        return NpzImages(path)
-    if not path.is_dir():
+    elif not path.is_dir():
         raise UserError(f"samples not found: {path}")
+
+
+def _check_reference_path(path: Path) -> None:
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise UserError(
+            f"reference not found: {path}. Use the ADM reference batch (VIRTUAL_imagenet256_labeled.npz for ImageNet "
+            "256x256; see docs/evaluation.md) or a folder of reference images"
+        )
+    if path.suffix != ".npz":
+        raise UserError(f"{path}: a reference must be an ADM .npz (mu, sigma, mu_s, sigma_s, arr_0) or a folder")
+
+
+def open_samples(path: str | os.PathLike[str]) -> ImageSource:
+    """The generated images at ``path``: an ``.npz`` with ``arr_0``, a folder of images or a ``repae sample`` folder."""
+    path = Path(path)
+    _check_samples_path(path)
+    if path.is_file():
+        return NpzImages(path)
     if (path / "samples.npz").is_file():
         return NpzImages(path / "samples.npz")
     if (path / "sampling.json").is_file():
@@ -216,15 +241,9 @@ class Reference:
 def open_reference(path: str | os.PathLike[str]) -> Reference:
     """An ADM reference batch (``.npz``) or a folder of reference images."""
     path = Path(path)
+    _check_reference_path(path)
     if path.is_dir():
         return Reference(path, images=FolderImages(path))
-    if not path.is_file():
-        raise UserError(
-            f"reference not found: {path}. Use the ADM reference batch (VIRTUAL_imagenet256_labeled.npz for ImageNet "
-            "256x256; see docs/evaluation.md) or a folder of reference images"
-        )
-    if path.suffix != ".npz":
-        raise UserError(f"{path}: a reference must be an ADM .npz (mu, sigma, mu_s, sigma_s, arr_0) or a folder")
     members = _members(path)
     if not members:
         raise UserError(f"{path} is not a readable .npz file")
