@@ -82,6 +82,26 @@ def module_distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
+def optional_package_calls(*folders: Path) -> list[tuple[str, str, str]]:
+    """``(module, extra, file:line)`` of every ``require_package("module", extra="extra")`` / ``check_package(...)``
+    call with literal arguments: the imports ``python_imports`` cannot see, made by name (repae.packages)."""
+    import ast
+
+    found = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                extra = next((k.value for k in node.keywords if k.arg == "extra"), None)
+                if (name in ("require_package", "check_package") and node.args
+                        and isinstance(node.args[0], ast.Constant) and isinstance(extra, ast.Constant)):
+                    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                    found.append((node.args[0].value, extra.value, f"{shown}:{node.lineno}"))
+    return found
+
+
 def distributions(module: str) -> set[str]:
     return {normalize(d) for d in module_distributions().get(module, [])}
 
@@ -111,6 +131,19 @@ def test_the_scan_sees_lazy_imports_and_skips_local_and_stdlib_ones():
 def test_every_import_of_repae_and_the_plugins_is_declared():
     declared = BASE | RUNTIME_OPTIONAL
     problems = undeclared(third_party_imports(ROOT / "repae", ROOT / "plugins"), declared)
+    assert not problems, "\n".join(problems)
+
+
+def test_packages_imported_by_name_are_in_the_extra_their_message_names(tmp_path):
+    """``require_package("wandb", extra="wandb")`` tells the user to ``pip install 'repae[wandb]'``: that extra exists
+    and installs the package."""
+    (tmp_path / "m.py").write_text("import repae\ndef f():\n    return repae.require_package('wandb', extra='wandb', "
+                                   "what='x')\ncheck_package(name, extra='x')\n")
+    assert optional_package_calls(tmp_path) == [("wandb", "wandb", f"{tmp_path / 'm.py'}:3")]
+    calls = optional_package_calls(ROOT / "repae", ROOT / "plugins")
+    problems = [f"{where}: {module} (from {', '.join(sorted(distributions(module))) or 'no installed distribution'}) "
+                f"is not in the extra {extra!r}" for module, extra, where in calls
+                if not distributions(module) & EXTRAS.get(extra, set())]
     assert not problems, "\n".join(problems)
 
 
