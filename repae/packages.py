@@ -18,40 +18,46 @@ __all__ = ["check_package", "missing_package_message", "require_package"]
 
 
 def missing_package_message(module: str, *, extra: str, what: str, instead: str | None = None,
-                            detail: str = "") -> str:
-    """``"{what} needs the {module} package, which is not installed ({detail}): pip install 'repae[{extra}]' (or
-    {instead})"``."""
+                            detail: str = "", distribution: str = "repae") -> str:
+    """``"{what} needs the {module} package, which is not installed ({detail}): pip install
+    '{distribution}[{extra}]' (or {instead})"``."""
     because = f" ({detail})" if detail else ""
     otherwise = f" (or {instead})" if instead else ""
-    return (f"{what} needs the {module} package, which is not installed{because}: pip install 'repae[{extra}]'"
-            f"{otherwise}")
+    return (f"{what} needs the {module} package, which is not installed{because}: pip install "
+            f"'{distribution}[{extra}]'{otherwise}")
 
 
-def check_package(module: str, *, extra: str, what: str, instead: str | None = None) -> None:
+def check_package(module: str, *, extra: str, what: str, instead: str | None = None,
+                  distribution: str = "repae") -> None:
     """Raise the :class:`repae.UserError` of :func:`missing_package_message` when ``module`` cannot be found;
     imports nothing (``importlib.util.find_spec``). ``what``: what needs it ("the wandb tracker"); ``extra``: the
-    extra of repae that installs it; ``instead``: the other way out ("remove wandb from `trackers`")."""
+    extra of ``distribution`` (repae, or a plugin's own distribution) that installs it; ``instead``: the other way
+    out ("remove wandb from `trackers`")."""
+    def missing(detail: str = "") -> UserError:
+        return UserError(missing_package_message(module, extra=extra, what=what, instead=instead, detail=detail,
+                                                 distribution=distribution))
+
     if module in sys.modules:
         if sys.modules[module] is None:  # import blocked (tests, python -X tricks)
-            raise UserError(missing_package_message(module, extra=extra, what=what, instead=instead))
+            raise missing()
         return
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError) as exc:
-        raise UserError(missing_package_message(module, extra=extra, what=what, instead=instead,
-                                                detail=str(exc))) from None
+        raise missing(str(exc)) from None
     if spec is None:
-        raise UserError(missing_package_message(module, extra=extra, what=what, instead=instead))
+        raise missing()
 
 
 def require_package(module: str, *, extra: str, what: str, instead: str | None = None,
-                    via: str | None = None) -> ModuleType:
+                    via: str | None = None, distribution: str = "repae") -> ModuleType:
     """``import module`` (or the module ``via`` that needs it, e.g. ``torch.utils.tensorboard`` for
     ``tensorboard``) and return it; a missing package, or one that fails to import (a missing dependency of its own),
     is the :class:`repae.UserError` of :func:`check_package`, with the import error as detail."""
-    check_package(module, extra=extra, what=what, instead=instead)
+    check_package(module, extra=extra, what=what, instead=instead, distribution=distribution)
     try:
         return importlib.import_module(via or module)
     except ImportError as exc:
         raise UserError(missing_package_message(module, extra=extra, what=what, instead=instead,
+                                                distribution=distribution,
                                                 detail=f"{type(exc).__name__}: {exc}")) from None

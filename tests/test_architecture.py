@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 
 import repae
 
+from conftest import ROOT
+
 
 def test_safetensors_header_reads_shapes_and_metadata_without_tensors(tmp_path):
     path = tmp_path / "w.safetensors"
@@ -92,3 +94,74 @@ def test_checking_a_package_imports_nothing():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+# -- diffusers-vae: known hub releases are checked when the recipe is validated (no diffusers, no download) ---------
+def _t2i_problems(*overrides: str) -> list:
+    with pytest.raises(repae.RecipeError) as caught:
+        repae.load_recipe(T2I_FLUX, list(overrides))
+    return [p for p in caught.value.problems if p.path.startswith("tokenizer")]
+
+
+T2I_FLUX = ROOT / "recipes" / "t2i_vae" / "repae_flux_vae_dinov2.yaml"
+
+
+@pytest.mark.parametrize("weights,subfolder,preset", [
+    ("hf://REPA-E/e2e-flux-vae", None, "flux"),
+    ("hf://black-forest-labs/FLUX.1-schnell", "vae", "flux"),
+    ("hf://REPA-E/e2e-sd3.5-vae", None, "sd3.5"),
+    ("hf://stabilityai/stable-diffusion-3.5-medium", "vae", "sd3.5"),
+    ("hf://stabilityai/sd-vae-ft-ema", None, "sd"),
+    ("hf://stabilityai/sdxl-vae", None, "sdxl"),
+])
+def test_a_known_diffusers_release_with_another_architecture_fails_validation(weights, subfolder, preset):
+    """The review's measured case: `size: tiny, weights: hf://REPA-E/e2e-flux-vae` validated; it only failed once
+    the weights were downloaded."""
+    overrides = ["tokenizer.size=tiny", f"tokenizer.weights={weights}", f"tokenizer.subfolder={subfolder or 'null'}"]
+    (problem,) = _t2i_problems(*overrides)
+    text = str(problem)
+    assert problem.path == "tokenizer.architecture.down_block_types"  # the first differing key
+    assert "architecture.block_out_channels [8, 16, 16] (the weights: [128, 256, 512, 512])" in text
+    assert "architecture.norm_num_groups 4 (the weights: 32)" in text and "no parameter shape" in text
+    assert f"use the preset `size: {preset}`" in text and weights in text
+    repae.load_recipe(T2I_FLUX, [f"tokenizer.size={preset}", f"tokenizer.weights={weights}",
+                                 f"tokenizer.subfolder={subfolder or 'null'}"])  # the preset it names validates
+
+
+def test_a_diffusers_release_of_another_class_names_the_class_and_the_preset():
+    (problem,) = _t2i_problems("tokenizer.size=tiny-qwen-image", "tokenizer.model_class=AutoencoderKLQwenImage",
+                               "tokenizer.weights=hf://REPA-E/e2e-flux-vae", "tokenizer.subfolder=null")
+    assert problem.path == "tokenizer.model_class"
+    assert "model_class AutoencoderKLQwenImage (the weights: AutoencoderKL)" in str(problem)
+    assert "`size: flux`" in str(problem)
+    (problem,) = _t2i_problems("tokenizer.size=flux", "tokenizer.weights=hf://Qwen/Qwen-Image")
+    assert "model_class AutoencoderKL (the weights: AutoencoderKLQwenImage)" in str(problem)
+    assert "`size: qwen-image`" in str(problem)
+    repae.load_recipe(T2I_FLUX, ["tokenizer.size=qwen-image", "tokenizer.model_class=AutoencoderKLQwenImage",
+                                 "tokenizer.weights=hf://REPA-E/e2e-qwenimage-vae", "tokenizer.subfolder=null"])
+
+
+def test_a_pipeline_release_needs_its_vae_folder():
+    (problem,) = _t2i_problems("tokenizer.subfolder=null")  # hf://black-forest-labs/FLUX.1-dev, the pipeline's top
+    assert problem.path == "tokenizer.subfolder" and "set subfolder: vae" in str(problem)
+    repae.load_recipe(T2I_FLUX, ["tokenizer.weights=hf://black-forest-labs/FLUX.1-dev/vae", "tokenizer.subfolder=null"])
+
+
+def test_a_misspelt_diffusers_key_gets_did_you_mean():
+    (problem,) = _t2i_problems("tokenizer.architecture={latent_chanels: 16}")
+    text = str(problem)
+    assert "'latent_chanels' is not a config key of diffusers' AutoencoderKL. Did you mean 'latent_channels'?" in text
+    assert "are not config keys" not in text
+    (problem,) = _t2i_problems("tokenizer.architecture={latent_chanels: 16, norm_num_group: 32}")
+    assert "'latent_chanels', 'norm_num_group' are not config keys" in str(problem)
+    assert "Did you mean 'latent_channels'?" in str(problem) and "Did you mean 'norm_num_groups'?" in str(problem)
+
+
+def test_a_plugin_names_its_own_distribution_for_its_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "acmelib", None)
+    with pytest.raises(repae.UserError, match=r"^w needs the json package, which is not installed "
+                                              r"\(ModuleNotFoundError: import of acmelib"):
+        repae.require_package("json", extra="fast", what="w", via="acmelib")  # json is there, acmelib fails
+    with pytest.raises(repae.UserError, match=r"^the acme-ae tokenizer needs the acmelib package, which is not "
+                                              r"installed: pip install 'acme-repae\[fast\]'$"):
+        repae.check_package("acmelib", extra="fast", what="the acme-ae tokenizer", distribution="acme-repae")

@@ -151,9 +151,11 @@ def test_the_weights_config_must_match_the_architecture(registry, tmp_path):
     with pytest.raises(repae.UserError) as info:
         _create(registry, architecture=KL_BLOCKS, weights=str(tmp_path / "vae"))
     text = str(info.value)
-    assert "architecture.norm_num_groups: file 8 vs recipe 4" in text and str(tmp_path / "vae") in text
-    with pytest.raises(repae.UserError, match="holds a diffusers AutoencoderKL, but tokenizer.model_class is "
-                                              "'AutoencoderKLQwenImage'"):
+    assert "architecture.norm_num_groups 4 (the weights: 8)" in text and str(tmp_path / "vae") in text
+    assert "norm_num_groups changes no parameter shape" in text and "config.json states" in text
+    assert "set architecture.norm_num_groups: 8" in text
+    assert "size:" not in text  # no preset has the file's architecture (narrowed, 8 groups)
+    with pytest.raises(repae.UserError, match=r"model_class AutoencoderKLQwenImage \(the weights: AutoencoderKL\)"):
         _create(registry, size="qwen-image", architecture=QWEN_SMALL, weights=str(tmp_path / "vae"))
     full = tmp_path / "sd35"
     full.mkdir()
@@ -172,12 +174,25 @@ def test_a_local_folder_is_checked_on_meta_without_reading_its_tensors(registry,
     (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not read on meta")
     with pytest.raises(repae.UserError) as info:
         _create(registry, size="tiny", weights=str(tmp_path / "vae"), device="meta")
-    assert "architecture.latent_channels: file 4 vs recipe 16" in str(info.value)
+    assert "architecture.latent_channels 16 (the weights: 4)" in str(info.value)
     on_meta = _create(registry, size="tiny", architecture={"latent_channels": 4, "use_quant_conv": True,
                                                             "use_post_quant_conv": True},
                       weights=str(tmp_path / "vae"), device="meta")
     assert on_meta.latent_channels == 4 and on_meta.latent_stats.scaling_factor == 0.18215
     assert on_meta.latent_stats.shift_factor is None  # the folder's statistics, not the preset's (FLUX's)
+
+
+def test_a_folder_with_a_preset_architecture_names_that_preset_and_claims_no_release(registry, tmp_path):
+    """The review's finding: "Fix: set tokenizer.size to 'tiny' (the preset of this release)" for a folder with the
+    tiny preset's architecture, which is no release."""
+    from repae_diffusers_vae import TINY
+
+    _save(_reference("AutoencoderKL", TINY), tmp_path / "vae")
+    with pytest.raises(repae.UserError) as info:
+        _create(registry, size="flux", weights=str(tmp_path / "vae"), device="meta")
+    text = str(info.value)
+    assert "use the preset `size: tiny`" in text and "release" not in text
+    assert "architecture.block_out_channels [128, 256, 512, 512] (the weights: [8, 16, 16])" in text
 
 
 def test_a_missing_folder_names_the_file(registry, tmp_path):
@@ -205,9 +220,9 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_hub_id_loads_offline_from_the_cache(registry, images, tmp_path, hub):
-    reference = _reference("AutoencoderKL", FLUX_SMALL)
-    hub("black-forest-labs/FLUX.1-dev", _save(reference, tmp_path / "saved"), "vae")
-    tokenizer = _create(registry, architecture=KL_BLOCKS, weights="hf://black-forest-labs/FLUX.1-dev", subfolder="vae")
+    reference = _reference("AutoencoderKL", FLUX_SMALL)  # narrowed: not the FLUX.1 release, so not under its name
+    hub("someone/small-flux-pipeline", _save(reference, tmp_path / "saved"), "vae")
+    tokenizer = _create(registry, architecture=KL_BLOCKS, weights="hf://someone/small-flux-pipeline", subfolder="vae")
     _assert_parity(tokenizer, reference, images, video=False)
     info = tokenizer.loaded_weights["weights"]
     assert info.revision == COMMIT and info.source.endswith("/vae/diffusion_pytorch_model.safetensors")

@@ -12,12 +12,14 @@ weights must agree with when they are loaded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repae import FieldError, hookimpl, option
+from repae import FieldError, Release, architecture_mismatch, did_you_mean, hookimpl, option, release_of_source
 
-__all__ = ["ARCHITECTURE_KEYS", "PRESETS", "STATISTICS_KEYS", "DiffusersVAEConfig"]
+__all__ = ["ARCHITECTURE_KEYS", "NOT_COMPARED", "PRESETS", "RELEASES", "STATISTICS_KEYS", "DiffusersVAEConfig",
+           "compared_keys", "merged_architecture", "recipe_fields"]
 
 ArchitectureValue = int | float | bool | str | None | list[int] | list[float] | list[bool] | list[str]
 """A value of a diffusers config key, as a recipe can hold it."""
@@ -39,6 +41,10 @@ ARCHITECTURE_KEYS: dict[str, tuple[str, ...]] = {
 }
 STATISTICS_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 """Keys that describe the latent distribution, not the network: the weights' ``config.json`` supplies them."""
+NOT_COMPARED = ("sample_size", "force_upcast")
+"""Config keys that change no computation of ``encode``/``decode`` (tiling size, upcasting advice to pipelines)."""
+SHAPE_FREE_KEYS = ("act_fn", "norm_num_groups", "dropout")
+"""Architecture keys that change no parameter shape: weights load into either value without an error."""
 
 _KL = {
     "in_channels": 3,
@@ -96,6 +102,55 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-qwen-image": {"model_class": "AutoencoderKLQwenImage", "architecture": TINY_QWEN_IMAGE},
 }
 
+RELEASES: tuple[Release, ...] = (
+    Release("FLUX.1 VAE", "flux", FLUX, repositories=("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"),
+            subfolder="vae"),
+    Release("REPA-E E2E-FLUX-VAE", "flux", FLUX, repositories=("REPA-E/e2e-flux-vae",)),
+    Release("SD3.5 VAE", "sd3.5", SD35, subfolder="vae",
+            repositories=("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium")),
+    Release("REPA-E E2E-SD-3.5-VAE", "sd3.5", SD35, repositories=("REPA-E/e2e-sd3.5-vae",)),
+    Release("Qwen-Image VAE", "qwen-image", QWEN_IMAGE, repositories=("Qwen/Qwen-Image",), subfolder="vae"),
+    Release("REPA-E E2E-Qwen-Image-VAE", "qwen-image", QWEN_IMAGE, repositories=("REPA-E/e2e-qwenimage-vae",)),
+    Release("SD-VAE (sd-vae-ft-ema / -mse)", "sd", SD,
+            repositories=("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")),
+    Release("SDXL VAE", "sdxl", SDXL, repositories=("stabilityai/sdxl-vae",)),
+    Release("SDXL VAE", "sdxl", SDXL, repositories=("stabilityai/stable-diffusion-xl-base-1.0",), subfolder="vae"),
+)
+"""The published diffusers VAEs a hub ``weights`` source is checked against at validate time (the presets are these
+releases' ``config.json``; REPA-E's E2E-VAEs keep the architecture of the VAE they tune and are diffusers folders
+at the top of their repositories, the pipelines' VAEs are in ``vae/``)."""
+
+
+def compared_keys(model_class: str) -> tuple[str, ...]:
+    """The keys of ``model_class`` that weights and recipe must agree on: all but the latent statistics (the weights
+    supply them) and the keys that change no computation."""
+    return tuple(k for k in ARCHITECTURE_KEYS[model_class] if k not in STATISTICS_KEYS and k not in NOT_COMPARED)
+
+
+def merged_architecture(size: str, model_class: str, architecture: Mapping[str, Any]) -> dict[str, Any]:
+    """The diffusers config the tokenizer is built from: the preset's (``size``, when of ``model_class``) with the
+    recipe's ``architecture`` keys on top."""
+    preset = PRESETS.get(size)
+    base = dict(preset["architecture"]) if preset and preset["model_class"] == model_class else {}
+    return {**base, **architecture}
+
+
+def recipe_fields(model_class: str, architecture: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_class`` and the compared architecture keys as the recipe's keys (``architecture.latent_channels``),
+    for :func:`repae.architecture_mismatch`."""
+    keys = compared_keys(model_class)
+    return {"model_class": model_class, **{f"architecture.{k}": v for k, v in architecture.items() if k in keys}}
+
+
+def _hub_folder(weights: str, subfolder: str | None) -> str:
+    """The folder inside the repository that ``weights`` (``hf://org/name[/folder][@revision]``) and ``subfolder``
+    name together ("" for the top)."""
+    parts = [p for p in weights[len("hf://"):].split("@")[0].split("/") if p][2:]
+    if parts and parts[-1].endswith(".safetensors"):
+        parts = parts[:-1]
+    return "/".join([*parts, *[p for p in (subfolder or "").split("/") if p]])
+
+
 _WEIGHTS_DOC = (
     "a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors) or hf://org/name[@revision] (the "
     "Hugging Face cache; offline with HF_HUB_OFFLINE=1); null = random init"
@@ -125,8 +180,11 @@ class DiffusersVAEConfig:
         known = ARCHITECTURE_KEYS[self.model_class]
         unknown = sorted(k for k in self.architecture if k not in known)
         if unknown:
-            raise FieldError("architecture", f"{', '.join(map(repr, unknown))} are not config keys of diffusers' "
-                             f"{self.model_class} (its keys: {', '.join(known)})")
+            hints = "".join(did_you_mean(k, known) for k in unknown)
+            listed = (f"{unknown[0]!r} is not a config key" if len(unknown) == 1 else
+                      f"{', '.join(map(repr, unknown))} are not config keys")
+            raise FieldError("architecture", f"{listed} of diffusers' {self.model_class}.{hints} (Its keys: "
+                             f"{', '.join(known)}.)")
         if self.subfolder is not None and (not self.subfolder.strip("/") or ".." in self.subfolder.split("/")):
             raise FieldError("subfolder", f"must name a folder inside the weights, e.g. 'vae'; got {self.subfolder!r}")
         for key in ("latents_mean", "latents_std"):
@@ -136,6 +194,27 @@ class DiffusersVAEConfig:
         scale = self.architecture.get("scaling_factor")
         if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale == 0:
             raise FieldError("architecture", "scaling_factor must not be 0")
+        self._check_release()
+
+    def _check_release(self) -> None:
+        """Weights naming a known release (:data:`RELEASES`): the class and every compared architecture key of the
+        release, and its folder inside the repository."""
+        release = release_of_source(self.weights, RELEASES)
+        if release is None or self.weights is None:
+            return
+        ours = recipe_fields(self.model_class, merged_architecture(self.size, self.model_class, self.architecture))
+        theirs = recipe_fields(str(PRESETS[release.preset]["model_class"]), release.architecture)
+        fields = ["model_class"] if ours["model_class"] != theirs["model_class"] else list(theirs)
+        problem = architecture_mismatch(ours, theirs, fields=fields, preset=release.preset,
+                                        shape_free=[f"architecture.{k}" for k in SHAPE_FREE_KEYS],
+                                        what=f"the {release.name} release ({self.weights})")
+        if problem is not None:
+            raise FieldError(problem.field, problem.message)
+        folder = _hub_folder(self.weights, self.subfolder)
+        if release.subfolder is not None and folder != release.subfolder:
+            raise FieldError("subfolder", f"{self.weights} is a pipeline: the VAE of the {release.name} release is "
+                             f"in its folder {release.subfolder!r}, not {folder or 'the top'!r}. Fix: set "
+                             f"subfolder: {release.subfolder}")
 
 
 @hookimpl

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from repae import ExportContext, LatentStatistics, UserError, WeightsInfo
+from repae import ExportContext, LatentStatistics, UserError, WeightsInfo, architecture_mismatch, require_package
+from repae import same_value
 
 if TYPE_CHECKING:
     from repae import BuildContext
@@ -36,23 +37,13 @@ __all__ = ["DiagonalGaussian", "DiffusersVAE", "build_diffusers_vae", "import_di
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-INSTALL_HINT = "pip install 'repae[diffusers]'"
-_NOT_COMPARED = ("sample_size", "force_upcast")
-"""Config keys that change no computation of ``encode``/``decode`` (tiling size, upcasting advice to pipelines)."""
 _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 """diffusers' older attention parameter names (some SD-VAE checkpoints) and today's."""
 
 
 def import_diffusers() -> Any:
-    """The ``diffusers`` module, or a :class:`repae.UserError` naming the extra to install."""
-    try:
-        import diffusers
-    except ImportError as exc:
-        raise UserError(
-            f"the tokenizer 'diffusers-vae' needs the diffusers package, which is not installed ({exc}). Install the "
-            f"extra: {INSTALL_HINT}"
-        ) from None
-    return diffusers
+    """The ``diffusers`` module, or the :class:`repae.UserError` of :func:`repae.require_package` naming the extra."""
+    return require_package("diffusers", extra="diffusers", what="the tokenizer 'diffusers-vae'")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,16 +316,6 @@ def _hub_revision(path: Path) -> str | None:
     return None
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
-    return bool(a == b)
-
-
 def _class_defaults(model_class: str) -> dict[str, Any]:
     import inspect
 
@@ -345,45 +326,43 @@ def _class_defaults(model_class: str) -> dict[str, Any]:
 
 
 def merged_architecture(config: DiffusersVAEConfig) -> dict[str, Any]:
-    """The diffusers config the tokenizer is built from: the preset's (``size``, when of ``model_class``) with the
-    recipe's ``architecture`` keys on top."""
-    from repae_diffusers_vae import PRESETS
+    """The diffusers config the tokenizer is built from (:func:`repae_diffusers_vae.merged_architecture`)."""
+    from repae_diffusers_vae import merged_architecture as merged
 
-    preset = PRESETS.get(config.size)
-    base = dict(preset["architecture"]) if preset and preset["model_class"] == config.model_class else {}
-    return {**base, **config.architecture}
+    return merged(config.size, config.model_class, config.architecture)
 
 
 def check_against_file(config: DiffusersVAEConfig, wanted: Mapping[str, Any], file_config: Mapping[str, Any],
                        where: str) -> dict[str, Any]:
-    """The architecture to build for weights whose ``config.json`` is ``file_config``: every key of the recipe's
-    architecture must agree with the file (the latent statistics aside, which the file supplies). A disagreement is
-    a :class:`repae.UserError` naming each key, both values and the preset that fits the file."""
-    from repae_diffusers_vae import ARCHITECTURE_KEYS, PRESETS, STATISTICS_KEYS
+    """The architecture to build for weights whose ``config.json`` is ``file_config``: the class and every compared
+    key of the recipe's architecture must agree with the file (the latent statistics aside, which the file
+    supplies). A disagreement is the :class:`repae.UserError` of :func:`repae.architecture_mismatch`: each key, both
+    values, the preset whose architecture the file has."""
+    from repae_diffusers_vae import ARCHITECTURE_KEYS, NOT_COMPARED, PRESETS, SHAPE_FREE_KEYS, STATISTICS_KEYS
+    from repae_diffusers_vae import recipe_fields
 
-    file_class = file_config.get("_class_name")
-    if file_class is not None and file_class != config.model_class:
-        fits = [n for n, p in PRESETS.items() if p["model_class"] == file_class]
-        raise UserError(
-            f"{where} holds a diffusers {file_class}, but tokenizer.model_class is {config.model_class!r}: set "
-            f"tokenizer.model_class to {file_class!r}" + (f" (presets of that class: {', '.join(fits)})" if fits else "")
-        )
-    keys = ARCHITECTURE_KEYS[config.model_class]
-    defaults = _class_defaults(config.model_class)
-    recipe = {**defaults, **{k: v for k, v in wanted.items() if k in keys}}
+    file_class = str(file_config.get("_class_name") or config.model_class)
+    if file_class not in ARCHITECTURE_KEYS:
+        raise UserError(f"{where} holds a diffusers {file_class}, which the tokenizer 'diffusers-vae' does not wrap "
+                        f"(it wraps {', '.join(ARCHITECTURE_KEYS)})")
+    defaults = _class_defaults(file_class)
+    keys = ARCHITECTURE_KEYS[file_class]
     from_file = {**defaults, **{k: _plain(v) for k, v in file_config.items() if k in keys}}
-    compared = [k for k in keys if k not in STATISTICS_KEYS and k not in _NOT_COMPARED]
-    differing = [k for k in compared if not _same(recipe.get(k), from_file.get(k))]
-    if differing:
-        lines = "; ".join(f"architecture.{k}: file {from_file.get(k)!r} vs recipe {recipe.get(k)!r}" for k in differing)
-        fits = [n for n, p in PRESETS.items() if p["model_class"] == config.model_class
-                and all(_same({**defaults, **p["architecture"]}.get(k), from_file.get(k)) for k in compared)]
-        fix = (f"set tokenizer.size to {fits[0]!r} (the preset of this release)" if fits else
-               "set these tokenizer.architecture keys to the file's values")
-        raise UserError(f"the VAE weights {where} do not match the configured architecture (size "
-                        f"{config.size!r}): {lines}. Fix: {fix}")
+    theirs = recipe_fields(file_class, from_file)
+    fits = [name for name, p in PRESETS.items() if p["model_class"] == file_class and all(
+        same_value(v, theirs.get(k)) for k, v in recipe_fields(file_class, {**defaults, **p["architecture"]}).items())]
+    if file_class != config.model_class:
+        ours = {"model_class": config.model_class}
+    else:
+        ours = recipe_fields(config.model_class, {**defaults, **{k: v for k, v in wanted.items() if k in keys}})
+    problem = architecture_mismatch(ours, theirs, preset=fits[0] if fits else None,
+                                    shape_free=[f"architecture.{k}" for k in SHAPE_FREE_KEYS],
+                                    what=f"{where}, with the architecture its {CONFIG_FILE} states")
+    if problem is not None:
+        raise UserError(f"diffusers-vae: {problem}")
+    recipe = {**defaults, **{k: v for k, v in wanted.items() if k in keys}}
     # the latent statistics and the keys that change no computation come with the weights
-    return {**recipe, **{k: from_file.get(k) for k in (*STATISTICS_KEYS, *_NOT_COMPARED) if k in keys}}
+    return {**recipe, **{k: from_file.get(k) for k in (*STATISTICS_KEYS, *NOT_COMPARED) if k in keys}}
 
 
 def _state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

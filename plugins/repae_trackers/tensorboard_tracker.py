@@ -12,13 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repae import TrackerRun, UserError
+from repae import TrackerRun, UserError, check_package, require_package
 
 from repae_trackers import TensorBoardConfig
-from repae_trackers._packages import check_installed, import_package
 
 if TYPE_CHECKING:
     from repae import BuildContext
+
+PACKAGE_USER = "the tensorboard tracker"
+PACKAGE_INSTEAD = "remove tensorboard from `trackers`"
 
 __all__ = ["TensorBoardTracker", "build_tensorboard"]
 
@@ -32,7 +34,8 @@ class TensorBoardTracker:
         self._writer: Any = None
 
     def start(self, run: TrackerRun) -> None:
-        module = import_package("tensorboard", "tensorboard", "tensorboard", via="torch.utils.tensorboard")
+        module = require_package("tensorboard", extra="tensorboard", what=PACKAGE_USER, instead=PACKAGE_INSTEAD,
+                                 via="torch.utils.tensorboard")
         self.log_dir = Path(self.config.dir).expanduser() if self.config.dir else run.run_dir / "tensorboard"
         # Events of an earlier process in this folder: drop those after the checkpoint this process resumes from
         # (TensorBoard discards events at steps >= purge_step that precede the restart marker).
@@ -69,5 +72,5 @@ class TensorBoardTracker:
 def build_tensorboard(config: TensorBoardConfig, context: BuildContext) -> TensorBoardTracker:
     """Factory of ``tensorboard``: checks that TensorBoard is installed (when the recipe is validated), imports
     nothing."""
-    check_installed("tensorboard", "tensorboard", "tensorboard")
+    check_package("tensorboard", extra="tensorboard", what=PACKAGE_USER, instead=PACKAGE_INSTEAD)
     return TensorBoardTracker(config)

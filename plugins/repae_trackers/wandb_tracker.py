@@ -18,13 +18,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repae import TrackerRun, UserError, atomic_write
+from repae import TrackerRun, UserError, atomic_write, check_package, require_package
 
 from repae_trackers import WandbConfig
-from repae_trackers._packages import check_installed, import_package
 
 if TYPE_CHECKING:
     from repae import BuildContext
+
+PACKAGE_USER = "the wandb tracker"
+PACKAGE_INSTEAD = "remove wandb from `trackers`"
 
 __all__ = ["RUN_FILE", "WandbTracker", "build_wandb"]
 
@@ -45,7 +47,7 @@ class WandbTracker:
         self._last = 0
 
     def start(self, run: TrackerRun) -> None:
-        wandb = import_package("wandb", "wandb", "wandb")
+        wandb = require_package("wandb", extra="wandb", what=PACKAGE_USER, instead=PACKAGE_INSTEAD)
         self._wandb = wandb
         self._state = run.run_dir / RUN_FILE
         held = _read_state(self._state)
@@ -130,5 +132,5 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 def build_wandb(config: WandbConfig, context: BuildContext) -> WandbTracker:
     """Factory of ``wandb``: checks that wandb is installed (when the recipe is validated), imports nothing."""
-    check_installed("wandb", "wandb", "wandb")
+    check_package("wandb", extra="wandb", what=PACKAGE_USER, instead=PACKAGE_INSTEAD)
     return WandbTracker(config)
