@@ -212,3 +212,42 @@ def test_a_run_without_the_record_or_with_more_steps_is_built(finished, tmp_path
                                  str(run_dir), "--device", "cpu"], env=env)
     assert longer.exit_code == 0 and "is finished" not in longer.output, longer.output
     assert (run_dir / "checkpoints" / "step-0000003" / "state.json").is_file()
+
+
+def test_the_finished_shortcut_needs_proof(registry, tmp_path):
+    """finished_run speaks only when the record vouches for this very recipe, the recipe.yaml, the plugin versions
+    and the dataset's folder (fields are derived from what it holds): any change means building as before."""
+    from repae.cli._preflight import INPUT_RECORD, finished_run, record_run_input
+    from repae.recipe import read_recipe
+
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    resolved = read_recipe(ROOT / "recipes" / "quickstart.yaml",
+                           [*TINY, f"dataset={{name: image-folder, root: {images}, resolution: 32}}"], registry)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-0000002" / "state.json").write_text('{"step": 2}')
+    (run_dir / "recipe.yaml").write_text(resolved.to_yaml())
+    assert finished_run(resolved, run_dir) is None  # no record: build
+    record_run_input(resolved, resolved, run_dir)
+    assert finished_run(resolved, run_dir) == (f"{run_dir} is finished (step 2/2); nothing to do. Raise trainer.steps "
+                                               "to train longer, or pass another --out.")
+    record = json.loads((run_dir / INPUT_RECORD).read_text())
+    (images / "dog").mkdir()  # another class: the denoiser's derived num_classes could change
+    assert finished_run(resolved, run_dir) is None
+    record_run_input(resolved, resolved, run_dir)
+    assert finished_run(resolved, run_dir) is not None
+    record["plugins"] = {name: [dist, "0.0.0"] for name, (dist, _) in record["plugins"].items()}
+    saved = (run_dir / INPUT_RECORD).read_text()
+    (run_dir / INPUT_RECORD).write_text(json.dumps(record))  # other plugin versions may derive other values
+    assert finished_run(resolved, run_dir) is None
+    (run_dir / INPUT_RECORD).write_text(saved)
+    (run_dir / "checkpoints" / "step-0000002" / "state.json").write_text('{"step": 1}')
+    assert finished_run(resolved, run_dir) is None  # not at its last step
+    (run_dir / "checkpoints" / "step-0000002" / "state.json").write_text('{"step": 2}')
+    longer = read_recipe(ROOT / "recipes" / "quickstart.yaml",
+                         [*TINY, f"dataset={{name: image-folder, root: {images}, resolution: 32}}", "trainer.steps=3"],
+                         registry)
+    assert finished_run(longer, run_dir) is None
+    (run_dir / "recipe.yaml").write_text(resolved.to_yaml() + "# edited\n")
+    assert finished_run(resolved, run_dir) is None

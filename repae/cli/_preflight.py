@@ -52,13 +52,34 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _data_state(resolved: Any) -> list[Any]:
+    """What the dataset's folders look like (each path a dataset field names: its modification time and its entries'),
+    since fields are derived from what a dataset finds there (an image folder's classes, a latent cache's shape): a
+    changed folder means the run is built and checked again."""
+    import dataclasses
+
+    state: list[Any] = []
+    for spec in resolved.get("dataset"):
+        for f in dataclasses.fields(spec.config):
+            value = getattr(spec.config, f.name)
+            if not isinstance(value, str) or not value or "\n" in value:
+                continue
+            path = Path(value).expanduser()
+            try:
+                entries = sorted((p.name, p.stat().st_mtime_ns) for p in path.iterdir()) if path.is_dir() else []
+                state.append([f.name, path.stat().st_mtime_ns if path.exists() else None, entries])
+            except OSError:
+                state.append([f.name, "unreadable"])
+    return state
+
+
 def _input_digest(resolved: Any) -> str:
     """A digest of a resolved recipe before its fields are derived: its YAML and, per component, which fields the
-    recipe sets (derivation fills only the others) and which were derived already."""
+    recipe sets (derivation fills only the others) and which were derived already; and the dataset's folders."""
     explicit = {spec.label: sorted(spec.explicit) for spec in resolved.components}
     derived = {spec.label: sorted(spec.derived) for spec in resolved.components}
-    return _sha256(json.dumps({"yaml": resolved.to_yaml(), "explicit": explicit, "derived": derived},
-                              sort_keys=True))
+    return _sha256(json.dumps({"yaml": resolved.to_yaml(), "explicit": explicit, "derived": derived,
+                               "data": _data_state(resolved)}, sort_keys=True))
 
 
 def _plugins(resolved: Any) -> dict[str, Any]:
@@ -90,7 +111,8 @@ def finished_run(resolved: Any, run_dir: Path) -> str | None:
     """The message for a run of ``resolved`` in ``run_dir`` that has nothing left to do, else ``None``.
 
     Only when it is provably the same run: ``run_dir`` records (:data:`INPUT_RECORD`) that this very resolved recipe
-    (YAML, explicit fields), with the same repae and plugin versions, gave its ``recipe.yaml``, unchanged since, and
+    (YAML, explicit fields, the dataset's folders as they were), with the same repae and plugin versions, gave its
+    ``recipe.yaml``, unchanged since, and
     its latest checkpoint is at or past that recipe's ``trainer.steps``. In any doubt (no record, another recipe, a
     longer ``trainer.steps``, a changed cadence, an unreadable file) ``None``: the command builds and decides as
     always (continuing, or refusing a different recipe)."""
