@@ -21,7 +21,7 @@ from repae.errors import UserError
 from repae.fileio import atomic_write, holds, json_text
 from repae.recipe import diff_keys
 
-__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_run_dir", "undo_recipe_change", "prepare_run_dir", "remove_stale_temporaries",
+__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_out_folder", "check_run_dir", "undo_recipe_change", "prepare_run_dir", "remove_stale_temporaries",
            "run_lock", "versions", "write_run_dir"]
 
 RECIPE_FILE = "recipe.yaml"
@@ -104,6 +104,21 @@ def describe_keys(keys: list[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def check_out_folder(run_dir: Path) -> None:
+    """What :func:`check_run_dir` refuses of the folder itself (torch-free, so the command checks it first): a file,
+    or a folder holding files that are not a repae run's (no ``recipe.yaml``, and more than the lock and temporaries
+    of an interrupted start). ``--out`` never overwrites or appends to a user's files."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder; pass a new or empty folder for the run")
+    if run_dir.is_dir() and not (run_dir / RECIPE_FILE).is_file():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not _OWN_TEMPORARY.match(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UserError(f"--out {run_dir} holds files that are not a repae run's ({shown}); repae writes only "
+                            f"into a new folder, an empty one, or a run directory it made. Pass another --out.")
+
+
 def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = False) -> RunDirPlan:
     """Check, without writing anything, that ``run_dir`` can hold a run of ``resolved``.
 
@@ -113,17 +128,7 @@ def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = F
     ``allow_recipe_change``, in which cases the old recipe is kept as ``recipe.previous-N.yaml``."""
     run_dir = Path(run_dir)
     text = resolved.to_yaml()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file, not a folder; pass a new or empty folder for the run")
-    existing = run_dir / RECIPE_FILE
-    if run_dir.is_dir() and not existing.is_file():
-        # No recipe.yaml: not a run repae made (a run writes it first). Only the lock and temporaries of an
-        # interrupted start may be there.
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not _OWN_TEMPORARY.match(p.name))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise UserError(f"--out {run_dir} holds files that are not a repae run's ({shown}); repae writes only "
-                            f"into a new folder, an empty one, or a run directory it made. Pass another --out.")
+    check_out_folder(run_dir)
     plan = RunDirPlan(run_dir, text)
     change = recipe_change(run_dir, text)
     if change is not None:
@@ -133,7 +138,8 @@ def check_run_dir(resolved: Any, run_dir: Path, *, allow_recipe_change: bool = F
                 f"{run_dir} already holds a run of a different recipe (differing keys: {describe_keys(changed)}). "
                 f"Pass another --out directory, or --allow-recipe-change to continue it with the new recipe."
             )
-        plan.previous, plan.changed = existing.read_text(encoding="utf-8", errors="replace"), changed
+        plan.previous = (run_dir / RECIPE_FILE).read_text(encoding="utf-8", errors="replace")
+        plan.changed = changed
     return plan
 
 

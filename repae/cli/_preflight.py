@@ -33,19 +33,10 @@ def check_positive(**values: int) -> None:
 
 
 def check_run_out(run_dir: Path) -> None:
-    """What :func:`repae.rundir.check_run_dir` refuses of a folder itself, torch-free: a file, or a folder holding
-    files that are not a repae run's (no ``recipe.yaml``, and more than the lock and temporaries of an interrupted
-    start)."""
-    from repae.rundir import _OWN_TEMPORARY, LOCK_FILE, RECIPE_FILE
+    """What :func:`repae.rundir.check_run_dir` refuses of a folder itself (:func:`repae.rundir.check_out_folder`)."""
+    from repae.rundir import check_out_folder
 
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file, not a folder; pass a new or empty folder for the run")
-    if run_dir.is_dir() and not (run_dir / RECIPE_FILE).is_file():
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not _OWN_TEMPORARY.match(p.name))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise UserError(f"--out {run_dir} holds files that are not a repae run's ({shown}); repae writes only "
-                            f"into a new folder, an empty one, or a run directory it made. Pass another --out.")
+    check_out_folder(run_dir)
 
 
 def _sha256(text: str) -> str:
