@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import typer
+import yaml
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
@@ -588,10 +589,12 @@ def test_cli_writes_a_class_balanced_contact_sheet(first_samples, quick_run):
     sheet = first_samples / "contact_sheet.png"
     assert sheet.is_file()
     assert json.loads((first_samples / "sampling.json").read_text())["contact_sheet"] == "contact_sheet.png"
-    labels = make_labels(6, 10, mode="balanced", seed=0).tolist()  # quickstart: 10 classes; 6 samples, one each
+    classes = int(yaml.safe_load((quick_run / "recipe.yaml").read_text())["denoiser"]["num_classes"])
+    labels = make_labels(6, classes, mode="balanced", seed=0).tolist()  # 6 samples over the quickstart's classes
+    rows = min(6, classes)
     image = np.asarray(Image.open(sheet).convert("RGB"))
-    assert image.shape[1] >= 512 and image.shape[0] == 2 + 6 * (64 + 2)  # a row per class 0..5; 32 px tiles x2
-    for row in range(6):  # 8 columns (the first 8 samples of each class), here one filled
+    assert image.shape[1] >= 512 and image.shape[0] == 2 + rows * (64 + 2)  # a row per class; 32 px tiles x2
+    for row in range(rows):  # 8 columns (the first 8 samples of each class), the first filled
         index = labels.index(row)
         sample = np.asarray(Image.open(first_samples / "images" / f"{index:06d}.png"))
         top, left = 2 + row * 66, image.shape[1] - 8 * 66
