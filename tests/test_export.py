@@ -136,7 +136,8 @@ def test_export_official_loads_through_the_sit_adapters(quick_run, tmp_path, run
     assert set(manifest["files"]) == {"denoiser.safetensors", "ema-denoiser.safetensors"}
     _check_manifest(manifest, out, run, models, "official", ["denoiser"])
     g = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([1, 10])
+    null = int(run.denoiser.num_classes)  # the null (CFG) label
+    x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([1, null])
     built = {}
     for name, norm in (("ema-denoiser", "ema-latent_norm"), ("denoiser", "latent_norm")):
         # the official layout: the denoiser's own keys plus the latent BatchNorm that goes with it as bn.*
