@@ -194,7 +194,9 @@ def test_a_finished_run_still_refuses_another_recipe(finished, tmp_path):
     assert changed.exit_code == 2 and "already holds a run of a different recipe" in changed.output, changed.output
     # recipe.yaml edited after training: the record no longer vouches for it, so the run is built and checked
     recipe = run_dir / "recipe.yaml"
-    recipe.write_text(recipe.read_text().replace("lr: 0.001", "lr: 0.002"))
+    text = recipe.read_text()
+    assert "lr: 0.002" in text  # the quickstart's learning rate
+    recipe.write_text(text.replace("lr: 0.002", "lr: 0.003"))
     edited = runner.invoke(app, ["run", quick, *TINY, "--out", str(run_dir), "--device", "cpu"], env=env)
     assert edited.exit_code == 2 and "different recipe" in edited.output, edited.output
 
