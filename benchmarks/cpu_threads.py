@@ -11,7 +11,8 @@ stops it after. Rounds interleave every (config, situation) pair. Configs:
 - ``repae``: what ``repae`` does by default (``OMP_WAIT_POLICY=PASSIVE``, its thread count);
 - ``torch``: ``REPAE_CPU_THREADS=torch``, torch's defaults (one thread per core, libgomp's spinning wait);
 - ``N`` (a number): ``REPAE_CPU_THREADS=N`` (the passive wait policy, N threads);
-- ``N-active``: N threads, ``OMP_WAIT_POLICY`` left to libgomp (``REPAE_CPU_THREADS=torch`` + ``OMP_NUM_THREADS=N``).
+- ``N-active``: N threads, ``OMP_WAIT_POLICY`` left to libgomp (``REPAE_CPU_THREADS=torch`` + ``OMP_NUM_THREADS=N``);
+- ``N-spinK``: N threads, libgomp spinning ``GOMP_SPINCOUNT=K`` iterations before a waiting thread sleeps.
 
 Run it on an otherwise quiet machine: the report states the 1-minute load average before and after. The figures
 people quote: per config, loaded/idle (time ratio: 1.0 = unaffected by the competitor) and each config's idle speed
@@ -43,6 +44,9 @@ def config_env(name: str) -> dict[str, str]:
     elif name.endswith("-active"):
         env["REPAE_CPU_THREADS"] = "torch"
         env["OMP_NUM_THREADS"] = name.removesuffix("-active")
+    elif "-spin" in name:  # N threads, libgomp spinning K iterations before it sleeps
+        threads, spin = name.split("-spin")
+        env.update(REPAE_CPU_THREADS="torch", OMP_NUM_THREADS=threads, GOMP_SPINCOUNT=spin)
     elif name != "repae":
         env["REPAE_CPU_THREADS"] = name
     return env

@@ -3,9 +3,9 @@
 Why: torch's CPU kernels split each operation over ``torch.get_num_threads()`` OpenMP threads (one per core by
 default) and wait for the slowest. On a machine where another process keeps one core busy (a shared workstation, a
 login node, a second job), one of those threads runs at a fraction of a core, and the others spin at the barrier
-(libgomp's default wait policy) — measured on 2 cores with one competing process: the quickstart ran 20-30x slower
-than idle, its two threads burning 5.5x the CPU of one thread for the same work (benchmarks/cpu_threads.py,
-docs/performance.md).
+(libgomp's default wait policy). Measured on 2 cores with one competing busy process (benchmarks/cpu_threads.py,
+docs/performance.md, "CPU threads"): torch's defaults (2 threads) trained the quickstart 4.6x slower than idle (the
+issue that asked for this saw up to 28x on a busier machine); one thread with the passive wait policy 1.2x.
 
 What the command does, before torch is imported (OpenMP reads its settings when it loads):
 
@@ -52,8 +52,9 @@ def choose_threads(cores: int) -> int:
     """Intra-op threads for ``cores`` usable cores: all of them but one, from 3 cores up; one on 1-2 cores.
 
     Leaving one core free means one competing process costs a thread's share instead of stalling every operation at
-    its slowest thread; on 1-2 cores the small models that run on a CPU gain little from a second thread
-    (benchmarks/cpu_threads.py)."""
+    its slowest thread. The price is on an idle machine: on 2 cores the quickstart's steps take 1.3x as long with one
+    thread as with two (benchmarks/cpu_threads.py); two threads with the passive policy were slower still idle
+    (sleeping threads wake late for small operations), and spinning two threads collapse under load."""
     return max(1, cores - 1) if cores >= 3 else 1
 
 
