@@ -14,7 +14,8 @@ internal and may change). Plugin authors import only from ``repae``; the built-i
   :class:`PhasedTrainer`.
 - What plugins share with the core: weights (:func:`resolve_weights`, :func:`load_state_dict`, :func:`load_into`,
   ...), weights and configuration agreeing (:class:`Release`, :func:`architecture_mismatch`,
-  :func:`safetensors_shapes`), optional packages (:func:`require_package`), :class:`GlobalBatchNorm`, atomic writes,
+  :func:`safetensors_shapes`), optional packages (:func:`require_package`), :class:`GlobalBatchNorm`,
+  :class:`DiagonalGaussian` (the KL autoencoders' posterior), atomic writes,
   :func:`progress`, latent caches, image shards, image decoding, the ADM metric formulas, errors.
 
 Importing :mod:`repae` does not import torch: names are loaded on first use.
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.weights": ("file_sha256", "load_into", "load_state_dict", "load_weights", "read_checkpoint",
                       "resolve_weights", "select_entry"),
     "repae.batchnorm": ("GlobalBatchNorm",),
+    "repae.posterior": ("DiagonalGaussian",),
     "repae.fileio": ("atomic_path", "atomic_write", "write_json", "write_safetensors"),
     "repae.reporting": ("progress",),
     "repae.generate": ("decode_latents", "to_uint8"),
@@ -69,7 +71,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.errors": ("CapabilityError", "ComponentBuildError", "PluginError", "Problem", "RecipeError",
                      "UnknownComponentError", "UserError", "WeightsMismatchError", "did_you_mean"),
     "repae.architecture": ("ARCHITECTURE_METADATA", "ArchitectureMismatch", "Release", "architecture_mismatch",
-                           "declared_architecture", "release_of_source", "safetensors_header", "safetensors_shapes",
+                           "declared_architecture", "layout_mismatch", "release_of_source", "safetensors_header", "safetensors_shapes",
                            "same_value"),
     "repae.packages": ("check_package", "require_package"),
 }

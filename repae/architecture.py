@@ -29,6 +29,7 @@ __all__ = [
     "architecture_mismatch",
     "declared_architecture",
     "hub_repository",
+    "layout_mismatch",
     "release_of_source",
     "safetensors_header",
     "safetensors_shapes",
@@ -140,6 +141,32 @@ def architecture_mismatch(config: Mapping[str, Any], weights: Mapping[str, Any],
            else f"set {values}")
     return ArchitectureMismatch(diffs[0], tuple(diffs),
                                 f"the weights are {what}; the config differs from them in {listed}{silent}. Fix: {fix}")
+
+
+def layout_mismatch(config: Mapping[str, Any], release: Release | None, *, source: str,
+                    file_shapes: Mapping[str, Any] | None, model_shapes: Mapping[str, Any],
+                    shape_free: Collection[str]) -> ArchitectureMismatch | None:
+    """The check for a weights file that states no architecture: when its keys and shapes (``file_shapes``, e.g.
+    :func:`safetensors_shapes`, in the model's own key names) are exactly those of the model built from ``config``
+    (``model_shapes``: its ``state_dict()``, or keys to shapes), and that layout is ``release``'s (the plugin finds the
+    release by layout), the config must also agree with the release in ``shape_free``, the fields that change no
+    parameter shape: the :func:`architecture_mismatch` naming them and ``release.preset``, else ``None``.
+
+    ``None`` too when ``release`` is ``None`` (no release has this layout), ``file_shapes`` is ``None`` (unknown: not
+    a safetensors file) or the shapes differ (strict loading names those keys). Values of either mapping are shapes
+    (sequences of ints) or tensors (their ``.shape``); no tensor is read. Source: the shared step of repae's VAE,
+    SiT/DiT and encoder plugins."""
+    if release is None or file_shapes is None:
+        return None
+
+    def shapes(mapping: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(int(n) for n in getattr(v, "shape", v)) for k, v in mapping.items()}
+
+    if shapes(file_shapes) != shapes(model_shapes):
+        return None
+    return architecture_mismatch(config, release.architecture, fields=list(shape_free), shape_free=shape_free,
+                                 preset=release.preset,
+                                 what=f"{source!r}, whose key layout is that of the {release.name} release")
 
 
 def safetensors_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:

@@ -74,6 +74,35 @@ def test_a_mismatch_names_each_field_both_values_the_shape_free_ones_and_the_pre
     assert both is not None and "h and t change no parameter shape" in both.message
 
 
+def test_a_file_with_a_releases_layout_is_checked_in_the_shape_free_fields(tmp_path):
+    release = repae.Release("Acme AE f8", "f8", {"channels": 4, "groups": 32, "heads": 8})
+    model = torch.nn.Conv2d(3, 8, 3).state_dict()  # the model built from the config: weight [8, 3, 3, 3], bias [8]
+    path = tmp_path / "ae.safetensors"
+    save_file({k: torch.zeros(v.shape) for k, v in model.items()}, str(path))
+    shapes = repae.safetensors_shapes(path)
+    config = {"channels": 4, "groups": 8, "heads": 8}
+
+    found = repae.layout_mismatch(config, release, source=str(path), file_shapes=shapes, model_shapes=model,
+                                  shape_free=("groups", "heads"))
+    assert found is not None and found.fields == ("groups",)
+    assert "whose key layout is that of the Acme AE f8 release" in found.message and "size: f8" in found.message
+    # agreeing fields, no release with this layout, an unknown file, another layout: nothing to say
+    same = {**config, "groups": 32}
+    assert repae.layout_mismatch(same, release, source="x", file_shapes=shapes, model_shapes=model,
+                                 shape_free=("groups",)) is None
+    assert repae.layout_mismatch(config, None, source="x", file_shapes=shapes, model_shapes=model,
+                                 shape_free=("groups",)) is None
+    assert repae.layout_mismatch(config, release, source="x", file_shapes=None, model_shapes=model,
+                                 shape_free=("groups",)) is None
+    other = {**shapes, "bias": (9,)}
+    assert repae.layout_mismatch(config, release, source="x", file_shapes=other, model_shapes=model,
+                                 shape_free=("groups",)) is None
+    # shapes as lists (a JSON header) and tensors (a state dict) compare alike
+    listed = {k: list(v) for k, v in shapes.items()}
+    assert repae.layout_mismatch(config, release, source="x", file_shapes=listed, model_shapes=model,
+                                 shape_free=("groups",)) is not None
+
+
 def test_a_missing_package_is_one_message_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     for call in (repae.check_package, repae.require_package):

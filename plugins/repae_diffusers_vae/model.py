@@ -27,13 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from repae import ExportContext, LatentStatistics, UserError, WeightsInfo, architecture_mismatch, require_package
-from repae import same_value
+from repae import DiagonalGaussian, same_value
 
 if TYPE_CHECKING:
     from repae import BuildContext
     from repae_diffusers_vae import DiffusersVAEConfig
 
-__all__ = ["DiagonalGaussian", "DiffusersVAE", "build_diffusers_vae", "import_diffusers", "read_vae_folder"]
+__all__ = ["DiffusersVAE", "build_diffusers_vae", "import_diffusers", "read_vae_folder"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -44,37 +44,6 @@ _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", "
 def import_diffusers() -> Any:
     """The ``diffusers`` module, or the :class:`repae.UserError` of :func:`repae.require_package` naming the extra."""
     return require_package("diffusers", extra="diffusers", what="the tokenizer 'diffusers-vae'")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Posterior
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class DiagonalGaussian:
-    """:class:`repae.Posterior` from moments ``[B, 2C, h, w]`` (mean, then log-variance clamped to ``[-30, 20]``, as
-    diffusers' ``DiagonalGaussianDistribution``)."""
-
-    def __init__(self, moments: Tensor) -> None:
-        mean, logvar = moments.chunk(2, dim=1)
-        self.mean: Tensor = mean
-        self.logvar: Tensor = logvar.clamp(-30.0, 20.0)
-        self.std: Tensor = torch.exp(0.5 * self.logvar)
-        self.var: Tensor = torch.exp(self.logvar)
-
-    def sample(self, eps: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
-        """``mean + std * eps``; ``eps`` drawn from N(0, I) (with ``generator`` if given) when not passed."""
-        if eps is None:
-            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
-
-    def mode(self) -> Tensor:
-        """The mean."""
-        return self.mean
-
-    def kl(self) -> Tensor:
-        """KL divergence to N(0, I), summed over C, h, w: ``[B]``."""
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae import BuildContext, UserError, WeightsInfo, architecture_mismatch, load_into, load_weights
+from repae import BuildContext, UserError, WeightsInfo, layout_mismatch, load_into, load_weights
 from repae_encoders import OFFICIAL_WEIGHTS, EncoderConfig
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FrozenEncoder", "TimmViTEncoder", "build_encoder", "strip_prefix"]
@@ -250,13 +250,8 @@ def _check_release(encoder: FrozenEncoder, arch: Mapping[str, Any], family: str,
     ``num_heads`` (which changes no shape) differs from the release's (:mod:`repae_encoders.releases`)."""
     from repae_encoders.releases import SHAPE_FREE_FIELDS, release_of_layout
 
-    release = release_of_layout(family, arch)
-    own = {k: tuple(v.shape) for k, v in encoder._backbone().state_dict().items()}
-    if release is None or shapes is None or dict(shapes) != own:
-        return  # no release has this layout, or the file has another one (strict loading names the keys)
-    problem = architecture_mismatch(arch, release.architecture, fields=SHAPE_FREE_FIELDS,
-                                    shape_free=SHAPE_FREE_FIELDS, preset=release.preset,
-                                    what=f"{source!r}, whose key layout is that of the {release.name} release")
+    problem = layout_mismatch(arch, release_of_layout(family, arch), source=source, file_shapes=shapes,
+                              model_shapes=encoder._backbone().state_dict(), shape_free=SHAPE_FREE_FIELDS)
     if problem is not None:
         raise UserError(f"{family}: {problem}")
 

@@ -118,7 +118,7 @@ def check_release(module: nn.Module, config: Any, path: Path, source: str,
     the architecture the file states (repae's export metadata), else the release whose key layout it has.
     ``shapes``: the file's denoiser keys and shapes (``bn.*`` split off; ``None``: unknown, then only a stated
     architecture is checked). Raises :class:`repae.UserError` naming the fields, both values and the preset."""
-    from repae import ARCHITECTURE_METADATA, UserError, architecture_mismatch, declared_architecture
+    from repae import ARCHITECTURE_METADATA, UserError, architecture_mismatch, declared_architecture, layout_mismatch
     from repae_sit.releases import ARCHITECTURE_FIELDS, SHAPE_FREE_FIELDS, architecture_of, compared_fields
     from repae_sit.releases import release_of_layout
 
@@ -130,13 +130,8 @@ def check_release(module: nn.Module, config: Any, path: Path, source: str,
                                         what=f"{source!r}, with the architecture its {ARCHITECTURE_METADATA} "
                                              "metadata states")
     else:
-        release = release_of_layout(arch, config.releases())
-        if release is None or shapes is None or dict(shapes) != {k: tuple(v.shape) for k, v in
-                                                                 module.state_dict().items()}:
-            return  # no release has this layout, or the file has another one (strict loading names the keys)
-        problem = architecture_mismatch(arch, release.architecture, fields=SHAPE_FREE_FIELDS,
-                                        shape_free=SHAPE_FREE_FIELDS, preset=release.preset,
-                                        what=f"{source!r}, whose key layout is that of the {release.name}")
+        problem = layout_mismatch(arch, release_of_layout(arch, config.releases()), source=source,
+                                  file_shapes=shapes, model_shapes=module.state_dict(), shape_free=SHAPE_FREE_FIELDS)
     if problem is not None:
         raise UserError(f"{type(module).__name__}: {problem}")
 

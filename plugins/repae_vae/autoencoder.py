@@ -10,7 +10,7 @@ Papers:
 
 Parameter names follow the LDM layout (``encoder.down.{i}.block.{j}``, ``decoder.up.{i}``, ``quant_conv`` ...), so
 REPA-E's ``.pt`` releases load strictly; diffusers ``AutoencoderKL`` checkpoints go through :mod:`repae_vae.convert`.
-Images are ``[-1, 1]``; ``encode`` gives a :class:`DiagonalGaussian`, ``decode`` maps latents back to images.
+Images are ``[-1, 1]``; ``encode`` gives a :class:`repae.DiagonalGaussian`, ``decode`` maps latents back to images.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae import ExportContext, LatentStatistics, UserError, WeightsInfo, architecture_mismatch
-from repae import safetensors_shapes, same_value
+from repae import DiagonalGaussian, ExportContext, LatentStatistics, UserError, WeightsInfo, architecture_mismatch
+from repae import layout_mismatch, safetensors_shapes, same_value
 from repae_vae.convert import diffusers_to_ldm, is_diffusers_layout
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 __all__ = [
     "AttnBlock",
     "Decoder",
-    "DiagonalGaussian",
     "Encoder",
     "KLAutoencoder",
     "ResnetBlock",
@@ -43,39 +42,6 @@ __all__ = [
     "load_latent_stats",
     "load_vae_weights",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Posterior
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class DiagonalGaussian:
-    """A diagonal Gaussian over latents, from the encoder's moments ``[B, 2C, h, w]`` (mean, then log-variance).
-
-    The log-variance is clamped to ``[-30, 20]`` as in LDM.
-    """
-
-    def __init__(self, moments: Tensor) -> None:
-        mean, logvar = moments.chunk(2, dim=1)
-        self.mean: Tensor = mean
-        self.logvar: Tensor = logvar.clamp(-30.0, 20.0)
-        self.std: Tensor = torch.exp(0.5 * self.logvar)
-        self.var: Tensor = torch.exp(self.logvar)
-
-    def sample(self, eps: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
-        """``mean + std * eps``; ``eps`` is drawn from N(0, I) (with ``generator`` if given) when not passed."""
-        if eps is None:
-            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
-
-    def mode(self) -> Tensor:
-        """The mean."""
-        return self.mean
-
-    def kl(self) -> Tensor:
-        """KL divergence to N(0, I), summed over C, H, W: shape ``[B]``."""
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -463,13 +429,8 @@ def check_release(model: KLAutoencoder, path: Path, source: str, shapes: Mapping
                                         shape_free=SHAPE_FREE_FIELDS, preset=release.preset if same and release else None,
                                         what=f"{source!r}, with the architecture {where}")
     else:
-        release = release_of_layout(arch)
-        if release is None or shapes is None or dict(shapes) != {k: tuple(v.shape) for k, v in
-                                                                 model.state_dict().items()}:
-            return  # no release has this layout, or the file has another one (strict loading names the keys)
-        problem = architecture_mismatch(arch, release.architecture, fields=SHAPE_FREE_FIELDS,
-                                        shape_free=SHAPE_FREE_FIELDS, preset=release.preset,
-                                        what=f"{source!r}, whose key layout is that of the {release.name} release")
+        problem = layout_mismatch(arch, release_of_layout(arch), source=source, file_shapes=shapes,
+                                  model_shapes=model.state_dict(), shape_free=SHAPE_FREE_FIELDS)
     if problem is not None:
         raise UserError(f"VAE: {problem}")
 

@@ -10,26 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repae import BuildContext, Loss, StepContext, UserError
+from repae import BuildContext, DiagonalGaussian, Loss, StepContext, UserError
 from repae_plugin_example import MidpointConfig, PatchStatsConfig, PixelShuffleConfig, VarianceFloorConfig
-
-
-class GaussianPosterior:
-    """A diagonal Gaussian posterior (mean, logvar)."""
-
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
-        self.mean, self.logvar = mean, logvar.clamp(-30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, eps: torch.Tensor | None = None) -> torch.Tensor:
-        eps = torch.randn_like(self.mean) if eps is None else eps
-        return self.mean + self.std * eps
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl(self) -> torch.Tensor:
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
 class PixelShuffleTokenizer(nn.Module):
@@ -42,9 +24,8 @@ class PixelShuffleTokenizer(nn.Module):
         self.encoder = nn.Sequential(nn.Conv2d(3 * f * f, config.width, 1), nn.SiLU(), nn.Conv2d(config.width, 2 * c, 1))
         self.decoder = nn.Sequential(nn.Conv2d(c, config.width, 1), nn.SiLU(), nn.Conv2d(config.width, 3 * f * f, 1))
 
-    def encode(self, images: torch.Tensor) -> GaussianPosterior:
-        mean, logvar = self.encoder(F.pixel_unshuffle(images, self.downsample)).chunk(2, dim=1)
-        return GaussianPosterior(mean, logvar)
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.encoder(F.pixel_unshuffle(images, self.downsample)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(self.decoder(z), self.downsample)
