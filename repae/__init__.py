@@ -55,7 +55,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "repae.train.config": ("OptimizerConfig", "TrainerConfig"),
     "repae.train.engine": ("PhasedTrainer",),
     "repae.train.checkpoint": ("latest_checkpoint", "load_checkpoint", "save_checkpoint"),
-    "repae.weights": ("file_sha256", "load_into", "load_state_dict", "load_weights", "read_checkpoint",
+    "repae.weights": ("file_sha256", "load_into", "load_state_dict", "load_weights", "local_weights", "read_checkpoint",
                       "resolve_weights", "select_entry"),
     "repae.batchnorm": ("GlobalBatchNorm",),
     "repae.posterior": ("DiagonalGaussian",),

@@ -61,6 +61,7 @@ __all__ = [
     "LoadReport",
     "DownloadError",
     "check_state_dict",
+    "local_weights",
     "describe_file",
     "file_sha256",
     "hub_cache_dir",
@@ -250,6 +251,19 @@ def resolve_weights(source: str | os.PathLike[str], *, default_filename: str | N
     if text.startswith(("https://", "http://")):
         return _resolve_url(text, key)
     return _resolve_local(Path(text).expanduser(), default_filename, text, key)
+
+
+def local_weights(source: str | os.PathLike[str] | None, *, default_filename: str | None = None) -> Path | None:
+    """The local file a weights source names, found without downloading anything (for checks on ``meta``: ``repae
+    recipe validate``, ``--dry-run``): :func:`resolve_weights` of a local file or folder, ``None`` for an empty,
+    ``hf://`` or URL source and for one that does not resolve (a missing file is reported by the recipe check)."""
+    text = os.fspath(source).strip() if source is not None else ""
+    if not text or text.startswith(("hf://", "https://", "http://")):
+        return None
+    try:
+        return resolve_weights(text, default_filename=default_filename)
+    except (UserError, OSError, ValueError):
+        return None
 
 
 def _set(key: str | None, example: str) -> str:

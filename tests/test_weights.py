@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from repae.errors import UserError
-from repae.weights import file_sha256, load_into, load_state_dict, parse_hf_source, resolve_weights
+from repae.weights import file_sha256, load_into, load_state_dict, local_weights, parse_hf_source, resolve_weights
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -74,6 +74,21 @@ def test_local_missing_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no weights file"):
         resolve_weights(str(tmp_path / "empty"))
+
+
+def test_local_weights_finds_local_files_only(tmp_path, hub):
+    f = tmp_path / "w" / "model.safetensors"
+    f.parent.mkdir()
+    save_file(_tiny_state(), str(f))
+    assert local_weights(str(f)) == f and local_weights(f.parent) == f
+    (f.parent / "other.pt").write_bytes(b"x")
+    assert local_weights(str(f.parent)) is None  # two candidates: the loader's message names them
+    assert local_weights(str(f.parent), default_filename="model.safetensors") == f
+    assert local_weights(str(tmp_path / "nope.safetensors")) is None
+    # never downloads, even a cached hub file: hub sources are checked when loaded
+    hub("someorg/somerepo", "model.safetensors", _tiny_state())
+    for source in ("hf://someorg/somerepo/model.safetensors", "https://example.com/x.pt", "", "  ", None):
+        assert local_weights(source) is None, source
 
 
 def test_parse_hf_source():

@@ -259,17 +259,12 @@ def _check_release(encoder: FrozenEncoder, arch: Mapping[str, Any], family: str,
 def _check_header(encoder: FrozenEncoder, arch: Mapping[str, Any], family: str, source: str) -> None:
     """On ``meta`` (``repae recipe validate``): :func:`_check_release` for a local safetensors file in the
     encoder's own layout, from its header alone (other sources are checked when loaded)."""
-    from repae import resolve_weights, safetensors_shapes
+    from repae import local_weights, safetensors_shapes
 
-    if source.startswith(("hf://", "http://", "https://")) or source == RANDOM:
-        return
-    try:
-        path = resolve_weights(source)
-    except (UserError, OSError, ValueError):
-        return  # a missing file is reported by the recipe check
-    shapes = safetensors_shapes(path)
+    path = local_weights(source) if source != RANDOM else None
+    shapes = safetensors_shapes(path) if path is not None else None
     if shapes is None:
-        return  # not a safetensors file, or an unreadable one (reported when loaded)
+        return  # a hub source or URL, a missing file, or not a safetensors file (each reported elsewhere)
     if shapes and all(k.startswith("module.") for k in shapes):
         shapes = {k[len("module."):]: v for k, v in shapes.items()}
     _check_release(encoder, arch, family, source, shapes)

@@ -157,15 +157,12 @@ def load_official_weights(
 def _check_before_loading(module: DiffusionTransformer, config: Any) -> None:
     """On ``meta`` (``repae recipe validate``, ``--dry-run``): :func:`check_release` for a local safetensors file
     from its header alone (hub sources and ``.pt`` files are checked when loaded)."""
-    from repae import UserError, resolve_weights, safetensors_shapes
+    from repae import local_weights, safetensors_shapes
 
     source = config.weights
-    if source.startswith(("hf://", "http://", "https://")):
-        return
-    try:
-        path = resolve_weights(source)
-    except (UserError, OSError, ValueError):
-        return  # a missing file is reported by the recipe check
+    path = local_weights(source)
+    if path is None:
+        return  # a hub source or URL, or a missing file (reported by the recipe check)
     shapes = safetensors_shapes(path)
     if shapes is not None:
         shapes = {_strip_wrappers(k): v for k, v in shapes.items()}

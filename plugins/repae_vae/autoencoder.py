@@ -449,15 +449,14 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
 def _check_before_loading(model: KLAutoencoder, config: KLVAEConfig) -> None:
     """On ``meta`` (``repae recipe validate``, ``--dry-run``): :func:`check_release` for a local weights file, from
     what it states about itself and its header, without reading its tensors (hub sources are checked when loaded)."""
-    from repae import resolve_weights
+    from repae import local_weights
 
     source = config.weights
-    if not source or source.startswith(("hf://", "http://", "https://")) or config.weights_key:
-        return
-    try:
-        path = resolve_weights(source, default_filename=_default_filename(source))
-    except (UserError, OSError, ValueError):
-        return  # a missing file is reported by the recipe check
+    if not source or config.weights_key:
+        return  # no weights, or an entry of a checkpoint (checked when loaded)
+    path = local_weights(source, default_filename=_default_filename(source))
+    if path is None:
+        return  # a hub source or URL (checked when loaded), or a missing file (reported by the recipe check)
     check_release(model, path, source, _header_shapes(path))
 
 
