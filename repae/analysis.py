@@ -19,6 +19,7 @@ the alignment depth and the diffusion process its losses declare (``feature_dept
 from __future__ import annotations
 
 import contextlib
+import collections
 import dataclasses
 import math
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "psnr",
     "spatial_variance",
     "spatial_variance_per_channel",
+    "spread_indices",
     "to_uint8",
     "total_variation",
     "total_variation_per_channel",
@@ -352,7 +354,7 @@ class AnalysisSettings:
     """What ``repae analyze`` measures on (written to ``analysis.json`` with the results)."""
 
     num_images: int = 256
-    """Images analysed, evenly spread over the set (all of them when it holds fewer)."""
+    """Images analysed, spread over the set (:func:`spread_indices`; all of them when it holds fewer)."""
     images: str | None = None
     """A folder of image files to analyse (read as the run's dataset prepares images); ``None``: the run's dataset."""
     t: float = 0.5
@@ -375,11 +377,19 @@ class AnalysisSettings:
             raise UserError(f"--depth must be >= 1 (1-based block index), got {self.depth}")
 
 
-def _spread(total: int, count: int) -> list[int]:
-    """``count`` indices evenly spread over ``range(total)`` (every index when ``count >= total``)."""
+def spread_indices(total: int, count: int) -> list[int]:
+    """``count`` indices of ``range(total)`` (every index when ``count >= total``), increasing: ``range(total)`` cut
+    into ``count`` equal strides, one index drawn in each with a fixed seed (the same every time).
+
+    The strides cover a set sorted by class evenly (an ImageNet folder gives every class its share); the draw inside
+    each stride keeps the choice from aliasing with a periodic layout: a fixed stride of 8 over a dataset labelled
+    ``i % 4`` (the synthetic one) would take class 0 only."""
+    import random
+
     if count >= total:
         return list(range(total))
-    return [int(i * total // count) for i in range(count)]
+    draw = random.Random(0)
+    return [draw.randrange(i * total // count, (i + 1) * total // count) for i in range(count)]
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -394,8 +404,9 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _load_images(run: OpenedRun, settings: AnalysisSettings) -> tuple[Any, Any, str, str]:
-    """``(uint8 [N, 3, H, W], labels [N], source, label source)`` from ``settings.images`` (read by the dataset's
+def _load_images(run: OpenedRun, settings: AnalysisSettings) -> tuple[Any, Any, list[int], str, str]:
+    """``(uint8 [N, 3, H, W], labels [N], indices [N], source, label source)`` (indices into the dataset, or into the
+    folder's sorted files: :func:`spread_indices`) from ``settings.images`` (read by the dataset's
     :class:`repae.ReadsImages`) or the run's dataset items."""
     import numpy as np
     import torch
@@ -414,18 +425,20 @@ def _load_images(run: OpenedRun, settings: AnalysisSettings) -> tuple[Any, Any, 
             raise UserError(f"{run.run_dir}: the recipe has no dataset to say how images are prepared")
         reader = require(dataset, ReadsImages, what=what, needed_for="repae analyze --images")
         files = _image_files(Path(settings.images))
-        pixels = torch.stack([reader.load_image(files[i]) for i in _spread(len(files), settings.num_images)])
+        indices = spread_indices(len(files), settings.num_images)
+        pixels = torch.stack([reader.load_image(files[i]) for i in indices])
         labels = torch.full((pixels.shape[0],), null_label, dtype=torch.long)
-        return pixels, labels, str(settings.images), "null class" if null_label else "class 0"
+        return pixels, labels, indices, str(settings.images), "null class" if null_label else "class 0"
     if dataset is None or getattr(dataset, "kind", "images") != "images":
         kind = getattr(dataset, "kind", None)
         raise UserError(f"the run's dataset gives {kind!r} items, not images; pass --images DIR (a folder of images)")
     if len(dataset) == 0:
         raise UserError("the run's dataset is empty; pass --images DIR (a folder of images)")
-    items = [dataset[i] for i in _spread(len(dataset), settings.num_images)]
+    indices = spread_indices(len(dataset), settings.num_images)
+    items = [dataset[i] for i in indices]
     pixels = torch.stack([torch.as_tensor(np.asarray(image)) for image, _ in items])
     labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
-    return pixels, labels, "run dataset", "dataset labels"
+    return pixels, labels, indices, "run dataset", "dataset labels"
 
 
 def analyze_run(
@@ -456,7 +469,7 @@ def analyze_run(
         bar.advance(1)
     if run.tokenizer is None:
         raise UserError(f"{run.run_dir}: the recipe has no tokenizer; `repae analyze` measures a tokenizer's latents")
-    pixels, labels, source, label_source = _load_images(run, settings)
+    pixels, labels, indices, source, label_source = _load_images(run, settings)
     depth = settings.depth if settings.depth is not None else run.alignment_depth()
     transport = run.transport()
     encoders = {spec.label: run.components[spec.label] for spec in run.recipe.get("encoders")
@@ -483,6 +496,8 @@ def analyze_run(
         "checkpoint": str(run.checkpoint),
         "run": str(run.run_dir),
         "num_images": int(pixels.shape[0]),
+        "image_indices": indices,
+        "images_per_class": {str(c): n for c, n in sorted(collections.Counter(labels.tolist()).items())},
         "spatial_variance": metrics["spatial_variance"],
         "spatial_variance_per_channel": metrics["spatial_variance_per_channel"],
         "total_variation": metrics["total_variation"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ from repae.analysis import (
     psnr,
     spatial_variance,
     spatial_variance_per_channel,
+    spread_indices,
     total_variation,
     total_variation_per_channel,
 )
@@ -151,6 +153,19 @@ def test_psnr():
     assert psnr(x, x + 1) == pytest.approx(20 * math.log10(255.0))
 
 
+def test_the_images_analysed_cover_every_class_of_a_periodic_or_sorted_set():
+    # the synthetic dataset labels image i with i % classes: a fixed stride of 8 took class 0 only (the quickstart's
+    # 2048 images, 4 classes, 256 analysed: every image a disc)
+    chosen = spread_indices(2048, 256)
+    assert chosen == spread_indices(2048, 256) and chosen == sorted(set(chosen))
+    counts = collections.Counter(i % 4 for i in chosen)
+    assert set(counts) == {0, 1, 2, 3} and min(counts.values()) >= 40, counts
+    # a set sorted by class (ImageNet's folders): each class's share, as the even stride gave
+    assert collections.Counter(i // 50 for i in spread_indices(1000 * 50, 1000)) == {c: 1 for c in range(1000)}
+    assert spread_indices(5, 8) == [0, 1, 2, 3, 4] and spread_indices(7, 7) == list(range(7))
+    assert len(set(spread_indices(10, 9))) == 9
+
+
 def test_analysis_pictures_are_scaled_up_sharply_and_labelled():
     """Rows of small images become a picture >= 512 px wide: each pixel a k x k block (nearest), a label per row."""
     rng = torch.Generator().manual_seed(0)
@@ -216,9 +231,14 @@ def test_analyze_a_run(quick_run, tmp_path):
     if data["rfid"] is None:  # no Inception weights here: analyze says so without blaming its own HF_HUB_OFFLINE
         assert data["rfid_reason"].startswith("the Inception weights are not on this machine")
         assert "HF_HUB_OFFLINE" not in data["rfid_reason"]
-    # the same latents by hand: the first of every 8 dataset images through the trained tokenizer
+    # the same latents by hand: one image of each stride of 8 (the quickstart's 64 images, 8 asked) through the
+    # trained tokenizer
+    indices = data["image_indices"]
+    assert len(indices) == 8 and all(8 * i <= index < 8 * (i + 1) for i, index in enumerate(indices))
     run = open_run(quick_run, slots=("tokenizer", "dataset"))
-    images = torch.stack([run.dataset[i][0] for i in range(0, 64, 8)]).float() / 127.5 - 1
+    assert data["images_per_class"] == {str(c): n for c, n in
+                                        collections.Counter(run.dataset[i][1] for i in indices).items()}
+    images = torch.stack([run.dataset[i][0] for i in indices]).float() / 127.5 - 1
     with torch.no_grad():
         z = run.tokenizer.encode(images).mean
     assert data["spatial_variance"] == pytest.approx(spatial_variance(z), rel=1e-5)

@@ -33,7 +33,7 @@ def analyze(
         None, "--images", help="Folder of images to analyse instead of the run's dataset (prepared as the dataset "
         "prepares its images)."
     ),
-    num_images: int = typer.Option(256, "--num-images", "-n", help="Images analysed (evenly spread over the set)."),
+    num_images: int = typer.Option(256, "--num-images", "-n", help="Images analysed (spread over the set: one drawn in each of N equal strides)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per forward pass."),
     t: float = typer.Option(0.5, "--t", help="Diffusion time of the CKNNA features (1 = noise)."),
     k: int = typer.Option(10, "--k", help="Nearest neighbours of CKNNA (capped at images - 1)."),
