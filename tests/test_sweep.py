@@ -138,6 +138,26 @@ def test_dry_run_reports_every_invalid_point_and_writes_nothing(tmp_path):
     assert "2 point(s) valid" in ok.output and not out.exists()
 
 
+def test_the_points_table_is_readable_at_80_columns(tmp_path):
+    """Three swept keys: at 80 columns one column per key folded every point's name over 6 lines; now the point's
+    number, its state and its settings, each key=value whole; a wide terminal keeps a column per key."""
+    axes = ["latent_norm={name: batchnorm},{name: channel-stats}", "losses.repa.weight=0.5,1.5", LR_AXIS]
+    narrow = CliRunner().invoke(app, ["sweep", str(QUICKSTART), *axes, "--out", str(tmp_path), "--dry-run"],
+                                env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, narrow.output
+    rows = [line for line in lines if line[:3].isdigit()]
+    assert [row.split()[:2] for row in rows] == [[f"{i:03d}", "new"] for i in range(8)], narrow.output
+    for setting in ("latent_norm={name: channel-stats}", "losses.repa.weight=1.5",
+                    "trainer.optimizers.default.lr=2.0e-3"):
+        assert setting in narrow.output, setting
+    wide = CliRunner().invoke(app, ["sweep", str(QUICKSTART), *axes, "--out", str(tmp_path), "--dry-run"],
+                              env={"COLUMNS": "250"})
+    assert wide.exit_code == 0 and "007-latent_norm=name-channel-stats__losses.repa.weight=1.5__trainer.optimizers." \
+        "default.lr=2.0e-3" in wide.output, wide.output
+
+
 def test_a_preempted_point_stops_the_sweep_even_with_keep_going(registry, tmp_path, monkeypatch):
     """SIGTERM reaches a sweep as a stopped point (exit 143 of the launched run, or StopRequested in process): the
     sweep marks it interrupted and stops (on SLURM the job is about to be killed), keep-going or not."""

@@ -68,19 +68,37 @@ def sweep(
         console.print(f"done: {plan.out}  (compare them: repae compare {plan.out})")
 
 
-def _points_table(plan):
-    table = plain_table(title=f"sweep of {plan.recipe}: {len(plan.points)} point(s) in {plan.out}/",
-                        header_style="bold")
-    for column in ("point", *(a.key for a in plan.args.axes), "state"):
-        table.add_column(column, overflow="fold")
+def _point_state(point) -> str:
+    if point.status in ("failed", "interrupted"):
+        return point.status
+    if point.step is None:
+        return "new" if point.status == "pending" else point.status
+    if point.steps is not None and point.step >= point.steps:
+        return f"done ({point.step})"
+    return f"step {point.step}/{point.steps if point.steps is not None else '?'}"
+
+
+def _points_table(plan, width: int | None = None):
+    """The sweep's points: one column per swept key when that fits ``width`` (the console's), else one wrapping
+    ``settings`` column of ``key=value`` pairs with the point's number (its folder is ``OUT/<number>-...``)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    title = f"sweep of {plan.recipe}: {len(plan.points)} point(s) in {plan.out}/"
+    keys = [a.key for a in plan.args.axes]
+    wide = plain_table(title=title, header_style="bold")
+    for column in ("point", *keys, "state"):
+        wide.add_column(column, no_wrap=True)
     for point in plan.points:
-        if point.status in ("failed", "interrupted"):
-            state = point.status
-        elif point.step is None:
-            state = "new" if point.status == "pending" else point.status
-        elif point.steps is not None and point.step >= point.steps:
-            state = f"done ({point.step})"
-        else:
-            state = f"step {point.step}/{point.steps if point.steps is not None else '?'}"
-        table.add_row(point.name, *(point.texts[a.key] for a in plan.args.axes), state)
-    return table
+        wide.add_row(point.name, *(point.texts[k] for k in keys), _point_state(point))
+    console = Console(width=width) if width is not None else stdout()
+    if Measurement.get(console, console.options.update(max_width=10**6), wide).maximum <= console.width:
+        return wide
+    narrow = plain_table(title=title, header_style="bold", caption=f"folders: {plan.out}/<point>-<settings>")
+    narrow.add_column("point", no_wrap=True)
+    narrow.add_column("state", no_wrap=True)
+    narrow.add_column("settings", overflow="fold")
+    for point in plan.points:
+        narrow.add_row(point.name.split("-", 1)[0], _point_state(point),
+                       "  ".join(f"{k}={point.texts[k]}" for k in keys) or "(the recipe as it is)")
+    return narrow
