@@ -312,15 +312,21 @@ class RecipeBuild:
 
 def build_recipe(
     recipe: ResolvedRecipe, *, device: str = "cpu", slots: Sequence[str] | None = None,
-    load_weights: bool | None = None,
+    load_weights: bool | None = None, progress: str | None = None,
 ) -> list[BuiltComponent]:
     """Build the components of a resolved recipe (those of ``slots`` only, when given), in slot order, each with its
     own seeded initialisation and its unset fields derived from the components built before it (see
-    :class:`RecipeBuild`)."""
+    :class:`RecipeBuild`). ``progress``: the command's name, for a progress bar on stderr counting the components
+    built (loading a large model's weights takes a while; in a log file, only after 5 s); ``None``: silent."""
+    from repae.reporting import progress as progress_bar
+
     run = RecipeBuild(recipe, device=device, load_weights=load_weights)
-    for spec in recipe.components:
-        if slots is None or spec.slot in slots:
+    specs = [spec for spec in recipe.components if slots is None or spec.slot in slots]
+    with progress_bar(f"{progress}: build the components", len(specs), unit="component",
+                      enabled=progress is not None, transient=True, quiet_s=5.0) as bar:
+        for spec in specs:
             run.add(spec, run.build(spec))
+            bar.advance(1, text=spec.label)
     return run.built
 
 

@@ -40,8 +40,9 @@ class ProgressBar:
     """Handle of a running :func:`progress` bar."""
 
     def __init__(self, live: Any, unit: str, completed: int, *, description: str = "", total: int | None = None,
-                 plain: bool = False, elapsed: float = 0.0) -> None:
+                 plain: bool = False, elapsed: float = 0.0, quiet_s: float = 0.0) -> None:
         self._live, self.unit = live, unit
+        self._quiet_s = quiet_s
         self.description, self.total = description, total
         self.completed = completed
         self.text = ""
@@ -87,6 +88,8 @@ class ProgressBar:
 
     def _plain_line(self, completed: int, text: str | None, *, final: bool = False) -> None:
         now = time.perf_counter()
+        if now - self._started < self._quiet_s:
+            return
         if text is None and not final and now - self._last_line < PLAIN_INTERVAL_S:
             return
         if final and completed == self._printed:
@@ -206,15 +209,18 @@ def progress(
     enabled: bool = True,
     transient: bool = False,
     elapsed: float = 0.0,
+    quiet_s: float = 0.0,
 ) -> Iterator[ProgressBar]:
     """A progress bar over ``total`` items (``None``: unknown) on stderr, starting at ``completed`` (after ``elapsed``
-    seconds of earlier work, which plain lines count in); ``transient`` removes a terminal's bar when done."""
+    seconds of earlier work, which plain lines count in); ``transient`` removes a terminal's bar when done.
+    ``quiet_s``: when stderr is no terminal (a log file), no line is written in the first ``quiet_s`` seconds, so a
+    stage that is usually quick leaves nothing in the log."""
     if not enabled:
         yield ProgressBar(None, unit, completed)
         return
     if not sys.stderr.isatty():
         handle = ProgressBar(None, unit, completed, description=description, total=total, plain=True,
-                             elapsed=elapsed)
+                             elapsed=elapsed, quiet_s=quiet_s)
         yield handle
         if handle.completed != completed:
             handle._plain_line(handle.completed, None, final=True)

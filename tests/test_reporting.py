@@ -132,3 +132,43 @@ def test_bench_report_fits_the_width(width):
     assert " ".join(text.split()) == " ".join(format_result(result, title, width=10_000).split())  # only wrapped
     assert lines[0].startswith("repae bench recipes/repae_sdvae_dinov2.yaml")
     assert all(line.startswith("  ") for line in lines[1:])  # continuations indented under their line
+
+
+def test_a_quiet_stage_leaves_nothing_in_a_log_unless_it_is_slow(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress("quick", 3, unit="component", quiet_s=5.0) as bar:
+        for name in "abc":
+            bar.advance(1, text=name)
+    assert log.getvalue() == ""
+    with progress("slow", 3, unit="component", quiet_s=0.05) as bar:
+        bar.advance(1, text="a")
+        time.sleep(0.1)
+        bar.advance(1, text="b")
+        bar.advance(1, text="c")
+    assert [line.split()[:3] for line in log.getvalue().splitlines()] == [["slow", "2/3", "(67%)"],
+                                                                         ["slow", "3/3", "(100%)"]]
+
+
+def test_building_a_recipe_counts_its_components(monkeypatch, registry):
+    """cache-latents, bench and run show which component is being built (a hub download or a large checkpoint can
+    take minutes); in a log only after 5 s, here at once."""
+    import repae.reporting
+    from repae.build import build_recipe
+    from repae.recipe import read_recipe
+
+    from conftest import ROOT
+
+    real = repae.reporting.progress
+    monkeypatch.setattr(repae.reporting, "progress", lambda *a, **k: real(*a, **{**k, "quiet_s": 0.0}))
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    resolved = read_recipe(ROOT / "recipes" / "quickstart.yaml", ["dataset.num_images=8"], registry)
+    build_recipe(resolved, slots=("dataset", "tokenizer"), progress="cache-latents")
+    lines = log.getvalue().splitlines()
+    assert [line.split()[:5] + line.split()[-1:] for line in lines] == [
+        ["cache-latents:", "build", "the", "components", "1/2", "dataset"],
+        ["cache-latents:", "build", "the", "components", "2/2", "tokenizer"]], lines
+    log.truncate(0)
+    build_recipe(resolved, slots=("dataset",))
+    assert log.getvalue() == ""

@@ -55,7 +55,7 @@ def bench(
         config = composition.trainer.config
         counted = count_step_flops(composition.trainer, config.batch_size, config.grad_accum) if flops else None
         built = {b.slot: b.component for b in build_recipe(composition.recipe, device=pick_device(device),
-                                                               load_weights=weights)}
+                                                               load_weights=weights, progress="bench")}
         result = bench_trainer(built["trainer"], steps=steps, warmup=warmup, flops=counted, peak_tflops=peak_tflops)
     setting = {"weights": "recipe" if weights else "random", "data": "synthetic" if synthetic_data else "recipe"}
     if as_json:

@@ -54,7 +54,8 @@ def cache_latents(
         from repae.latent_cache import describe_tokenizer, read_index, write_latent_cache
 
         device = pick_device(device)
-        built = {b.slot: b.component for b in build_recipe(resolved, device=device, slots=("dataset", "tokenizer"))}
+        built = {b.slot: b.component for b in build_recipe(resolved, device=device, slots=("dataset", "tokenizer"),
+                                                           progress="cache-latents")}
         dataset, tokenizer = built["dataset"], built["tokenizer"]
         tokenizer_info = describe_tokenizer(
             tokenizer,

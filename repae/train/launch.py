@@ -34,7 +34,7 @@ def train_recipe(resolved: Any, run_dir: Path, *, device: str = "auto", allow_re
         check_run_dir(resolved, run_dir, allow_recipe_change=allow_recipe_change)
     topology = distributed.init(device)
     try:
-        built = build_recipe(resolved, device=str(topology.device))
+        built = build_recipe(resolved, device=str(topology.device), progress="run" if progress and is_main else None)
         trainer = built[-1].component if built and built[-1].slot == "trainer" else None
         if trainer is None:
             raise UserError("the recipe names no trainer: add `trainer: {name: default}`")
