@@ -383,3 +383,28 @@ def test_a_tracker_that_cannot_start_stops_the_run_naming_its_key_path(tmp_path)
                                               r"start broke$"):
         trackers.start(tmp_path, 0)
     assert first.calls[-1] == ("finish", False)  # the one started already is closed
+
+
+@pytest.mark.slow
+def test_under_torchrun_process_0_alone_logs_what_metrics_jsonl_holds(tmp_path):
+    """Two processes (torchrun, gloo): one TensorBoard events file and one W&B run, written by process 0, holding the
+    steps and values of metrics.jsonl (which holds the losses averaged over both processes)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+    env.pop("WANDB_DIR", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repae", "run",
+           str(QUICKSTART), "--out", str(out), "--device", "cpu", *TINY, "trainer.steps=2", "trainer.sample_every=2",
+           TRACKERS]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+    assert len(wandb_runs(out)) == 1
+    metrics, board, history = read_metrics(out), tensorboard_scalars(out / "tensorboard"), wandb_history(out)
+    assert sorted(metrics) == sorted(board) == sorted(history) == [1, 2]
+    for step, values in metrics.items():
+        assert set(board[step]) == set(values) == set(scalars_of(history[step])), step
+        for key, value in values.items():
+            assert same(board[step][key], float(struct.unpack("f", struct.pack("f", value))[0])), (step, key)
+            assert same(scalars_of(history[step])[key], value), (step, key)
+    assert "samples" in tensorboard_accumulator(out / "tensorboard").Tags()["images"]
