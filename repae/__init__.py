@@ -100,6 +100,7 @@ if TYPE_CHECKING:
         Release,
         architecture_mismatch,
         declared_architecture,
+        layout_mismatch,
         release_of_source,
         safetensors_header,
         safetensors_shapes,
@@ -169,6 +170,7 @@ if TYPE_CHECKING:
     from repae.latent_cache import LatentCache, write_latent_cache
     from repae.loss import Loss
     from repae.packages import check_package, require_package
+    from repae.posterior import DiagonalGaussian
     from repae.plugins import Register, load_plugins
     from repae.recipe import load_recipe
     from repae.registry import KINDS, PRESET_FIELD, ComponentEntry

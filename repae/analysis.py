@@ -497,7 +497,7 @@ def analyze_run(
         "run": str(run.run_dir),
         "num_images": int(pixels.shape[0]),
         "image_indices": indices,
-        "images_per_class": {str(c): n for c, n in sorted(collections.Counter(labels.tolist()).items())},
+        "images_per_class": [[c, n] for c, n in sorted(collections.Counter(labels.tolist()).items())],
         "spatial_variance": metrics["spatial_variance"],
         "spatial_variance_per_channel": metrics["spatial_variance_per_channel"],
         "total_variation": metrics["total_variation"],

@@ -164,7 +164,8 @@ def layout_mismatch(config: Mapping[str, Any], release: Release | None, *, sourc
 
     if shapes(file_shapes) != shapes(model_shapes):
         return None
-    return architecture_mismatch(config, release.architecture, fields=list(shape_free), shape_free=shape_free,
+    fields = list(shape_free) if isinstance(shape_free, Sequence) else sorted(shape_free)  # a set: a fixed order
+    return architecture_mismatch(config, release.architecture, fields=fields, shape_free=shape_free,
                                  preset=release.preset,
                                  what=f"{source!r}, whose key layout is that of the {release.name} release")
 

@@ -316,17 +316,20 @@ def build_recipe(
 ) -> list[BuiltComponent]:
     """Build the components of a resolved recipe (those of ``slots`` only, when given), in slot order, each with its
     own seeded initialisation and its unset fields derived from the components built before it (see
-    :class:`RecipeBuild`). ``progress``: the command's name, for a progress bar on stderr counting the components
-    built (loading a large model's weights takes a while; in a log file, only after 5 s); ``None``: silent."""
+    :class:`RecipeBuild`). ``progress``: the command's name, for progress lines on stderr naming the component
+    being built and counting those built (loading a large model's weights takes a while), written only once building
+    has taken 5 s; ``None``: silent."""
     from repae.reporting import progress as progress_bar
 
     run = RecipeBuild(recipe, device=device, load_weights=load_weights)
     specs = [spec for spec in recipe.components if slots is None or spec.slot in slots]
+    # plain lines even in a terminal: a component may draw its own bar while it builds (a download's, an image scan's)
     with progress_bar(f"{progress}: build the components", len(specs), unit="component",
-                      enabled=progress is not None, transient=True, quiet_s=5.0) as bar:
+                      enabled=progress is not None, quiet_s=5.0, plain=True) as bar:
         for spec in specs:
+            bar.update(bar.completed, text=f"building {spec.label}")
             run.add(spec, run.build(spec))
-            bar.advance(1, text=spec.label)
+            bar.advance(1)
     return run.built
 
 

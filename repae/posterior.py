@@ -21,7 +21,8 @@ class DiagonalGaussian:
 
     ``moments`` is the encoder's output ``[B, 2C, h, w]``: the mean, then the log-variance along channels (the
     layout of LDM, diffusers and REPA-E); the log-variance is clamped to ``[-30, 20]``. The dtype and device are the
-    moments' (float32, or the autocast dtype). An odd channel count is a :class:`ValueError`.
+    moments' (float32, or the autocast dtype). Moments that are not 4-D or have an odd channel count are a
+    :class:`ValueError`.
 
     Attributes: ``mean``, ``logvar`` (clamped), ``std = exp(logvar / 2)``, ``var = exp(logvar)``, each ``[B, C, h, w]``.
     """

@@ -210,15 +210,17 @@ def progress(
     transient: bool = False,
     elapsed: float = 0.0,
     quiet_s: float = 0.0,
+    plain: bool = False,
 ) -> Iterator[ProgressBar]:
     """A progress bar over ``total`` items (``None``: unknown) on stderr, starting at ``completed`` (after ``elapsed``
     seconds of earlier work, which plain lines count in); ``transient`` removes a terminal's bar when done.
-    ``quiet_s``: when stderr is no terminal (a log file), no line is written in the first ``quiet_s`` seconds, so a
-    stage that is usually quick leaves nothing in the log."""
+    ``quiet_s``: in plain lines (stderr is no terminal, or ``plain``), none is written in the first ``quiet_s``
+    seconds, so a stage that is usually quick leaves nothing. ``plain``: plain lines in a terminal too, for a stage
+    during which other code may draw its own bar (a download's), which a live bar would garble."""
     if not enabled:
         yield ProgressBar(None, unit, completed)
         return
-    if not sys.stderr.isatty():
+    if plain or not sys.stderr.isatty():
         handle = ProgressBar(None, unit, completed, description=description, total=total, plain=True,
                              elapsed=elapsed, quiet_s=quiet_s)
         yield handle

@@ -236,8 +236,8 @@ def test_analyze_a_run(quick_run, tmp_path):
     indices = data["image_indices"]
     assert len(indices) == 8 and all(8 * i <= index < 8 * (i + 1) for i, index in enumerate(indices))
     run = open_run(quick_run, slots=("tokenizer", "dataset"))
-    assert data["images_per_class"] == {str(c): n for c, n in
-                                        collections.Counter(run.dataset[i][1] for i in indices).items()}
+    assert data["images_per_class"] == [[c, n] for c, n in
+                                        sorted(collections.Counter(run.dataset[i][1] for i in indices).items())]
     images = torch.stack([run.dataset[i][0] for i in indices]).float() / 127.5 - 1
     with torch.no_grad():
         z = run.tokenizer.encode(images).mean

@@ -83,10 +83,11 @@ def _points_table(plan, width: int | None = None):
     ``settings`` column of ``key=value`` pairs with the point's number (its folder is ``OUT/<number>-...``)."""
     from rich.console import Console
     from rich.measure import Measurement
+    from rich.text import Text
 
     title = f"sweep of {plan.recipe}: {len(plan.points)} point(s) in {plan.out}/"
     keys = [a.key for a in plan.args.axes]
-    wide = plain_table(title=title, header_style="bold")
+    wide = plain_table(title=Text(title), header_style="bold")
     for column in ("point", *keys, "state"):
         wide.add_column(column, no_wrap=True)
     for point in plan.points:
@@ -94,7 +95,7 @@ def _points_table(plan, width: int | None = None):
     console = Console(width=width) if width is not None else stdout()
     if Measurement.get(console, console.options.update(max_width=10**6), wide).maximum <= console.width:
         return wide
-    narrow = plain_table(title=title, header_style="bold", caption=f"folders: {plan.out}/<point>-<settings>")
+    narrow = plain_table(title=Text(title), header_style="bold", caption=Text(f"folders: {plan.out}/<point>-..."))
     narrow.add_column("point", no_wrap=True)
     narrow.add_column("state", no_wrap=True)
     narrow.add_column("settings", overflow="fold")
