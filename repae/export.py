@@ -147,7 +147,6 @@ def export_run(path: str | Path, out: str | Path, fmt: str, *, force: bool = Fal
             (_describe(run, slot), tuple(run.components[slot].export_formats)
              if supports(run.components[slot], Exportable) else ())
             for slot in _EXPORTABLE_SLOTS if run.components.get(slot) is not None])
-    _check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     models = run.models
     metadata = {"format": "pt", "repae_version": __version__, "step": str(run.step), "checkpoint": str(run.checkpoint)}

@@ -21,8 +21,8 @@ from repae.errors import UserError
 from repae.fileio import atomic_write, holds, json_text
 from repae.recipe import diff_keys
 
-__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_out_folder", "check_run_dir", "undo_recipe_change", "prepare_run_dir", "remove_stale_temporaries",
-           "run_lock", "versions", "write_run_dir"]
+__all__ = ["RECIPE_FILE", "VERSIONS_FILE", "RunDirPlan", "check_out_folder", "check_run_dir", "prepare_run_dir",
+           "remove_stale_temporaries", "run_lock", "undo_recipe_change", "versions", "write_run_dir"]
 
 RECIPE_FILE = "recipe.yaml"
 VERSIONS_FILE = "versions.json"

@@ -19,23 +19,30 @@ from typing import Any
 
 from repae.errors import UserError
 
-__all__ = ["OpenedRun", "checkpoint_step", "latest_checkpoint", "open_run", "resolve_run_path", "run_recipe_path"]
+__all__ = ["OpenedRun", "checkpoint_step", "latest_checkpoint", "list_checkpoints", "open_run", "resolve_run_path",
+           "run_recipe_path"]
 
 
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 """A checkpoint folder's name (:mod:`repae.train.checkpoint`: ``step-NNNNNNN``)."""
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (``RUN/checkpoints/step-NNNNNNN`` holding ``state.json``),
-    ``None`` when none; as :func:`repae.train.checkpoint.latest_checkpoint`, without importing torch (commands check
-    their arguments with it before anything heavy is loaded)."""
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders of a run (``RUN/checkpoints/step-NNNNNNN`` holding ``state.json``), oldest
+    first. Torch-free: commands check their arguments with it before anything heavy is loaded
+    (:mod:`repae.train.checkpoint` re-exports it)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (:func:`list_checkpoints`), ``None`` when none."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def checkpoint_step(checkpoint: str | Path) -> int | None:

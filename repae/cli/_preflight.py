@@ -17,7 +17,7 @@ from typing import Any
 
 from repae.errors import UserError
 
-__all__ = ["INPUT_RECORD", "check_positive", "check_run_out", "finished_run", "record_run_input"]
+__all__ = ["INPUT_RECORD", "check_positive", "finished_run", "record_run_input"]
 
 INPUT_RECORD = ".recipe-input.json"
 """A run directory's record of the recipe ``repae run`` resolved before deriving its fields (a digest of it, of the
@@ -30,13 +30,6 @@ def check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-
-
-def check_run_out(run_dir: Path) -> None:
-    """What :func:`repae.rundir.check_run_dir` refuses of a folder itself (:func:`repae.rundir.check_out_folder`)."""
-    from repae.rundir import check_out_folder
-
-    check_out_folder(run_dir)
 
 
 def _sha256(text: str) -> str:

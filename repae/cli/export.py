@@ -30,13 +30,12 @@ def export(
     trust_pickle: bool = TRUST_PICKLE_OPTION,
 ) -> None:
     """Export a run's trained models with their latent statistics and an export.json manifest (sha256 per file)."""
-    from repae.export import check_export_request, export_run
+    from repae.export import export_run
 
     console = stdout()
     with user_errors(), pickle_trust(trust_pickle):
-        registry = load_host().registry
-        check_export_request(run_path, out, fmt, force=force, registry=registry)  # torch-free, nothing built
-        manifest = export_run(run_path, out, fmt, force=force, registry=registry)
+        # export_run checks the request first, from files alone (check_export_request: torch-free, nothing built)
+        manifest = export_run(run_path, out, fmt, force=force, registry=load_host().registry)
         table = plain_table(title=f"{fmt} export of step {manifest['step']} -> {out}")
         for column in ("file", "bytes", "sha256"):
             table.add_column(column, justify="right" if column == "bytes" else "left")

@@ -51,9 +51,10 @@ def run(
             raise UserError(f"{recipe} names no trainer. Add `trainer: {{name: default}}` (available: {names}).")
         run_dir = out or Path("runs") / recipe.stem
         if not dry_run:  # from files alone, before torch: a folder that cannot take the run, a finished run
-            from repae.cli._preflight import check_run_out, finished_run
+            from repae.cli._preflight import finished_run
+            from repae.rundir import check_out_folder
 
-            check_run_out(run_dir)
+            check_out_folder(run_dir)
             finished = finished_run(resolved, run_dir)
             if finished is not None:
                 if os.environ.get("RANK", "0") == "0":
@@ -65,7 +66,7 @@ def run(
         if dry_run:
             _print_dry_run(console, composition)
             return
-        _train(composition.recipe, run_dir, device, allow_recipe_change, source=resolved)
+        _train(composition.recipe, run_dir, device, allow_recipe_change, resolved)
 
 
 def _print_dry_run(console, composition) -> None:
@@ -99,15 +100,14 @@ def _print_dry_run(console, composition) -> None:
     console.print("[dim]dry run: nothing was written or trained[/]")
 
 
-def _train(resolved, run_dir: Path, device: str, allow_recipe_change: bool, source=None) -> None:
+def _train(resolved, run_dir: Path, device: str, allow_recipe_change: bool, source) -> None:
     from repae.train.launch import train_recipe
 
     train_recipe(resolved, run_dir, device=device, allow_recipe_change=allow_recipe_change)
     if os.environ.get("RANK", "0") == "0":
-        if source is not None:  # lets the same command, run again, see that the run is finished (torch-free)
-            from repae.cli._preflight import record_run_input
+        from repae.cli._preflight import record_run_input
 
-            record_run_input(source, resolved, run_dir)
+        record_run_input(source, resolved, run_dir)  # lets the same command, run again, see it is finished (torch-free)
         stdout().print(f"done: {run_dir}", markup=False)
 
 

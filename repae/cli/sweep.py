@@ -78,10 +78,9 @@ def _point_state(point) -> str:
     return f"step {point.step}/{point.steps if point.steps is not None else '?'}"
 
 
-def _points_table(plan, width: int | None = None):
-    """The sweep's points: one column per swept key when that fits ``width`` (the console's), else one wrapping
+def _points_table(plan):
+    """The sweep's points: one column per swept key when that fits the console, else one wrapping
     ``settings`` column of ``key=value`` pairs with the point's number (its folder is ``OUT/<number>-...``)."""
-    from rich.console import Console
     from rich.measure import Measurement
     from rich.text import Text
 
@@ -92,7 +91,7 @@ def _points_table(plan, width: int | None = None):
         wide.add_column(column, no_wrap=True)
     for point in plan.points:
         wide.add_row(point.name, *(point.texts[k] for k in keys), _point_state(point))
-    console = Console(width=width) if width is not None else stdout()
+    console = stdout()
     if Measurement.get(console, console.options.update(max_width=10**6), wide).maximum <= console.width:
         return wide
     narrow = plain_table(title=Text(title), header_style="bold", caption=Text(f"folders: {plan.out}/<point>-..."))

@@ -36,7 +36,10 @@ def missing_weights_message(reason: str) -> str:
             f"  fix: download {WEIGHTS_URL} into {_cache_dir()}/, or pass --inception-weights FILE")
 
 
-def _given() -> tuple[str, str] | None:
+def _given(explicit: str | os.PathLike[str] | None) -> tuple[str, str] | None:
+    """``(source, where it was given)``: ``--inception-weights``, else ``$REPAE_INCEPTION_WEIGHTS``, else ``None``."""
+    if explicit is not None and str(explicit).strip():
+        return os.fspath(explicit), "--inception-weights"
     source = os.environ.get(ENV_WEIGHTS)
     return (source, ENV_WEIGHTS) if source is not None and source.strip() else None
 
@@ -44,7 +47,7 @@ def _given() -> tuple[str, str] | None:
 def check_inception_weights(explicit: str | os.PathLike[str] | None = None) -> None:
     """Refuse a local weights path given by ``--inception-weights`` (``explicit``) or ``$REPAE_INCEPTION_WEIGHTS``
     that does not exist, without reading anything (``repae eval`` calls it before torch is imported)."""
-    given = (os.fspath(explicit), "--inception-weights") if explicit is not None and str(explicit).strip() else _given()
+    given = _given(explicit)
     if given is not None:
         text, origin = given
         if "://" not in text and not Path(text).expanduser().exists():
@@ -63,7 +66,7 @@ def find_inception_weights(explicit: str | os.PathLike[str] | None = None) -> Pa
     from repae.weights import DownloadError, offline, reachable, resolve_weights
 
     check_inception_weights(explicit)
-    given = (os.fspath(explicit), "--inception-weights") if explicit is not None and str(explicit).strip() else _given()
+    given = _given(explicit)
     if given is not None:
         return resolve_weights(given[0], default_filename=WEIGHTS_FILENAME)
     cache = _cache_dir()

@@ -18,7 +18,6 @@ folder, then renamed), so a run killed mid-save leaves the previous checkpoint i
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from repae.errors import UserError, first_line
+from repae.runs import latest_checkpoint, list_checkpoints  # torch-free; re-exported here, where checkpoints are written
 
 __all__ = ["RESUME_FIX", "Checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "restore_model",
            "restore_optimizer", "save_checkpoint"]
@@ -35,8 +35,6 @@ __all__ = ["RESUME_FIX", "Checkpoint", "latest_checkpoint", "list_checkpoints", 
 RESUME_FIX = ("a recipe that adds, removes or resizes a trained part cannot continue this run: go back to the recipe "
               "the run was started with (its recipe.yaml), or start a new run with another --out")
 """The fix a resume gives when a checkpoint does not fit the recipe's parts."""
-
-_STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
 class Checkpoint(dict):
@@ -137,22 +135,6 @@ def _fsync_folder(folder: Path, *, files: bool = False) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (``RUN/checkpoints/step-NNNNNNN``), ``None`` when none."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def load_checkpoint(path: Path, *, optimizers: bool = True) -> Checkpoint:

@@ -158,7 +158,7 @@ def save_grid(images: torch.Tensor, path: Path, *, labels: Sequence[int] | None 
     each labelled ``class N`` and holding that class's images in index order; otherwise the images fill ``nrow``
     columns (default: a square)."""
     from repae.fileio import atomic_path
-    from repae.sampling import image_grid
+    from repae.sampling import contact_sheet_rows, image_grid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +167,10 @@ def save_grid(images: torch.Tensor, path: Path, *, labels: Sequence[int] | None 
     if labels is not None and len(labels) != n:
         raise ValueError(f"save_grid: {len(labels)} labels for {n} images")
     if labels is not None and len(set(labels)) > 1:
-        classes = sorted({int(label) for label in labels})
-        rows = [[tile for tile, label in zip(tiles, labels) if int(label) == c] for c in classes]
-        picture = image_grid(rows, labels=[f"class {c}" for c in classes])
+        classes = len({int(label) for label in labels})
+        grouped = contact_sheet_rows(labels, classes, classes=classes, per_class=n)  # every image, class by class
+        picture = image_grid([[tiles[i] for i in indices] for _, indices in grouped],
+                             labels=[f"class {c}" for c, _ in grouped])
     else:
         columns = nrow or max(1, int(math.ceil(math.sqrt(n))))
         picture = image_grid([tiles[i:i + columns] for i in range(0, n, columns)], min_columns=columns)
